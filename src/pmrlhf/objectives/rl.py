@@ -1,0 +1,141 @@
+"""Advantage estimation and PPO losses over padded token sequences.
+
+Shapes: ``B`` sequences, ``T`` response tokens, right-padded; ``mask`` is 1 on response tokens. All
+reductions are token means over the whole batch (``masked_mean``), so a loss computed on a batch split
+across workers and averaged with weights ``mask.sum()`` equals the loss of the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over entries where ``mask`` is 1 (along ``dim``, or over everything)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked entries."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1).clamp(min=1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to unit variance over the masked entries (and zero mean if ``shift_mean``).
+
+    Entries outside the mask are returned as 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al., 2016) over response tokens.
+
+    ``rewards``, ``values``, ``mask``: ``[B, T]``. The episode ends after the last masked token (the
+    value beyond it is 0). The paper uses ``gamma = 1``, ``lam = 0.95``. Returns ``(advantages, returns)``,
+    each ``[B, T]`` and 0 outside the mask; ``returns = advantages + values``.
+
+    Naive equivalent, per sequence of length L::
+
+        for t in reversed(range(L)):
+            delta = r[t] + gamma * (v[t + 1] if t + 1 < L else 0) - v[t]
+            a[t] = delta + gamma * lam * (a[t + 1] if t + 1 < L else 0)
+    """
+    m = mask.to(values.dtype)
+    values = values * m
+    B, T = rewards.shape
+    advantages = torch.zeros_like(values)
+    last = torch.zeros(B, dtype=values.dtype, device=values.device)
+    next_value = torch.zeros(B, dtype=values.dtype, device=values.device)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        advantages[:, t] = last
+        next_value = values[:, t]
+    return advantages, (advantages + values) * m
+
+
+def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """REINFORCE leave-one-out baseline (Kool et al., 2019; Ahmadian et al., 2024).
+
+    ``scores``: ``[G * group_size]``, consecutive ``group_size`` entries being samples for one prompt.
+    Returns ``score_i - mean_{j != i} score_j`` per sample, same shape.
+    """
+    s = _grouped(scores, group_size)
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt")
+    baseline = (s.sum(-1, keepdim=True) - s) / (group_size - 1)
+    return (s - baseline).reshape(-1)
+
+
+def group_mean(scores: torch.Tensor, group_size: int, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:
+    """Score minus the mean score of its prompt's group; divided by the group's std if ``scale`` (GRPO)."""
+    s = _grouped(scores, group_size)
+    out = s - s.mean(-1, keepdim=True)
+    if scale:
+        out = out / (s.std(-1, keepdim=True) + eps)
+    return out.reshape(-1)
+
+
+def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"expected a flat tensor whose length is a multiple of {group_size}, got {tuple(scores.shape)}")
+    return scores.reshape(-1, group_size)
+
+
+def sequence_advantages_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Broadcast one advantage per sequence ``[B]`` to its response tokens ``[B, T]`` (critic-free runs)."""
+    return advantages[:, None] * mask.to(advantages.dtype)
+
+
+SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"rloo": rloo, "group_mean": group_mean}
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al., 2017), as a loss to minimise.
+
+    ``loss = mean_t max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(logp - old_logp)``.
+    Stats (detached): ``clipfrac`` (share of tokens where the clipped term is the active one) and
+    ``approx_kl`` (the k3 estimate of KL(old || new), as in CleanRL).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: ``0.5 mean_t max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2).to(values.dtype), mask)}
+    return loss, stats
