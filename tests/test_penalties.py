@@ -93,5 +93,5 @@ def test_penalties_do_not_mutate_inputs():
     for name, fn in PEN.PENALTIES.items():
         kwargs = {"alpha": 0.3} if name.startswith("cpm") else {}
         fn(logp, ref_logp, mask, **kwargs)
-    for a, b in zip(before, (logp, ref_logp, mask)):
+    for a, b in zip(before, (logp, ref_logp, mask), strict=True):
         assert torch.equal(a, b)

@@ -22,7 +22,9 @@ def test_pairwise_is_stable_for_long_responses():
 def test_instance_pm_divergence_known_answer():
     # p_llm = 0.9 (logp difference log 9), p_reward = 0.5 (equal rewards):
     # KL = 0.9 log(0.9 / 0.5) + 0.1 log(0.1 / 0.5)
-    d = P.instance_pm_divergence(torch.tensor([math.log(9)]), torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([1.0]))
+    d = P.instance_pm_divergence(
+        torch.tensor([math.log(9)]), torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([1.0])
+    )
     torch.testing.assert_close(d, torch.tensor([0.9 * math.log(1.8) + 0.1 * math.log(0.2)]))
 
 
@@ -32,7 +34,9 @@ def test_pm_divergence_is_zero_iff_preferences_match_and_is_finite_at_extremes()
     r1, r2 = beta * lp1, beta * lp2  # p_reward(y1) = sigmoid((r1 - r2) / beta) = p_llm(y1)
     torch.testing.assert_close(P.instance_pm_divergence(lp1, lp2, r1, r2, beta), torch.zeros(2), atol=1e-7, rtol=0)
     # Collapsed policy (p_llm = 1 - 1e-400) against a 70/30 reward model: KL ~ log(1 / 0.7).
-    d = P.instance_pm_divergence(torch.tensor([0.0]), torch.tensor([-1000.0]), torch.tensor([math.log(0.7 / 0.3)]), torch.tensor([0.0]))
+    d = P.instance_pm_divergence(
+        torch.tensor([0.0]), torch.tensor([-1000.0]), torch.tensor([math.log(0.7 / 0.3)]), torch.tensor([0.0])
+    )
     torch.testing.assert_close(d, torch.tensor([math.log(1 / 0.7)]))
 
 

@@ -90,5 +90,7 @@ def test_token_mean_losses_are_split_invariant():
     logp, old, adv = (torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3 for _ in range(3))
     mask = (torch.arange(T)[None] < torch.tensor([8, 3, 5, 1, 7, 2])[:, None]).long()
     full, _ = rl.ppo_policy_loss(logp, old, adv, mask)
-    parts = [rl.ppo_policy_loss(logp[s], old[s], adv[s], mask[s])[0] * mask[s].sum() for s in (slice(0, 2), slice(2, 6))]
+    parts = [
+        rl.ppo_policy_loss(logp[s], old[s], adv[s], mask[s])[0] * mask[s].sum() for s in (slice(0, 2), slice(2, 6))
+    ]
     torch.testing.assert_close(sum(parts) / mask.sum(), full)

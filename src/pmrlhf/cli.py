@@ -13,6 +13,18 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
+    if version:
+        from pmrlhf import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
 @app.command()
 def theory(
     out: Path = typer.Option(Path("runs/theory"), help="Folder for the figures and the table of checks."),
@@ -23,7 +35,3 @@ def theory(
 
     report = write_theory_report(out, seed=seed)
     typer.echo(f"wrote {report}")
-
-
-def main() -> None:
-    app()

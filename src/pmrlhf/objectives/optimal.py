@@ -228,9 +228,7 @@ def f_divergence_rlhf(
     return (pi / pi.sum(-1, keepdim=True)).to(r.dtype)
 
 
-def _expand(
-    mu: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor], too_big: bool, step: float
-) -> torch.Tensor:
+def _expand(mu: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor], too_big: bool, step: float) -> torch.Tensor:
     """Move ``mu`` by doubling steps until ``sum(mass(mu))`` is on the wanted side of one."""
     for _ in range(200):
         total = mass(mu).sum(-1, keepdim=True)

@@ -95,7 +95,9 @@ def group_mean(scores: torch.Tensor, group_size: int, scale: bool = False, eps: 
 
 def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     if scores.dim() != 1 or scores.numel() % group_size:
-        raise ValueError(f"expected a flat tensor whose length is a multiple of {group_size}, got {tuple(scores.shape)}")
+        raise ValueError(
+            f"expected a flat tensor whose length is a multiple of {group_size}, got {tuple(scores.shape)}"
+        )
     return scores.reshape(-1, group_size)
 
 
@@ -108,7 +110,11 @@ SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"rloo": rloo, "gr
 
 
 def ppo_policy_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al., 2017), as a loss to minimise.
 
@@ -131,11 +137,19 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float = 0.2
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss: ``0.5 mean_t max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)``."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
     loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped_values - returns) ** 2), mask)
     with torch.no_grad():
-        stats = {"vf_clipfrac": masked_mean(((values - returns) ** 2 < (clipped_values - returns) ** 2).to(values.dtype), mask)}
+        stats = {
+            "vf_clipfrac": masked_mean(
+                ((values - returns) ** 2 < (clipped_values - returns) ** 2).to(values.dtype), mask
+            )
+        }
     return loss, stats
