@@ -25,6 +25,63 @@ def _root(
         raise typer.Exit()
 
 
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")
+SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set optim.lr=1e-4 (repeatable).")
+RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (overrides run_dir in the config).")
+
+
+def _config(cls, config: Path | None, overrides: list[str], run_dir: Path | None):
+    from pmrlhf.config import ConfigError, load_config
+
+    if run_dir is not None:
+        overrides = [*overrides, f"run_dir={run_dir}"]
+    try:
+        return load_config(cls, config, overrides)
+    except ConfigError as e:
+        typer.echo(f"config error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _run(stage_run, cfg) -> Path:
+    from pmrlhf.data.sources import DataError
+
+    try:
+        return stage_run(cfg)
+    except (DataError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def world(
+    out: Path = typer.Option(Path("runs/demo/world"), help="Folder to write the world into."),
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = SetOpt,
+) -> None:
+    """Generate the synthetic preference world: data files, tokenizer and ground truth."""
+    from pmrlhf.data.world import World, WorldConfig
+
+    cfg = _config(WorldConfig, config, overrides, None)
+    path = World.generate(cfg).write(out)
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def sft(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+    """Stage 1: supervised fine-tuning on demonstrations (response tokens only)."""
+    from pmrlhf.stages import sft as stage
+
+    typer.echo(f"wrote {_run(stage.run, _config(stage.SFTConfig, config, overrides, run_dir))}")
+
+
+@app.command()
+def rm(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+    """Stage 2: the reward model (pairwise, K-wise or listwise), with early stopping."""
+    from pmrlhf.stages import reward as stage
+
+    typer.echo(f"wrote {_run(stage.run, _config(stage.RewardConfig, config, overrides, run_dir))}")
+
+
 @app.command()
 def theory(
     out: Path = typer.Option(Path("runs/theory"), help="Folder for the figures and the table of checks."),

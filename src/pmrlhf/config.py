@@ -1,0 +1,209 @@
+"""Configs: dataclasses in, YAML in, resolved YAML out.
+
+Each stage has one ``XConfig`` dataclass composed of the shared sub-configs below, so no option is declared
+twice. ``load_config(XConfig, path, overrides)`` reads YAML, applies ``key.sub=value`` overrides from the
+command line, and rejects unknown keys with the full dotted name; ``save_config`` writes the resolved config
+that a run used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into the stage's config."""
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from and how it is held in memory."""
+
+    name_or_path: str = ""  # a Hugging Face name, a local folder, or "" to build a tiny model (tiny_arch)
+    tiny_arch: str = "gpt2"  # architecture of the tiny model built from config when name_or_path is "": gpt2 | llama
+    tiny_layers: int = 2  # transformer blocks of the tiny model
+    tiny_hidden: int = 64  # hidden size of the tiny model
+    tiny_heads: int = 4  # attention heads of the tiny model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora_r: int = 0  # LoRA rank; 0 trains all weights
+    lora_alpha: int = 16  # LoRA scaling numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
+    trust_remote_code: bool = False  # passed to from_pretrained
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and schedule."""
+
+    lr: float = 1e-3  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_ratio: float = 0.0  # share of steps with linear warm-up
+    scheduler: str = "constant"  # constant | linear | cosine
+    epochs: float = 1.0  # passes over the training data
+    batch_size: int = 16  # examples per optimiser step on each process
+    grad_accum: int = 1  # micro-batches per optimiser step
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl."""
+
+    log_every: int = 10  # optimiser steps between logged lines
+    tensorboard: bool = False  # also write TensorBoard event files
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "pmrlhf"  # W&B project name
+
+
+@dataclass
+class DataConfig:
+    """Where records come from and how bad or long ones are handled."""
+
+    source: str = "world"  # "world" (the synthetic world of the run), a local .jsonl/.json/.parquet/.csv, or a Hub name
+    format: str = "auto"  # record converter: auto | demonstration | comparison | ranking | prompt | hh_rlhf | ...
+    columns: dict[str, str] = field(default_factory=dict)  # our field name -> the source's column name
+    hf_split: str = "train"  # split of a Hub dataset
+    hf_config: str | None = None  # configuration name of a Hub dataset
+    portion: str = "all"  # the paper's 20/40/40 split (Sec. 6): all | sft | reward | rl
+    split_seed: int = 0  # seed of that split
+    eval_fraction: float = 0.1  # share of the portion held out for evaluation
+    on_error: str = "raise"  # raise | skip: bad rows stop the run, or are counted and reported
+    max_prompt_tokens: int = 256  # prompts longer than this are truncated or skipped
+    prompt_overflow: str = "truncate_left"  # truncate_left | skip
+    max_response_tokens: int = 256  # responses are cut to this many tokens
+    limit: int | None = None  # use at most this many records (after the split)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{name}: {value!r} is not a {hint}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, prefix=f"{name}.")
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{name}[{i}]") for i, v in enumerate(value)] if args else list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if hint is int:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | str)
+            or (isinstance(value, str) and not _is_int(value))
+        ):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if hint is str:
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a (nested) mapping, coercing types and rejecting unknown keys."""
+    hints = _hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_config(cls: type[T], path: Path | str | None = None, overrides: list[str] | None = None) -> T:
+    """Read ``cls`` from a YAML file (or its defaults when ``path`` is None) plus command-line overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
+        data = loaded
+    apply_overrides(data, overrides or [])
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{e}") from None
+
+
+def save_config(config: Any, path: Path | str) -> Path:
+    """Write the resolved config as YAML, atomically."""
+    from pmrlhf.io import atomic_write_text
+
+    return atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,160 @@
+"""Reading records from a local file, a Hugging Face dataset or the synthetic world.
+
+``load_records(config, kind)`` is the one entry point: raw rows -> column mapping -> converter -> record of
+the requested kind -> the paper's 20/40/40 portion -> a held-out share. Bad rows raise ``DataError`` naming
+the file, the row and the field, or, with ``on_error: skip``, are counted in the returned ``LoadReport``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmrlhf.config import DataConfig
+from pmrlhf.data.records import FORMATS, Record, RowError, as_record, detect_format
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+PORTIONS = {"sft": (0.0, 0.2), "reward": (0.2, 0.6), "rl": (0.6, 1.0), "all": (0.0, 1.0)}
+
+
+class DataError(ValueError):
+    """Bad input: names the source, the row (1-based, as a person counts) and the field."""
+
+    def __init__(self, source: str, row: int | None, field: str | None, message: str):
+        where = source + (f": row {row}" if row is not None else "") + (f": field '{field}'" if field else "")
+        super().__init__(f"{where}: {message}")
+        self.source, self.row, self.field = source, row, field
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.kept} of {self.rows} rows kept"
+        if self.skipped:
+            text += " (skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) + ")"
+        return text
+
+
+def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None) -> Iterator[dict[str, Any]]:
+    """Raw rows of a local file (by suffix) or of a Hugging Face dataset (any other name)."""
+    path = Path(source)
+    if path.suffix in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise DataError(source, None, None, "file not found")
+        yield from _iter_local(path)
+        return
+    if path.exists():
+        raise DataError(source, None, None, f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    import datasets
+
+    ds = datasets.load_dataset(source, hf_config, split=hf_split)
+    yield from ds
+
+
+def _iter_local(path: Path) -> Iterator[dict[str, Any]]:
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(str(path), i, None, f"not valid JSON: {e.msg}") from None
+                if not isinstance(row, dict):
+                    raise DataError(str(path), i, None, "each line must be a JSON object")
+                yield row
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), None, None, f"not valid JSON: {e.msg} at line {e.lineno}") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(str(path), None, None, "expected a list of objects (or {'data': [...]})")
+        yield from data
+    elif path.suffix == ".csv":
+        with open(path, newline="") as f:
+            yield from csv.DictReader(f)
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.read_table(path).to_pylist()
+
+
+def portion_of(index: int, seed: int) -> float:
+    """A stable pseudo-random number in [0, 1) for a row: the same on every run, machine and Python."""
+    digest = hashlib.sha256(f"pmrlhf-split:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_indices(n: int, portion: str, seed: int = 0) -> list[int]:
+    """Row indices of ``portion`` in the paper's 20 / 40 / 40 split (SFT / reward / RL), Sec. 6.
+
+    Rows are ordered by a hash of (seed, index) and cut at exactly 20 % and 60 %, so the three portions are
+    disjoint, cover every row and have sizes ``floor``-exact for any ``n``.
+    """
+    if portion not in PORTIONS:
+        raise ValueError(f"unknown portion {portion!r}; use one of {sorted(PORTIONS)}")
+    lo, hi = PORTIONS[portion]
+    order = sorted(range(n), key=lambda i: portion_of(i, seed))
+    return sorted(order[int(lo * n) : int(hi * n)])
+
+
+def load_records(config: DataConfig, kind: str, source: str | None = None) -> tuple[list[Record], LoadReport]:
+    """Every record of ``kind`` from ``source`` (default ``config.source``), after the portion and ``limit``."""
+    source = source or config.source
+    if config.on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error must be 'raise' or 'skip', got {config.on_error!r}")
+    rename = {theirs: ours for ours, theirs in config.columns.items()}
+    report = LoadReport(source)
+    converter = None if config.format == "auto" else FORMATS.get(config.format)
+    if config.format != "auto" and converter is None:
+        raise ValueError(f"unknown data.format {config.format!r}; known: auto, {', '.join(sorted(FORMATS))}")
+    records: list[Record | None] = []
+    for i, raw in enumerate(iter_rows(source, config.hf_split, config.hf_config), 1):
+        report.rows += 1
+        row = {rename.get(k, k): v for k, v in raw.items()}
+        try:
+            if converter is None:
+                converter = FORMATS[detect_format(row)]
+            records.append(as_record(converter(row), kind))
+        except RowError as e:
+            if config.on_error == "raise":
+                raise DataError(source, i, e.field, e.message) from None
+            report.skipped[f"{e.field}: {e.message}"] += 1
+            records.append(None)  # keeps row positions, so the split does not depend on which rows are bad
+    keep = (
+        range(len(records))
+        if config.portion == "all"
+        else split_indices(len(records), config.portion, config.split_seed)
+    )
+    out = [records[i] for i in keep if records[i] is not None]
+    if config.limit is not None:
+        out = out[: config.limit]
+    report.kept = len(out)
+    if not out:
+        raise DataError(source, None, None, f"no usable {kind} records ({report.summary()})")
+    return out, report
+
+
+def holdout(records: list, fraction: float, seed: int = 0) -> tuple[list, list]:
+    """Split records into (train, held-out) by the same stable hash; at least one of each when possible."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {fraction}")
+    n_eval = min(max(1 if fraction > 0 and len(records) > 1 else 0, round(fraction * len(records))), len(records) - 1)
+    order = sorted(range(len(records)), key=lambda i: portion_of(i, seed + 7919))
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]

@@ -1,0 +1,256 @@
+"""A synthetic preference world with a known truth, small enough to run the whole pipeline on a CPU.
+
+Each prompt ``q<i> :`` has a set M(x) of meaningful responses, short word sequences of different lengths,
+and a ground-truth reward r*(x, y) whose Plackett-Luce distribution is the population's preference over
+M(x) (eq. (3.2)). Prompts come in three profiles: near-even, lopsided, and with a minority answer of 5-20 %.
+
+The data a pipeline sees is generated the way real RLHF data is:
+
+* demonstrations (SFT) are drawn from a *different*, biased distribution q(y|x) that favours short answers
+  (log q = -length_bias * words + noise, Sec. 5.2 attributes collapse to length), so the SFT model's
+  pairwise preferences sit near 0 or 1 for many pairs, as in Figs. 3a / 4a;
+* labelers compare pairs drawn from q (mixed with a ``uniform_share`` of uniform draws over M(x), as real
+  pipelines sample from several policies, so rare answers get labels) and answer under BTL with r*
+  (eq. (2.1)), with optional label noise;
+* rankings of K responses are drawn from the Plackett-Luce model with r* (App. A.1).
+
+Everything is written as ordinary files: ``sft.jsonl``, ``comparisons.jsonl``, ``rankings.jsonl``,
+``prompts.jsonl``, a word-level tokenizer in Hugging Face format (``tokenizer/``), and ``truth.json`` with,
+for every prompt, M(x), r*, the true preference proportions and q.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from pmrlhf.io import atomic_dir
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+SEP = ":"
+PROFILES = ("even", "lopsided", "minority")
+
+
+@dataclass
+class WorldConfig:
+    """Sizes and biases of the synthetic world."""
+
+    n_prompts: int = 24  # prompts, cycling through the even / lopsided / minority profiles
+    responses_per_prompt: int = 4  # |M(x)|
+    min_words: int = 1  # shortest meaningful response
+    max_words: int = 6  # longest meaningful response
+    vocab_words: int = 40  # response words w0..w{n-1}
+    n_demonstrations: int = 3000  # SFT examples, drawn from the biased q
+    n_comparisons: int = 3000  # labelled pairs for the reward model
+    n_rankings: int = 600  # K-wise rankings for the reward model
+    ranking_k: int = 4  # K of each ranking (<= responses_per_prompt)
+    length_bias: float = 1.2  # how much q prefers short answers: log q drops this much per word
+    ref_noise: float = 1.0  # std of the random part of log q
+    uniform_share: float = 0.3  # share of labelled pairs drawn uniformly over M(x) rather than from q
+    label_noise: float = 0.0  # probability a labeler's answer is flipped
+    seed: int = 0  # everything in the world follows from this
+
+    def validate(self) -> None:
+        if self.n_prompts < 1 or self.responses_per_prompt < 2:
+            raise ValueError("a world needs at least 1 prompt and 2 responses per prompt")
+        if not 1 <= self.min_words <= self.max_words:
+            raise ValueError("need 1 <= min_words <= max_words")
+        if not 2 <= self.ranking_k <= self.responses_per_prompt:
+            raise ValueError("need 2 <= ranking_k <= responses_per_prompt")
+        if self.vocab_words**self.min_words < self.responses_per_prompt:
+            raise ValueError("too few words to make distinct responses")
+        if not 0 <= self.label_noise < 0.5 or not 0 <= self.uniform_share <= 1:
+            raise ValueError("need 0 <= label_noise < 0.5 and 0 <= uniform_share <= 1")
+
+
+@dataclass
+class PromptTruth:
+    prompt: str
+    profile: str
+    responses: list[str]  # M(x)
+    reward: list[float]  # r*(x, y), centred
+    truth: list[float]  # softmax(r*): the population's preference proportions
+    ref: list[float]  # q(y|x): the demonstrators' biased distribution
+    words: list[int]  # response lengths in words (tokens, without the end-of-sequence token)
+
+
+class World:
+    """The truth of a world: its prompts, M(x), r*, the population proportions and q."""
+
+    def __init__(self, config: WorldConfig, prompts: list[PromptTruth]):
+        self.config = config
+        self.prompts = prompts
+        self.by_prompt = {p.prompt: p for p in prompts}
+
+    # --- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def generate(cls, config: WorldConfig | None = None) -> World:
+        config = config or WorldConfig()
+        config.validate()
+        g = torch.Generator().manual_seed(config.seed)
+        prompts = []
+        for i in range(config.n_prompts):
+            profile = PROFILES[i % len(PROFILES)]
+            k = config.responses_per_prompt
+            responses, words = _responses(k, config, g)
+            truth = _profile_probs(profile, k, g)
+            reward = torch.log(truth) - torch.log(truth).mean()
+            log_q = -config.length_bias * torch.tensor(words, dtype=torch.float64)
+            log_q = log_q + config.ref_noise * torch.randn(k, generator=g, dtype=torch.float64)
+            q = torch.softmax(log_q, -1)
+            prompts.append(
+                PromptTruth(f"q{i} {SEP}", profile, responses, reward.tolist(), truth.tolist(), q.tolist(), words)
+            )
+        return cls(config, prompts)
+
+    # --- the data a pipeline sees -----------------------------------------------------------------------
+
+    def demonstrations(self, n: int, g: torch.Generator) -> list[dict]:
+        out = []
+        for p in self._prompt_draws(n, g):
+            y = int(torch.multinomial(torch.tensor(p.ref), 1, generator=g))
+            out.append({"prompt": p.prompt, "response": p.responses[y]})
+        return out
+
+    def comparisons(self, n: int, g: torch.Generator) -> list[dict]:
+        out = []
+        for p in self._prompt_draws(n, g):
+            k = len(p.responses)
+            dist = (1 - self.config.uniform_share) * torch.tensor(p.ref) + self.config.uniform_share / k
+            while True:
+                a, b = torch.multinomial(dist, 2, replacement=True, generator=g).tolist()
+                if a != b:
+                    break
+            a_wins = torch.rand(1, generator=g).item() < 1 / (1 + math.exp(p.reward[b] - p.reward[a]))
+            if torch.rand(1, generator=g).item() < self.config.label_noise:
+                a_wins = not a_wins
+            win, lose = (a, b) if a_wins else (b, a)
+            out.append({"prompt": p.prompt, "chosen": p.responses[win], "rejected": p.responses[lose]})
+        return out
+
+    def rankings(self, n: int, g: torch.Generator) -> list[dict]:
+        out = []
+        for p in self._prompt_draws(n, g):
+            idx = torch.randperm(len(p.responses), generator=g)[: self.config.ranking_k]
+            r = torch.tensor(p.reward)[idx]
+            # Plackett-Luce sampling: sorting r + Gumbel noise draws a ranking with probability (A.1).
+            gumbel = -torch.log(-torch.log(torch.rand(len(idx), generator=g, dtype=torch.float64)))
+            order = torch.argsort(r + gumbel, descending=True)
+            out.append(
+                {"prompt": p.prompt, "responses": [p.responses[i] for i in idx.tolist()], "ranking": order.tolist()}
+            )
+        return out
+
+    def _prompt_draws(self, n: int, g: torch.Generator) -> list[PromptTruth]:
+        idx = torch.randint(len(self.prompts), (n,), generator=g).tolist()
+        return [self.prompts[i] for i in idx]
+
+    # --- files ---------------------------------------------------------------------------------------------
+
+    def vocabulary(self) -> list[str]:
+        return (
+            [PAD, EOS, UNK, SEP]
+            + [f"q{i}" for i in range(self.config.n_prompts)]
+            + [f"w{i}" for i in range(self.config.vocab_words)]
+        )
+
+    def write(self, path: Path) -> Path:
+        """Write every data file, the tokenizer and the truth into ``path`` (atomically)."""
+        c = self.config
+
+        def fill(tmp: Path) -> None:
+            g = torch.Generator().manual_seed(c.seed + 1)
+            _write_jsonl(tmp / "sft.jsonl", self.demonstrations(c.n_demonstrations, g))
+            _write_jsonl(tmp / "comparisons.jsonl", self.comparisons(c.n_comparisons, g))
+            _write_jsonl(tmp / "rankings.jsonl", self.rankings(c.n_rankings, g))
+            _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p.prompt} for p in self.prompts])
+            (tmp / "truth.json").write_text(
+                json.dumps({"config": asdict(c), "prompts": [asdict(p) for p in self.prompts]}, indent=1)
+            )
+            build_tokenizer(self.vocabulary()).save_pretrained(tmp / "tokenizer")
+
+        return atomic_dir(Path(path), fill)
+
+    @classmethod
+    def load(cls, path: Path) -> World:
+        data = json.loads((Path(path) / "truth.json").read_text())
+        return cls(WorldConfig(**data["config"]), [PromptTruth(**p) for p in data["prompts"]])
+
+
+FILES = {
+    "demonstration": "sft.jsonl",
+    "comparison": "comparisons.jsonl",
+    "ranking": "rankings.jsonl",
+    "prompt": "prompts.jsonl",
+}
+
+
+def ensure_world(path: Path, config: WorldConfig | None = None) -> Path:
+    """Generate and write the world into ``path`` unless a complete one is already there."""
+    path = Path(path)
+    if not (path / "truth.json").is_file():
+        World.generate(config).write(path)
+    return path
+
+
+def _responses(k: int, config: WorldConfig, g: torch.Generator) -> tuple[list[str], list[int]]:
+    span = list(range(config.min_words, config.max_words + 1))
+    if k <= len(span):
+        lengths = [span[i] for i in torch.randperm(len(span), generator=g)[:k].tolist()]
+    else:
+        lengths = [span[i] for i in torch.randint(len(span), (k,), generator=g).tolist()]
+    seen: set[str] = set()
+    responses = []
+    for n in lengths:
+        while True:
+            # The leading space makes prompt + response tokenise as the two tokenised separately.
+            text = " " + " ".join(f"w{int(w)}" for w in torch.randint(config.vocab_words, (n,), generator=g))
+            if text not in seen:
+                break
+        seen.add(text)
+        responses.append(text)
+    return responses, lengths
+
+
+def _profile_probs(profile: str, k: int, g: torch.Generator) -> torch.Tensor:
+    """Population preference proportions over M(x) for a profile, in random order."""
+
+    def dirichlet(alpha: float, n: int) -> torch.Tensor:
+        x = torch._standard_gamma(torch.full((n,), alpha, dtype=torch.float64), generator=g)
+        return x / x.sum()
+
+    if profile == "even":
+        p = dirichlet(30.0, k)
+    elif profile == "lopsided":
+        top = 0.75 + 0.15 * torch.rand(1, generator=g, dtype=torch.float64)
+        p = torch.cat([top, (1 - top) * dirichlet(2.0, k - 1)])
+    else:  # one minority answer of 5-20 %, the rest shared unevenly
+        minority = 0.05 + 0.15 * torch.rand(1, generator=g, dtype=torch.float64)
+        p = torch.cat([minority, (1 - minority) * dirichlet(3.0, k - 1)])
+    p = p.clamp(min=1e-3)
+    p = p / p.sum()
+    return p[torch.randperm(k, generator=g)]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def build_tokenizer(vocabulary: list[str]):
+    """A word-level tokenizer over ``vocabulary`` as a ``transformers.PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS)
+    fast.padding_side = "left"
+    return fast

@@ -1,0 +1,102 @@
+"""Exact evaluation in the synthetic world: a model's whole distribution over M(x), teacher-forced.
+
+For every prompt the policy's probability of each meaningful response (including its end-of-sequence
+token) is computed exactly, so distances to the closed forms of ``objectives.optimal`` and to the ground
+truth need no sampling. The mass outside M(x) is ``1 - sum_{y in M(x)} pi(y|x)``: unnatural text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pmrlhf.data.tokenize import Encoder
+from pmrlhf.data.world import World
+from pmrlhf.models.scoring import reward_scores, sequence_logprobs
+
+
+@dataclass
+class OverM:
+    """Per prompt, over the k responses of M(x): ``logp [P, k]`` (the model's log pi(y|x)) and ``mask``."""
+
+    logp: torch.Tensor
+    mask: torch.Tensor  # False where a prompt has fewer than k responses
+
+    @property
+    def mass(self) -> torch.Tensor:
+        """``pi(M(x) | x)`` per prompt, ``[P]``."""
+        return torch.where(self.mask, self.logp.exp(), 0).sum(-1)
+
+    @property
+    def conditional(self) -> torch.Tensor:
+        """``pi(y | M(x), x)``, ``[P, k]``: the model's preferences among the meaningful responses."""
+        return torch.softmax(self.logp.masked_fill(~self.mask, float("-inf")), -1)
+
+
+def _pairs(world: World, encoder: Encoder) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    prompts, responses, where = [], [], []
+    for i, p in enumerate(world.prompts):
+        ids = encoder.prompt(p.prompt)
+        for j, y in enumerate(p.responses):
+            prompts.append(ids)
+            responses.append(encoder.response(y))
+            where.append((i, j))
+    return prompts, responses, where
+
+
+def _scatter(
+    values: torch.Tensor, where: list[tuple[int, int]], P: int, k: int, fill: float
+) -> tuple[torch.Tensor, ...]:
+    out = torch.full((P, k), fill, dtype=torch.float64)
+    mask = torch.zeros((P, k), dtype=torch.bool)
+    for v, (i, j) in zip(values.tolist(), where, strict=True):
+        out[i, j] = v
+        mask[i, j] = True
+    return out, mask
+
+
+def policy_over_m(model, tokenizer, world: World) -> OverM:
+    """The policy's exact log-probabilities of every response in M(x), for every prompt of the world."""
+    encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
+    prompts, responses, where = _pairs(world, encoder)
+    logp, _ = sequence_logprobs(model, prompts, responses, tokenizer.pad_token_id)
+    k = max(len(p.responses) for p in world.prompts)
+    return OverM(*_scatter(logp, where, len(world.prompts), k, float("-inf")))
+
+
+def rewards_over_m(reward_model, tokenizer, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward model's scores of every response in M(x): ``(scores [P, k], mask [P, k])``."""
+    encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
+    prompts, responses, where = _pairs(world, encoder)
+    scores = reward_scores(reward_model, prompts, responses, tokenizer.pad_token_id)
+    k = max(len(p.responses) for p in world.prompts)
+    return _scatter(scores, where, len(world.prompts), k, 0.0)
+
+
+def truth_over_m(world: World) -> dict[str, torch.Tensor]:
+    """The world's r*, true proportions and q as ``[P, k]`` tensors, with the mask."""
+    k = max(len(p.responses) for p in world.prompts)
+    P = len(world.prompts)
+    out = {name: torch.zeros(P, k, dtype=torch.float64) for name in ("reward", "truth", "ref")}
+    mask = torch.zeros(P, k, dtype=torch.bool)
+    for i, p in enumerate(world.prompts):
+        n = len(p.responses)
+        out["reward"][i, :n] = torch.tensor(p.reward)
+        out["truth"][i, :n] = torch.tensor(p.truth)
+        out["ref"][i, :n] = torch.tensor(p.ref)
+        mask[i, :n] = True
+    out["mask"] = mask
+    return out
+
+
+def kl_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``KL(p || q)`` per row over the masked entries, ``[P]``; 0 log 0 = 0."""
+    p = torch.where(mask, p, 0)
+    terms = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - torch.log(q.clamp(min=1e-300))), 0)
+    return terms.sum(-1)
+
+
+def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Total-variation distance per row over the masked entries, ``[P]``."""
+    return 0.5 * torch.where(mask, (p - q).abs(), 0).sum(-1)

@@ -1,0 +1,188 @@
+"""The four roles (policy, reference, reward model, critic): built from config, loaded, saved, scored.
+
+Everything saved here loads back with plain ``transformers`` (``AutoModelForCausalLM``,
+``AutoModelForSequenceClassification``); a LoRA model is merged before it is saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pmrlhf.config import ModelConfig
+from pmrlhf.io import atomic_dir
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_config(
+    arch: str,
+    vocab_size: int,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    max_positions: int = 128,
+    pad_token_id: int | None = None,
+    eos_token_id: int | None = None,
+):
+    """A small transformer config of a real architecture (no download): GPT-2 or Llama."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            bos_token_id=eos_token_id,
+        )
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_positions,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_id,
+            bos_token_id=eos_token_id,
+            tie_word_embeddings=False,
+        )
+    raise ValueError(f"unknown tiny architecture {arch!r}; use 'gpt2' or 'llama'")
+
+
+def _tiny_from(cfg: ModelConfig, tokenizer):
+    return tiny_config(
+        cfg.tiny_arch,
+        len(tokenizer),
+        cfg.tiny_layers,
+        cfg.tiny_hidden,
+        cfg.tiny_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _finish(model, cfg: ModelConfig, task_type: str):
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules,
+            task_type=task_type,
+            modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+        )
+        model = get_peft_model(model, lora)
+    return model
+
+
+def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
+    """The policy or the reference: from ``path``, ``cfg.name_or_path``, or a tiny model built from config."""
+    from transformers import AutoModelForCausalLM
+
+    source = str(path or cfg.name_or_path)
+    dtype = DTYPES[cfg.dtype]
+    if source:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), dtype=dtype)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if not trainable:
+        model.requires_grad_(False).eval()
+        return model
+    return _finish(model, cfg, "CAUSAL_LM")
+
+
+def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
+    """A reward model: ``AutoModelForSequenceClassification`` with one label, scoring the last non-pad token.
+
+    Built from ``path`` or ``cfg.name_or_path`` (a causal LM checkpoint such as the SFT model gets a fresh
+    score head) or as a tiny model from config.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    source = str(path or cfg.name_or_path)
+    dtype = DTYPES[cfg.dtype]
+    if source:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+        )
+    else:
+        c = _tiny_from(cfg, tokenizer)
+        c.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(c, dtype=dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not trainable:
+        model.requires_grad_(False).eval()
+        return model
+    return _finish(model, cfg, "SEQ_CLS")
+
+
+class Critic(nn.Module):
+    """A per-token value model: a sequence-classification model whose score head is applied at every position.
+
+    Initialised from the reward model by default (InstructGPT, DeepSpeed-Chat), so it saves and loads as an
+    ordinary ``AutoModelForSequenceClassification``.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Values ``[B, T]``: the score head on every position's last hidden state."""
+        backbone = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = backbone.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return backbone.score(hidden).squeeze(-1).float()
+
+
+def unwrap_for_saving(model):
+    """The plain ``transformers`` model to save: LoRA merged, wrappers removed."""
+    if isinstance(model, Critic):
+        model = model.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model
+
+
+def save_model(model, tokenizer, path: Path) -> Path:
+    """Save a model and its tokenizer in Hugging Face format, atomically (a crash leaves the old folder)."""
+    plain = unwrap_for_saving(model)
+
+    def write(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(Path(path), write)
+
+
+def load_tokenizer(source: str | Path):
+    """A tokenizer with a pad token (the end-of-sequence token if the model has none), padding on the left."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

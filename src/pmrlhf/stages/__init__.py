@@ -1,0 +1,1 @@
+"""One module per stage: a Config dataclass and ``run(config) -> path``."""

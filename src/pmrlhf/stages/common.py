@@ -1,0 +1,66 @@
+"""What every stage does the same way: the run folder, the data source, the tokenizer, seeding, the console."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from pmrlhf.config import DataConfig, save_config
+from pmrlhf.data.sources import LoadReport, load_records
+from pmrlhf.data.world import FILES, WorldConfig, ensure_world
+
+console = Console(stderr=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # numpy is optional here
+        pass
+
+
+def stage_dir(run_dir: str | Path, name: str, config) -> Path:
+    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first."""
+    path = Path(run_dir) / name
+    path.mkdir(parents=True, exist_ok=True)
+    save_config(config, path / "config.yaml")
+    return path
+
+
+def world_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "world"
+
+
+def data_source(data: DataConfig, kind: str, run_dir: str | Path, world: WorldConfig) -> str:
+    """The file or Hub name to read ``kind`` records from; ``"world"`` builds the run's world if needed."""
+    if data.source == "world":
+        return str(ensure_world(world_dir(run_dir), world) / FILES[kind])
+    return data.source
+
+
+def load_stage_records(data: DataConfig, kind: str, run_dir: str | Path, world: WorldConfig) -> tuple[list, LoadReport]:
+    source = data_source(data, kind, run_dir, world)
+    if data.source == "world" and data.portion != "all":
+        # The world writes each stage's data to its own file; the 20/40/40 split is for one shared dataset.
+        data = DataConfig(**{**data.__dict__, "portion": "all"})
+    records, report = load_records(data, kind, source)
+    console.print(f"[dim]{report.summary()}[/dim]")
+    return records, report
+
+
+def tokenizer_source(model_name_or_path: str, data: DataConfig, run_dir: str | Path, world: WorldConfig) -> str:
+    """Where the tokenizer comes from: the model's own, or the world's when a tiny model trains on the world."""
+    if model_name_or_path:
+        return model_name_or_path
+    if data.source == "world":
+        return str(ensure_world(world_dir(run_dir), world) / "tokenizer")
+    raise ValueError(
+        "a tiny model built from config needs a tokenizer: use the world as data, or set model.name_or_path"
+    )

@@ -1,0 +1,110 @@
+"""Stage 1: supervised fine-tuning on demonstrations, loss on response tokens only (TRL's SFTTrainer)."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.data.sources import holdout
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.io import MetricsLog, atomic_write_json
+from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
+from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, tokenizer_source
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1 (``pmrlhf sft``)."""
+
+    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
+    name: str = "sft"  # sub-folder of this stage's outputs
+    seed: int = 0  # seed of initialisation, shuffling and dropout
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=4, batch_size=32))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def run(config: SFTConfig) -> Path:
+    """Train and save ``<run_dir>/<name>/model``; return that path."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    out = stage_dir(config.run_dir, config.name, config)
+    seed_everything(config.seed)
+    records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
+    tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
+    train, held = holdout(records, config.data.eval_fraction, config.data.split_seed)
+    to_ds = lambda rs: Dataset.from_list([{"prompt": r.prompt, "completion": r.response} for r in rs])  # noqa: E731
+    model = load_causal_lm(config.model, tokenizer)
+
+    log = MetricsLog(
+        out / "metrics.jsonl",
+        config.logging.tensorboard,
+        config.logging.wandb,
+        config.logging.wandb_project,
+        run_name=f"{Path(config.run_dir).name}-sft",
+    )
+
+    class ToMetrics(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            if "eval_loss" in logs:
+                logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50))
+            if "loss" in logs:
+                logs["train_perplexity"] = math.exp(min(logs["loss"], 50))
+            log.log(state.global_step, logs)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        args = TRLSFTConfig(
+            output_dir=scratch,
+            num_train_epochs=config.optim.epochs,
+            per_device_train_batch_size=config.optim.batch_size,
+            per_device_eval_batch_size=config.optim.batch_size,
+            gradient_accumulation_steps=config.optim.grad_accum,
+            learning_rate=config.optim.lr,
+            weight_decay=config.optim.weight_decay,
+            warmup_steps=float(config.optim.warmup_ratio),
+            lr_scheduler_type=config.optim.scheduler,
+            max_grad_norm=config.optim.max_grad_norm or 0.0,
+            logging_steps=config.logging.log_every,
+            eval_strategy="epoch" if held else "no",
+            save_strategy="no",
+            report_to=[],
+            seed=config.seed,
+            data_seed=config.seed,
+            max_length=config.data.max_prompt_tokens + config.data.max_response_tokens,
+            completion_only_loss=True,
+            bf16=config.model.dtype == "bfloat16",
+            fp16=config.model.dtype == "float16",
+            gradient_checkpointing=config.model.gradient_checkpointing,
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=to_ds(train),
+            eval_dataset=to_ds(held) if held else None,
+            processing_class=tokenizer,
+            callbacks=[ToMetrics()],
+        )
+        trainer.train()
+        final = trainer.evaluate() if held else {}
+    log.close()
+    path = save_model(trainer.model, tokenizer, out / "model")
+    summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
+    if final:
+        summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
+    atomic_write_json(out / "summary.json", summary)
+    console.print(
+        f"[green]SFT model saved to {path}[/green]"
+        + (f"  held-out perplexity {summary['eval_perplexity']:.3f}" if final else "")
+    )
+    return path
