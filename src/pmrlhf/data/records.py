@@ -84,7 +84,7 @@ def comparison(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def tldr(row: dict[str, Any]) -> dict[str, Any]:
-    """TL;DR comparisons (``prompt, chosen, rejected``); a ``TL;DR:`` the summaries repeat from the prompt is dropped."""
+    """TL;DR comparisons (``prompt, chosen, rejected``), dropping a ``TL;DR:`` the summaries repeat from the prompt."""
     out = comparison(row)
     if out["prompt"].rstrip().endswith("TL;DR:"):
         for key in ("chosen", "rejected"):
