@@ -83,7 +83,6 @@ def run(config: SFTConfig) -> Path:
             completion_only_loss=True,
             bf16=config.model.dtype == "bfloat16",
             fp16=config.model.dtype == "float16",
-            gradient_checkpointing=config.model.gradient_checkpointing,
             dataloader_num_workers=0,
             disable_tqdm=False,
         )

@@ -1,0 +1,155 @@
+import csv
+import json
+
+import pytest
+
+from pmrlhf.config import DataConfig
+from pmrlhf.data import DataError, load_records, split_indices
+from pmrlhf.data.records import Comparison, Demonstration, Prompt, Ranking
+from pmrlhf.data.sources import holdout
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+HH = {
+    "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Suggest a drink\n\nAssistant: Tea, perhaps.",
+    "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Suggest a drink\n\nAssistant: No.",
+}
+
+
+def test_hh_rlhf_dialogues_split_into_prompt_and_final_turns(tmp_path):
+    src = write_jsonl(tmp_path / "hh.jsonl", [HH])
+    (rec,), _ = load_records(DataConfig(source=src, format="hh_rlhf"), "comparison")
+    assert rec == Comparison(
+        "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Suggest a drink\n\nAssistant:", " Tea, perhaps.", " No."
+    )
+    # auto-detection picks the same converter; the demonstration is the chosen turn
+    (demo,), _ = load_records(DataConfig(source=src), "demonstration")
+    assert demo == Demonstration(rec.prompt, " Tea, perhaps.")
+
+
+def test_hh_rlhf_with_different_histories_is_an_error(tmp_path):
+    bad = {"chosen": HH["chosen"], "rejected": "\n\nHuman: Other\n\nAssistant: No."}
+    src = write_jsonl(tmp_path / "hh.jsonl", [HH, bad])
+    with pytest.raises(DataError, match=r"hh.jsonl: row 2: field 'rejected': does not share"):
+        load_records(DataConfig(source=src, format="hh_rlhf"), "comparison")
+
+
+def test_full_hh_rlhf_serves_all_three_stages(tmp_path):
+    row = {"prompt": "\n\nHuman: Q\n\nAssistant:", "response": " A", "chosen": " A", "rejected": " B"}
+    src = write_jsonl(tmp_path / "dahoas.jsonl", [row])
+    cfg = DataConfig(source=src)
+    assert load_records(cfg, "demonstration")[0] == [Demonstration(row["prompt"], " A")]
+    assert load_records(cfg, "comparison")[0] == [Comparison(row["prompt"], " A", " B")]
+    assert load_records(cfg, "prompt")[0] == [Prompt(row["prompt"])]
+    assert load_records(cfg, "ranking")[0] == [Ranking(row["prompt"], (" A", " B"), (0, 1))]
+
+
+def test_tldr_comparisons_from_csv(tmp_path):
+    path = tmp_path / "tldr.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ["prompt", "chosen", "rejected"])
+        w.writeheader()
+        w.writerow(
+            {"prompt": "SUBREDDIT: r/x\nPOST: long story\nTL;DR:", "chosen": "TL;DR: short", "rejected": "TL;DR: bad"}
+        )
+    (rec,), _ = load_records(DataConfig(source=str(path), format="tldr"), "comparison")
+    assert rec == Comparison("SUBREDDIT: r/x\nPOST: long story\nTL;DR:", " short", " bad")
+
+
+def test_trl_standard_and_conversational_formats(tmp_path):
+    std = write_jsonl(tmp_path / "std.jsonl", [{"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}])
+    assert load_records(DataConfig(source=std, format="trl_standard"), "comparison")[0] == [
+        Comparison("The sky is", " blue.", " green.")
+    ]
+    conv = tmp_path / "conv.json"
+    conv.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt": [{"role": "user", "content": "What color is the sky?"}],
+                    "chosen": [{"role": "assistant", "content": "It is blue."}],
+                    "rejected": [{"role": "assistant", "content": "It is green."}],
+                }
+            ]
+        )
+    )
+    (rec,), _ = load_records(DataConfig(source=str(conv)), "comparison")
+    assert rec == Comparison("\n\nHuman: What color is the sky?\n\nAssistant:", " It is blue.", " It is green.")
+
+
+def test_parquet_rankings_and_column_mapping(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rank.parquet"
+    pq.write_table(pa.Table.from_pylist([{"question": "x", "answers": ["a", "b", "c"], "order": [2, 0, 1]}]), path)
+    cfg = DataConfig(source=str(path), columns={"prompt": "question", "responses": "answers", "ranking": "order"})
+    (rec,), _ = load_records(cfg, "ranking")
+    assert rec.ordered == ["c", "a", "b"]
+    # A ranking also yields its best-vs-worst comparison.
+    assert load_records(cfg, "comparison")[0] == [Comparison("x", "c", "b")]
+
+
+@pytest.mark.parametrize(
+    "row,field,message",
+    [
+        ({"prompt": "p", "chosen": "a"}, "rejected", "missing column 'rejected'"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "prompt", "is empty"),
+        ({"prompt": "p", "chosen": "", "rejected": "b"}, "chosen", "is empty"),
+        ({"prompt": "p", "chosen": 3, "rejected": "b"}, "chosen", "expected a string"),
+        ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", "identical to chosen"),
+    ],
+)
+def test_bad_rows_name_the_file_row_and_field(tmp_path, row, field, message):
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    src = write_jsonl(tmp_path / "bad.jsonl", [good, good, row])
+    with pytest.raises(DataError) as err:
+        load_records(DataConfig(source=src, format="comparison"), "comparison")
+    assert f"bad.jsonl: row 3: field '{field}'" in str(err.value) and message in str(err.value)
+
+
+def test_bad_rows_can_be_skipped_and_counted(tmp_path):
+    rows = [{"prompt": "p", "response": "r"}, {"prompt": "", "response": "r"}, {"prompt": "p", "response": 1}]
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    recs, report = load_records(DataConfig(source=src, on_error="skip"), "demonstration")
+    assert len(recs) == 1 and report.rows == 3 and sum(report.skipped.values()) == 2
+    assert "1 of 3 rows kept" in report.summary()
+
+
+def test_invalid_json_and_missing_files(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(DataError, match=r"x.jsonl: row 2: not valid JSON"):
+        load_records(DataConfig(source=str(path)), "demonstration")
+    with pytest.raises(DataError, match="file not found"):
+        load_records(DataConfig(source=str(tmp_path / "nope.jsonl")), "demonstration")
+
+
+def test_split_is_20_40_40_disjoint_deterministic_and_pinned():
+    n = 1000
+    parts = {p: split_indices(n, p, seed=0) for p in ("sft", "reward", "rl")}
+    assert [len(parts[p]) for p in ("sft", "reward", "rl")] == [200, 400, 400]
+    assert sorted(parts["sft"] + parts["reward"] + parts["rl"]) == list(range(n))
+    assert split_indices(n, "sft", seed=0) == parts["sft"]
+    assert split_indices(n, "sft", seed=1) != parts["sft"]
+    # Pinned: a change here means every existing run's split moved (sha256-based, so machine-independent).
+    assert split_indices(10, "sft", seed=0) == [0, 7]
+
+
+def test_split_through_load_records_does_not_depend_on_bad_rows(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": "r"} for i in range(50)]
+    rows[7]["response"] = ""
+    src = write_jsonl(tmp_path / "d.jsonl", rows)
+    recs, _ = load_records(DataConfig(source=src, on_error="skip", portion="rl"), "demonstration")
+    expected = [f"p{i}" for i in split_indices(50, "rl") if i != 7]
+    assert [r.prompt for r in recs] == expected
+
+
+def test_holdout_is_stable_and_non_empty():
+    items = list(range(20))
+    train, held = holdout(items, 0.1)
+    assert len(held) == 2 and sorted(train + held) == items and holdout(items, 0.1) == (train, held)

@@ -1,0 +1,98 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pmrlhf.config import ModelConfig
+from pmrlhf.data.tokenize import Encoder
+from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+from pmrlhf.models import Critic, load_causal_lm, load_reward_model, save_model
+from pmrlhf.models.scoring import join, reward_scores, sequence_logprobs, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_saved_models_load_back_with_plain_transformers(tmp_path, tok, arch):
+    cfg = ModelConfig(tiny_arch=arch)
+    torch.manual_seed(0)
+    lm, rm = load_causal_lm(cfg, tok), load_reward_model(cfg, tok)
+    save_model(lm, tok, tmp_path / "lm")
+    save_model(rm, tok, tmp_path / "rm")
+    ids = tok("q1 : w3 w2", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        want_lm = lm(torch.tensor([ids])).logits[0, -1, :5].tolist()
+        want_rm = rm(torch.tensor([ids])).logits[0, 0].item()
+    # A fresh interpreter that never imports pmrlhf.
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+assert "pmrlhf" not in sys.modules
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "lm")!r})
+ids = torch.tensor([tok("q1 : w3 w2", add_special_tokens=False)["input_ids"]])
+lm = AutoModelForCausalLM.from_pretrained({str(tmp_path / "lm")!r})
+rm = AutoModelForSequenceClassification.from_pretrained({str(tmp_path / "rm")!r})
+print(lm(ids).logits[0, -1, :5].tolist(), rm(ids).logits[0, 0].item())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    got_lm, got_rm = out.rsplit("] ", 1)
+    torch.testing.assert_close(torch.tensor(eval(got_lm + "]")), torch.tensor(want_lm), atol=1e-5, rtol=0)
+    assert abs(float(got_rm) - want_rm) < 1e-5
+
+
+def test_lora_model_is_merged_before_saving(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    lm = load_causal_lm(ModelConfig(lora_r=4, lora_target_modules=["c_attn"]), tok)
+    assert sum(p.numel() for p in lm.parameters() if p.requires_grad) < sum(p.numel() for p in lm.parameters()) / 5
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.01)  # make the adapter matter
+        want = lm(torch.tensor([[5, 3, 10]])).logits
+    save_model(lm, tok, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(plain(torch.tensor([[5, 3, 10]])).logits, want, atol=1e-5, rtol=0)
+
+
+def test_critic_values_match_the_reward_score_at_the_last_token(tok):
+    torch.manual_seed(0)
+    rm = load_reward_model(ModelConfig(), tok)
+    critic = Critic(rm)
+    ids, attn, _ = join([[5, 3], [6, 3]], [[10, 11, 1], [12, 1]], tok.pad_token_id)  # right-padded
+    values = critic(ids, attn)
+    assert values.shape == ids.shape
+    last = attn.sum(-1) - 1
+    torch.testing.assert_close(values[torch.arange(2), last], rm(input_ids=ids, attention_mask=attn).logits[:, 0])
+
+
+def test_sequence_logprobs_equal_the_sum_of_token_logprobs_and_ignore_padding(tok):
+    torch.manual_seed(0)
+    lm = load_causal_lm(ModelConfig(), tok).eval()
+    prompts, responses = [[5, 3], [6, 3]], [[10, 11, 1], [12, 1]]
+    total, length = sequence_logprobs(lm, prompts, responses, tok.pad_token_id)
+    assert length.tolist() == [3, 2]
+    for i in range(2):
+        ids = torch.tensor([prompts[i] + responses[i]])
+        alone = token_logprobs(lm, ids, torch.ones_like(ids))[0, len(prompts[i]) :].sum()
+        torch.testing.assert_close(total[i], alone, atol=1e-5, rtol=0)
+    rm = load_reward_model(ModelConfig(), tok).eval()
+    batch = reward_scores(rm, prompts, responses, tok.pad_token_id)
+    single = reward_scores(rm, prompts[1:], responses[1:], tok.pad_token_id)
+    torch.testing.assert_close(batch[1:], single, atol=1e-5, rtol=0)
+
+
+def test_encoder_truncates_or_skips_long_prompts_and_counts(tok):
+    long_prompt = "w1 " * 10 + "q1 :"
+    enc = Encoder(tok, max_prompt_tokens=4, max_response_tokens=3)
+    ids = enc.prompt(long_prompt)
+    assert tok.convert_ids_to_tokens(ids) == ["w1", "w1", "q1", ":"]  # the end of the prompt is kept
+    assert enc.response("w1 w2 w3 w4") == tok.convert_tokens_to_ids(["w1", "w2"]) + [tok.eos_token_id]
+    assert enc.counts == {"prompts truncated from the left": 1, "responses cut": 1}
+    skip = Encoder(tok, max_prompt_tokens=4, overflow="skip")
+    assert skip.prompt(long_prompt) is None and skip.prompt("q1 :") is not None
+    assert skip.counts == {"prompts skipped (too long)": 1}

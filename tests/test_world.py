@@ -1,0 +1,92 @@
+import itertools
+import json
+import math
+
+import torch
+
+from pmrlhf.data.world import World, WorldConfig
+
+
+def small_world(**kw):
+    return World.generate(WorldConfig(**{"n_prompts": 12, **kw}))
+
+
+def test_profiles_lengths_and_truth():
+    w = small_world()
+    for p in w.prompts:
+        assert len(p.responses) == 4 and len(set(p.words)) == 4  # different token lengths
+        torch.testing.assert_close(torch.softmax(torch.tensor(p.reward), -1), torch.tensor(p.truth))
+        assert abs(sum(p.ref) - 1) < 1e-9
+    minority = [p for p in w.prompts if p.profile == "minority"]
+    assert minority and all(any(0.05 <= t <= 0.2 for t in p.truth) for p in minority)
+    assert all(max(p.truth) >= 0.75 for p in w.prompts if p.profile == "lopsided")
+    assert all(max(p.truth) < 0.5 for p in w.prompts if p.profile == "even")
+
+
+def test_reference_is_biased_towards_short_answers_and_near_0_or_1():
+    w = World.generate(WorldConfig())
+    p_ref, short_wins = [], []
+    for p in w.prompts:
+        for a, b in itertools.combinations(range(len(p.responses)), 2):
+            p_ref.append(p.ref[a] / (p.ref[a] + p.ref[b]))
+            short_wins.append((p.words[a] < p.words[b]) == (p.ref[a] > p.ref[b]))
+    p_ref = torch.tensor(p_ref)
+    assert ((p_ref <= 0.05) | (p_ref >= 0.95)).float().mean() > 0.3  # a good share near 0 or 1
+    assert sum(short_wins) / len(short_wins) > 0.7
+
+
+def test_labelers_follow_btl_with_the_true_reward():
+    w = small_world(n_prompts=3, uniform_share=1.0)
+    g = torch.Generator().manual_seed(0)
+    rows = w.comparisons(20000, g)
+    p = w.prompts[0]
+    a, b = p.responses[0], p.responses[1]
+    wins = sum(r["chosen"] == a for r in rows if r["prompt"] == p.prompt and {r["chosen"], r["rejected"]} == {a, b})
+    total = sum(1 for r in rows if r["prompt"] == p.prompt and {r["chosen"], r["rejected"]} == {a, b})
+    expected = 1 / (1 + math.exp(p.reward[1] - p.reward[0]))
+    assert total > 500 and abs(wins / total - expected) < 4 * math.sqrt(expected * (1 - expected) / total)
+
+
+def test_label_noise_flips_answers():
+    w = small_world(n_prompts=3, uniform_share=1.0, label_noise=0.4)
+    rows = w.comparisons(20000, torch.Generator().manual_seed(0))
+    p = w.prompts[0]
+    best = p.responses[max(range(4), key=lambda i: p.reward[i])]
+    involving = [r for r in rows if r["prompt"] == p.prompt and best in (r["chosen"], r["rejected"])]
+    win_rate = sum(r["chosen"] == best for r in involving) / len(involving)
+    assert win_rate < 0.65  # without noise the best answer wins far more often
+
+
+def test_rankings_are_plackett_luce():
+    w = small_world(n_prompts=1, ranking_k=4)
+    rows = w.rankings(20000, torch.Generator().manual_seed(0))
+    p = w.prompts[0]
+    top = [r["responses"][r["ranking"][0]] for r in rows]
+    for y, t in zip(p.responses, p.truth, strict=True):
+        share = top.count(y) / len(top)
+        assert abs(share - t) < 4 * math.sqrt(t * (1 - t) / len(top)) + 1e-3
+
+
+def test_write_load_and_tokenizer_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    w = small_world(n_demonstrations=50, n_comparisons=40, n_rankings=10)
+    w.write(tmp_path / "w")
+    assert World.load(tmp_path / "w").prompts == w.prompts
+    assert sum(1 for _ in open(tmp_path / "w" / "sft.jsonl")) == 50
+    first = json.loads(open(tmp_path / "w" / "comparisons.jsonl").readline())
+    assert first["chosen"] != first["rejected"]
+    tok = AutoTokenizer.from_pretrained(tmp_path / "w" / "tokenizer")  # plain transformers
+    p = w.prompts[0]
+    ids = tok(p.prompt + p.responses[0], add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids and len(ids) == 2 + p.words[0]
+    assert (
+        tok(p.prompt, add_special_tokens=False)["input_ids"]
+        + tok(p.responses[0], add_special_tokens=False)["input_ids"]
+        == ids
+    )
+
+
+def test_same_seed_same_world():
+    assert small_world(seed=5).prompts == small_world(seed=5).prompts
+    assert small_world(seed=5).prompts != small_world(seed=6).prompts
