@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from pmrlhf.cli import app
 from pmrlhf.data.world import World
 from pmrlhf.evaluation.exact import rewards_over_m, truth_over_m
+from pmrlhf.io import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_stages_write_models_metrics_and_resolved_configs(pipeline):
     for stage in ("sft", "reward"):
         resolved = yaml.safe_load((pipeline / stage / "config.yaml").read_text())
         assert resolved["run_dir"] == str(pipeline) and resolved["world"]["n_prompts"] == 6
-        rows = [json.loads(line) for line in open(pipeline / stage / "metrics.jsonl")]
+        rows = read_jsonl(pipeline / stage / "metrics.jsonl")
         assert rows and all("step" in r for r in rows)
         assert (pipeline / stage / "model" / "config.json").is_file()
     assert yaml.safe_load((pipeline / "sft" / "config.yaml").read_text())["optim"]["lr"] == 3e-3
@@ -113,6 +114,6 @@ def test_reward_model_is_deterministic_given_the_seed(pipeline, tmp_path):
     args = ["rm", "--run-dir", str(tmp_path), "--set", "optim.epochs=0.3", "--set", "world.n_prompts=6"]
     assert CliRunner().invoke(app, [*args, "--set", "name=r1"]).exit_code == 0
     assert CliRunner().invoke(app, [*args, "--set", "name=r2"]).exit_code == 0
-    rows1 = [json.loads(line) for line in open(tmp_path / "r1" / "metrics.jsonl")]
-    rows2 = [json.loads(line) for line in open(tmp_path / "r2" / "metrics.jsonl")]
+    rows1 = read_jsonl(tmp_path / "r1" / "metrics.jsonl")
+    rows2 = read_jsonl(tmp_path / "r2" / "metrics.jsonl")
     assert [r["train/loss"] for r in rows1] == [r["train/loss"] for r in rows2]

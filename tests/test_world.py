@@ -1,10 +1,10 @@
 import itertools
-import json
 import math
 
 import torch
 
 from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.io import read_jsonl
 
 
 def small_world(**kw):
@@ -73,8 +73,8 @@ def test_write_load_and_tokenizer_round_trip(tmp_path):
     w = small_world(n_demonstrations=50, n_comparisons=40, n_rankings=10)
     w.write(tmp_path / "w")
     assert World.load(tmp_path / "w").prompts == w.prompts
-    assert sum(1 for _ in open(tmp_path / "w" / "sft.jsonl")) == 50
-    first = json.loads(open(tmp_path / "w" / "comparisons.jsonl").readline())
+    assert len((tmp_path / "w" / "sft.jsonl").read_text().splitlines()) == 50
+    first = read_jsonl(tmp_path / "w" / "comparisons.jsonl")[0]
     assert first["chosen"] != first["rejected"]
     tok = AutoTokenizer.from_pretrained(tmp_path / "w" / "tokenizer")  # plain transformers
     p = w.prompts[0]
