@@ -94,3 +94,13 @@ def test_token_mean_losses_are_split_invariant():
         rl.ppo_policy_loss(logp[s], old[s], adv[s], mask[s])[0] * mask[s].sum() for s in (slice(0, 2), slice(2, 6))
     ]
     torch.testing.assert_close(sum(parts) / mask.sum(), full)
+
+
+def test_shape_rewards_puts_the_clipped_scaled_score_on_the_last_token():
+    penalty = torch.tensor([[0.0, 1.0, 2.0, 9.0], [0.0, 0.5, 0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
+    rewards = rl.shape_rewards(torch.tensor([3.0, -40.0]), penalty, mask, coef=0.1, beta=0.5, clip=5.0)
+    expected = torch.tensor([[0.0, -0.1, -0.2 + 5.0, 0.0], [0.0, -0.05 - 5.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+    # Summed over tokens: the score minus coef times the sequence penalty.
+    torch.testing.assert_close(rewards.sum(-1), torch.tensor([5.0 - 0.3, -5.0 - 0.05]))

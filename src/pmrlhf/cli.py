@@ -83,6 +83,21 @@ def rm(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: 
 
 
 @app.command()
+def ppo(
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    run_dir: Path | None = RunDirOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+) -> None:
+    """Stage 3: PPO with a penalty from the registry: kl (standard RLHF), pm, cpm_token, cpm_sequence, maxent."""
+    from pmrlhf.stages import ppo as stage
+
+    cfg = _config(stage.PPOConfig, config, overrides, run_dir)
+    cfg.resume = cfg.resume or resume
+    typer.echo(f"wrote {_run(stage.run, cfg)}")
+
+
+@app.command()
 def theory(
     out: Path = typer.Option(Path("runs/theory"), help="Folder for the figures and the table of checks."),
     seed: int = typer.Option(0, help="Seed of the random instances the closed forms are checked on."),

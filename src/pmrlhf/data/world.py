@@ -7,7 +7,8 @@ M(x) (eq. (3.2)). Prompts come in three profiles: near-even, lopsided, and with 
 The data a pipeline sees is generated the way real RLHF data is:
 
 * demonstrations (SFT) are drawn from a *different*, biased distribution q(y|x) that favours short answers
-  (log q = -length_bias * words + noise, Sec. 5.2 attributes collapse to length), so the SFT model's
+  (log q = -length_bias * words + noise, Sec. 5.2 attributes collapse to length; every answer keeps at
+  least ``ref_floor``), so the SFT model's
   pairwise preferences sit near 0 or 1 for many pairs, as in Figs. 3a / 4a;
 * labelers compare pairs drawn from q (mixed with a ``uniform_share`` of uniform draws over M(x), as real
   pipelines sample from several policies, so rare answers get labels) and answer under BTL with r*
@@ -44,12 +45,13 @@ class WorldConfig:
     min_words: int = 1  # shortest meaningful response
     max_words: int = 6  # longest meaningful response
     vocab_words: int = 40  # response words w0..w{n-1}
-    n_demonstrations: int = 3000  # SFT examples, drawn from the biased q
+    n_demonstrations: int = 6000  # SFT examples, drawn from the biased q
     n_comparisons: int = 3000  # labelled pairs for the reward model
     n_rankings: int = 600  # K-wise rankings for the reward model
     ranking_k: int = 4  # K of each ranking (<= responses_per_prompt)
     length_bias: float = 1.2  # how much q prefers short answers: log q drops this much per word
     ref_noise: float = 1.0  # std of the random part of log q
+    ref_floor: float = 0.02  # every answer keeps at least this share of q, so a reference model can learn it
     uniform_share: float = 0.3  # share of labelled pairs drawn uniformly over M(x) rather than from q
     label_noise: float = 0.0  # probability a labeler's answer is flipped
     seed: int = 0  # everything in the world follows from this
@@ -63,6 +65,8 @@ class WorldConfig:
             raise ValueError("need 2 <= ranking_k <= responses_per_prompt")
         if self.vocab_words**self.min_words < self.responses_per_prompt:
             raise ValueError("too few words to make distinct responses")
+        if not 0 <= self.ref_floor < 1 / self.responses_per_prompt:
+            raise ValueError("need 0 <= ref_floor < 1 / responses_per_prompt")
         if not 0 <= self.label_noise < 0.5 or not 0 <= self.uniform_share <= 1:
             raise ValueError("need 0 <= label_noise < 0.5 and 0 <= uniform_share <= 1")
 
@@ -102,7 +106,7 @@ class World:
             reward = torch.log(truth) - torch.log(truth).mean()
             log_q = -config.length_bias * torch.tensor(words, dtype=torch.float64)
             log_q = log_q + config.ref_noise * torch.randn(k, generator=g, dtype=torch.float64)
-            q = torch.softmax(log_q, -1)
+            q = (1 - k * config.ref_floor) * torch.softmax(log_q, -1) + config.ref_floor
             prompts.append(
                 PromptTruth(f"q{i} {SEP}", profile, responses, reward.tolist(), truth.tolist(), q.tolist(), words)
             )

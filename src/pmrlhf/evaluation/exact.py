@@ -100,3 +100,54 @@ def kl_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Total-variation distance per row over the masked entries, ``[P]``."""
     return 0.5 * torch.where(mask, (p - q).abs(), 0).sum(-1)
+
+
+def pairwise_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact PM divergence over M(x): the mean, over every pair of meaningful responses of every prompt, of
+    ``KL(p_llm(.|y1,y2,x) || p_reward(.|y1,y2,x))`` (Sec. 6.1 without sampling). ``reward`` already / beta."""
+    from pmrlhf.objectives.preference import instance_pm_divergence
+
+    k = logp.shape[-1]
+    i, j = torch.triu_indices(k, k, offset=1)
+    d = instance_pm_divergence(logp[:, i], logp[:, j], reward[:, i], reward[:, j])
+    valid = mask[:, i] & mask[:, j]
+    return d[valid].mean()
+
+
+@torch.no_grad()
+def compare_with_closed_forms(
+    policy, reference, reward_model, tokenizer, world_path, beta: float, coef: float, alpha: float
+) -> dict[str, float]:
+    """Where a trained policy sits among the closed forms of ``objectives.optimal``, exactly, over M(x).
+
+    With ``r = r_theta / beta`` from the reward model and the reference's sequence probabilities, the optima
+    of the penalised objectives restricted to M(x) are: KL RLHF ``ref * e^{r / coef}`` (eq. (5.1)), PM
+    ``e^{r / coef}`` (eq. (3.2) when coef = 1) and conditional PM ``e^{r / coef}`` on {ref >= alpha},
+    ``ref * e^{r / coef}`` off it (Thm. 4). Distances are total variation between the policy's conditional
+    distribution over M(x) and each target, averaged over prompts.
+    """
+    from pmrlhf.objectives import optimal
+
+    world = World.load(world_path)
+    pol, ref = policy_over_m(policy, tokenizer, world), policy_over_m(reference, tokenizer, world)
+    scores, mask = rewards_over_m(reward_model, tokenizer, world)
+    truth = truth_over_m(world)
+    r = (scores / beta).masked_fill(~mask, float("-inf"))
+    ref_seq = torch.where(mask, ref.logp.exp(), 0)
+    targets = {
+        "kl_target": optimal.kl_rlhf(r, ref_seq, coef),
+        "pm_target": optimal.max_entropy(r, coef),
+        "cpm_target": optimal.conditional_pm(r / coef, ref_seq, alpha),
+        "reward_model": optimal.preference_matching(r),
+        "truth": truth["truth"],
+    }
+    out: dict[str, float] = {}
+    for model_name, dist in (("", pol), ("reference_", ref)):
+        for target_name, target in targets.items():
+            out[f"{model_name}tv_to_{target_name}"] = tv_rows(dist.conditional, target, mask).mean().item()
+        out[f"{model_name}mass_outside_m"] = (1 - dist.mass).mean().item()
+        out[f"{model_name}pm_divergence_over_m"] = pairwise_pm_divergence(
+            dist.logp, torch.where(mask, scores / beta, 0.0), mask
+        ).item()
+    out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
+    return out

@@ -153,3 +153,28 @@ def ppo_value_loss(
             )
         }
     return loss, stats
+
+
+def shape_rewards(
+    scores: torch.Tensor, penalty: torch.Tensor, mask: torch.Tensor, coef: float, beta: float = 1.0, clip: float = 5.0
+) -> torch.Tensor:
+    """Per-token RL rewards: ``-coef * penalty_t`` on every response token, plus the reward-model score
+    ``clip(r_theta / beta, -clip, clip)`` on the last one (Sec. 6: the paper uses ``r = r_theta / beta``;
+    DeepSpeed-Chat clips the score to +-5).
+
+    ``scores``: ``[B]``; ``penalty``, ``mask``: ``[B, T]`` (response tokens contiguous). Returns ``[B, T]``.
+    Naive equivalent::
+
+        for b in range(B):
+            for t in response_positions(b):
+                rewards[b, t] = -coef * penalty[b, t]
+            rewards[b, last(b)] += clamp(scores[b] / beta, -clip, clip)
+    """
+    m = mask.to(penalty.dtype)
+    rewards = -coef * penalty * m
+    T = mask.shape[1]
+    last = (torch.arange(T, device=mask.device)[None] * mask.long()).argmax(-1)  # [B]
+    score = torch.clamp(scores / beta, -clip, clip).to(rewards.dtype)
+    has_tokens = mask.sum(-1) > 0
+    bonus = torch.zeros_like(rewards).scatter(1, last[:, None], torch.where(has_tokens, score, 0)[:, None])
+    return rewards + bonus

@@ -25,7 +25,7 @@ class SFTConfig:
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=4, batch_size=32))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=8, batch_size=32))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 

@@ -1,0 +1,3 @@
+from pmrlhf.cli import app
+
+app()

@@ -1,0 +1,544 @@
+"""Stage 3: PPO with pluggable penalties — standard KL RLHF, PM RLHF and conditional PM RLHF.
+
+Roles: the actor and the frozen reference start from the SFT model, the frozen reward model from stage 2,
+the critic from the reward model (InstructGPT, DeepSpeed-Chat). Built on ``accelerate``: one CPU, several
+processes (DDP), FSDP or DeepSpeed all run this same loop.
+
+One iteration, in the order of the algorithm:
+
+1. take the next prompts (each process its share);
+2. generate one or more responses per prompt (top-p, temperature);
+3. score: actor and reference log-probabilities, critic values, reward-model scores;
+4. shape per-token rewards: ``-coef * penalty_t`` plus ``clip(r_theta / beta)`` on the last token;
+5. advantages: GAE with the critic, or RLOO / group-mean baselines without one;
+6. PPO epochs over minibatches: clipped policy loss (+ PPO-ptx), clipped value loss;
+7. EMA, adaptive KL coefficient, log, checkpoint.
+
+The paper's flags map one to one: ``penalty`` (``kl``, or ``entropy`` for (conditional) PM as its code
+names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``clip_reward_value``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig
+from pmrlhf.data.tokenize import Encoder
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.io import MetricsLog, atomic_dir, atomic_write_json, read_jsonl
+from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from pmrlhf.models.scoring import join, token_logprobs
+from pmrlhf.objectives import rl
+from pmrlhf.objectives.penalties import get_penalty
+from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, world_dir
+from pmrlhf.stages.rollout import Trajectory, critic_values, generate, score
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3 (``pmrlhf ppo``). Defaults: the paper's PPO settings (Sec. 6, its reference code)."""
+
+    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
+    name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
+    seed: int = 0  # seed of sampling, shuffling and initialisation
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))
+    policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
+    reward: ModelConfig = field(default_factory=ModelConfig)  # reward model and critic; "" = <run_dir>/reward/model
+    # --- the objective ---
+    penalty: str = "kl"  # kl | pm | cpm_token | cpm_sequence | maxent | entropy (the paper's name for (C)PM)
+    kl_ctl: float = 0.1  # coefficient of the penalty when penalty is kl
+    ent_ctl: float = 1.0  # coefficient of the penalty for pm / cpm / maxent / entropy
+    alpha_ctl: float = 0.3  # alpha of conditional PM; with penalty "entropy", 0 means unconditional PM
+    kl_estimator: str = "k1"  # k1 | k2 | k3, for penalty kl
+    maxent_tau: float = 1.0  # tau of the maxent penalty
+    beta: float = 1.0  # the reward is r_theta / beta (Sec. 6)
+    clip_reward_value: float = 5.0  # the scaled score is clipped to +-this
+    normalize_reward: bool = False  # standardise scores with running mean and std before scaling
+    target_kl: float = 0.0  # adaptive KL coefficient (Ziegler et al.) towards this sequence KL; 0 keeps it fixed
+    # --- advantages ---
+    advantage: str = "gae"  # gae (critic) | rloo | group_mean (critic-free)
+    samples_per_prompt: int = 1  # responses per prompt (>= 2 for rloo / group_mean)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch
+    # --- optimisation ---
+    iterations: int = 100  # PPO iterations (generate + train)
+    prompts_per_iteration: int = 16  # prompts per iteration, over all processes
+    ppo_epochs: int = 1  # passes over each batch of trajectories
+    minibatch_size: int = 16  # sequences per gradient step on each process
+    actor_lr: float = 1e-4  # actor learning rate
+    critic_lr: float = 5e-4  # critic learning rate
+    warmup_iterations: int = 0  # linear warm-up of both learning rates
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables
+    clip: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # value clip
+    vf_coef: float = 1.0  # weight of the value loss
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT log-likelihood term; 0 disables
+    ema_decay: float = 0.0  # EMA of the actor's weights (saved as model-ema); 0 disables
+    # --- generation ---
+    max_new_tokens: int = 16  # generation limit
+    top_p: float = 0.9  # nucleus sampling
+    temperature: float = 1.0  # sampling temperature
+    # --- running ---
+    checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: bool = False  # continue from the last checkpoint in <run_dir>/<name>/checkpoints
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))
+
+    def resolved_penalty(self) -> tuple[str, float, dict]:
+        """(registry name, coefficient, keyword arguments) of the penalty this config asks for."""
+        if self.penalty == "kl":
+            return "kl", self.kl_ctl, {"estimator": self.kl_estimator}
+        if self.penalty == "entropy":  # the reference code's switch: PM, conditional on alpha_ctl > 0
+            return (
+                ("cpm_token", self.ent_ctl, {"alpha": self.alpha_ctl})
+                if self.alpha_ctl > 0
+                else ("pm", self.ent_ctl, {})
+            )
+        if self.penalty in ("cpm_token", "cpm_sequence", "cpm"):
+            return self.penalty, self.ent_ctl, {"alpha": self.alpha_ctl}
+        if self.penalty == "maxent":
+            return "maxent", self.ent_ctl, {"tau": self.maxent_tau}
+        return self.penalty, self.ent_ctl, {}
+
+    def validate(self) -> None:
+        get_penalty(self.resolved_penalty()[0])
+        if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
+            raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage={self.advantage} needs samples_per_prompt >= 2")
+        if self.beta <= 0 or self.max_new_tokens < 1 or self.iterations < 1:
+            raise ValueError("need beta > 0, max_new_tokens >= 1 and iterations >= 1")
+
+
+class RunningMoments:
+    """Running mean and variance of reward-model scores (Chan et al.'s parallel update)."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-4
+
+    def update(self, x: torch.Tensor) -> None:
+        n, m, v = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
+        delta, total = m - self.mean, self.count + n
+        self.var = (self.var * self.count + v * n + delta**2 * self.count * n / total) / total
+        self.mean += delta * n / total
+        self.count = total
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / math.sqrt(self.var + 1e-8)
+
+
+class PromptStream:
+    """Prompts in a seeded order that is reshuffled every pass; its state is one integer (the position)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.position = n, seed, 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            epoch, i = divmod(self.position, self.n)
+            order = list(range(self.n))
+            random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            out.append(order[i])
+            self.position += 1
+        return out
+
+
+def run(config: PPOConfig) -> Path:
+    """Train and save ``<run_dir>/<name>/model`` (the final actor, HF format); return that path."""
+    config.validate()
+    trainer = PPOTrainer(config)
+    return trainer.train()
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig):
+        from accelerate import Accelerator
+
+        self.config = c = config
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.out = stage_dir(c.run_dir, c.name, c) if self.accelerator.is_main_process else Path(c.run_dir) / c.name
+        seed_everything(c.seed + self.accelerator.process_index)
+        run = Path(c.run_dir)
+        policy_path = c.policy.name_or_path or str(run / "sft" / "model")
+        reward_path = c.reward.name_or_path or str(run / "reward" / "model")
+        for role, path in (("policy", policy_path), ("reward", reward_path)):
+            if not Path(path).exists() and not c.__dict__[role].name_or_path:
+                raise ValueError(f"no {role} model at {path}: run the earlier stage or set {role}.name_or_path")
+        self.tokenizer = load_tokenizer(policy_path)
+        self.encoder = Encoder(
+            self.tokenizer, c.data.max_prompt_tokens, c.data.max_response_tokens, c.data.prompt_overflow
+        )
+        records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
+        self.prompts = [p for p in (self.encoder.prompt(r.prompt) for r in records) if p is not None]
+        self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
+        self.penalty = get_penalty(self.penalty_name)
+
+        actor = load_causal_lm(c.policy, self.tokenizer, path=policy_path)
+        self.reference = load_causal_lm(c.policy, self.tokenizer, path=policy_path, trainable=False)
+        self.reward_model = load_reward_model(c.reward, self.tokenizer, path=reward_path, trainable=False)
+        critic = Critic(load_reward_model(c.reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
+        actor_opt = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=c.actor_lr)
+        warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
+        actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
+        acc = self.accelerator
+        self.actor, self.actor_opt = acc.prepare(actor, actor_opt)
+        self.actor_sched = actor_sched
+        self.critic = self.critic_opt = self.critic_sched = None
+        if critic is not None:
+            critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=c.critic_lr)
+            self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup)
+            self.critic, self.critic_opt = acc.prepare(critic, critic_opt)
+        self.reference.to(acc.device)
+        self.reward_model.to(acc.device)
+        self.ptx = self._ptx_data() if c.ptx_coef > 0 else None
+        self.ema = (
+            {k: v.detach().clone() for k, v in acc.unwrap_model(self.actor).state_dict().items()}
+            if c.ema_decay
+            else None
+        )
+        self.stream = PromptStream(len(self.prompts), c.seed)
+        self.moments = RunningMoments()
+        self.iteration = 0
+
+    # --- the loop --------------------------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        c, acc = self.config, self.accelerator
+        if c.resume:
+            self._load_checkpoint()
+        log = None
+        if acc.is_main_process:
+            self._truncate_metrics()
+            log = MetricsLog(
+                self.out / "metrics.jsonl",
+                c.logging.tensorboard,
+                c.logging.wandb,
+                c.logging.wandb_project,
+                run_name=f"{Path(c.run_dir).name}-{c.name}",
+                resume=True,
+            )
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+        ]
+        with Progress(*columns, console=console, disable=not acc.is_main_process) as progress:
+            task = progress.add_task(c.name, total=c.iterations, completed=self.iteration)
+            while self.iteration < c.iterations:
+                row = self.step()
+                self.iteration += 1
+                if log is not None and (self.iteration % c.logging.log_every == 0 or self.iteration == c.iterations):
+                    log.log(self.iteration, row)
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"{c.name}  reward {row['env/reward']:+.3f}  "
+                    f"kl {row['objective/kl']:.3f}  len {row['env/response_length']:.1f}",
+                )
+                if c.checkpoint_every and self.iteration % c.checkpoint_every == 0 and self.iteration < c.iterations:
+                    self._save_checkpoint()
+        if log is not None:
+            log.close()
+        return self._finish()
+
+    def step(self) -> dict[str, float]:
+        c, acc = self.config, self.accelerator
+        t0 = time.perf_counter()
+        # 1. prompts: the same global order on every process, each taking its share
+        chosen = self.stream.take(c.prompts_per_iteration)[acc.process_index :: acc.num_processes]
+        prompts = [self.prompts[i] for i in chosen for _ in range(c.samples_per_prompt)]
+        group = torch.arange(len(chosen)).repeat_interleave(c.samples_per_prompt)
+        # 2. generate
+        responses = generate(
+            acc.unwrap_model(self.actor), prompts, self.tokenizer, c.max_new_tokens, c.top_p, c.temperature
+        )
+        t1 = time.perf_counter()
+        # 3. score
+        traj = score(
+            self.actor,
+            self.reference,
+            self.reward_model,
+            self.critic,
+            prompts,
+            responses,
+            group,
+            self.tokenizer.pad_token_id,
+        )
+        t2 = time.perf_counter()
+        # 4. shape rewards
+        scores = self._normalized(traj.scores)
+        penalty = self.penalty(traj.logp, traj.ref_logp, traj.response_mask, **self.penalty_kwargs)
+        rewards = rl.shape_rewards(scores, penalty, traj.response_mask, self.coef, c.beta, c.clip_reward_value)
+        # 5. advantages
+        advantages, returns = self._advantages(traj, rewards)
+        # 6. PPO epochs over minibatches
+        stats = self._optimize(traj, advantages, returns)
+        t3 = time.perf_counter()
+        # 7. EMA, adaptive coefficient, metrics
+        self._update_ema()
+        m = traj.response_mask
+        seq_kl = ((traj.logp - traj.ref_logp) * m).sum(-1)
+        metrics = {
+            "env/reward": traj.scores.mean(),
+            "env/reward_shaped": rewards.sum(-1).mean(),
+            "env/response_length": m.sum(-1).float().mean(),
+            "env/empty_responses": (m.sum(-1) <= 1).float().mean(),
+            "objective/penalty": (penalty * m).sum(-1).mean(),
+            "objective/kl": seq_kl.mean(),
+            "objective/entropy": -(traj.logp * m).sum(-1).mean(),
+            "objective/coef": torch.tensor(self.coef),
+        }
+        metrics = {k: self._mean_over_processes(v) for k, v in metrics.items()} | stats
+        self._adapt_coef(metrics["objective/kl"])
+        tokens = self._mean_over_processes(m.sum().float()) * acc.num_processes
+        return metrics | {
+            "time/generate": t1 - t0,
+            "time/score": t2 - t1,
+            "time/train": t3 - t2,
+            "time/tokens_per_second": tokens / (t3 - t0),
+        }
+
+    # --- pieces of the step ----------------------------------------------------------------------------------
+
+    def _normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        if not self.config.normalize_reward:
+            return scores
+        self.moments.update(self.accelerator.gather(scores))
+        return self.moments.normalize(scores)
+
+    def _advantages(self, traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, m = self.config, traj.response_mask
+        if c.advantage == "gae":
+            advantages, returns = rl.gae(rewards, traj.values, m, c.gamma, c.lam)
+        else:
+            per_sequence = rl.SEQUENCE_ADVANTAGES[c.advantage](rewards.sum(-1), c.samples_per_prompt)
+            advantages, returns = rl.sequence_advantages_to_tokens(per_sequence, m), torch.zeros_like(rewards)
+        if c.whiten_advantages:
+            advantages = self._whiten_global(advantages, m)
+        return advantages, returns
+
+    def _whiten_global(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Whiten with the mean and variance of every process's tokens, so the split does not change the result."""
+        acc = self.accelerator
+        m = mask.to(x.dtype)
+        n = acc.reduce(m.sum(), "sum")
+        mean = acc.reduce((x * m).sum(), "sum") / n
+        var = acc.reduce((((x - mean) * m) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
+        return (x - mean) * torch.rsqrt(var + 1e-8) * m
+
+    def _optimize(self, traj: Trajectory, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+        c, acc = self.config, self.accelerator
+        B = traj.ids.shape[0]
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(c.ppo_epochs):
+            order = torch.randperm(B)
+            for s in range(0, B, c.minibatch_size):
+                idx = order[s : s + c.minibatch_size].to(traj.ids.device)
+                ids, attn, mask = traj.ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
+                scale = self._split_scale(mask)
+                logp = token_logprobs(self.actor, ids, attn)
+                pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages[idx], mask, c.clip)
+                actor_loss = pg_loss * scale
+                if self.ptx is not None:
+                    ptx_loss = self._ptx_loss()
+                    actor_loss = actor_loss + c.ptx_coef * ptx_loss
+                    sums["losses/ptx"] = sums.get("losses/ptx", 0.0) + ptx_loss.item()
+                acc.backward(actor_loss)
+                if c.max_grad_norm:
+                    acc.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
+                self.actor_opt.step()
+                self.actor_opt.zero_grad()
+                batch_stats = {
+                    "losses/policy": pg_loss.item(),
+                    "policy/clipfrac": pg_stats["clipfrac"].item(),
+                    "policy/approx_kl": pg_stats["approx_kl"].item(),
+                }
+                if self.critic is not None:
+                    values = critic_values(self.critic, ids, attn)
+                    vf_loss, vf_stats = rl.ppo_value_loss(values, traj.values[idx], returns[idx], mask, c.value_clip)
+                    acc.backward(c.vf_coef * vf_loss * scale)
+                    if c.max_grad_norm:
+                        acc.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
+                    self.critic_opt.step()
+                    self.critic_opt.zero_grad()
+                    batch_stats |= {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
+                for k, v in batch_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                steps += 1
+        self.actor_sched.step()
+        if self.critic_sched is not None:
+            self.critic_sched.step()
+        return {k: self._mean_over_processes(torch.tensor(v / max(steps, 1))) for k, v in sums.items()}
+
+    def _split_scale(self, mask: torch.Tensor) -> torch.Tensor:
+        """Rescale a per-process token mean so that DDP's gradient averaging gives the global token mean."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return torch.tensor(1.0, device=mask.device)
+        local = mask.sum().float()
+        return local * acc.num_processes / acc.reduce(local.clone(), "sum").clamp(min=1)
+
+    def _ptx_data(self) -> list[tuple[list[int], list[int]]]:
+        c = self.config
+        records, _ = load_stage_records(
+            DataConfig(**{**c.data.__dict__, "portion": "sft"}), "demonstration", c.run_dir, c.world
+        )
+        pairs = [(self.encoder.prompt(r.prompt), self.encoder.response(r.response)) for r in records]
+        return [(p, r) for p, r in pairs if p is not None]
+
+    def _ptx_loss(self) -> torch.Tensor:
+        """PPO-ptx (the textbook chapter): minus the mean log-likelihood of SFT demonstration tokens."""
+        batch = random.sample(self.ptx, min(len(self.ptx), self.config.minibatch_size))
+        ids, attn, resp = (
+            t.to(self.accelerator.device)
+            for t in join([p for p, _ in batch], [r for _, r in batch], self.tokenizer.pad_token_id)
+        )
+        return -rl.masked_mean(token_logprobs(self.actor, ids, attn), resp)
+
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        d = self.config.ema_decay
+        with torch.no_grad():
+            for k, v in self.accelerator.unwrap_model(self.actor).state_dict().items():
+                if v.dtype.is_floating_point:
+                    self.ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+
+    def _adapt_coef(self, kl: float) -> None:
+        """Ziegler et al.'s proportional controller: move coef so the sequence KL approaches target_kl."""
+        c = self.config
+        if c.target_kl > 0:
+            error = max(-0.2, min(0.2, kl / c.target_kl - 1))
+            self.coef *= 1 + error * c.prompts_per_iteration * c.samples_per_prompt / 10_000
+
+    def _mean_over_processes(self, x) -> float:
+        x = torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device)
+        return self.accelerator.reduce(x.clone(), "mean").item()
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+
+    def _checkpoint_state(self) -> dict:
+        acc = self.accelerator
+        state = {
+            "iteration": self.iteration,
+            "position": self.stream.position,
+            "coef": self.coef,
+            "moments": self.moments.__dict__.copy(),
+            "actor": acc.unwrap_model(self.actor).state_dict(),
+            "actor_opt": self.actor_opt.state_dict(),
+            "actor_sched": self.actor_sched.state_dict(),
+            "ema": self.ema,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        if self.critic is not None:
+            state |= {
+                "critic": acc.unwrap_model(self.critic).state_dict(),
+                "critic_opt": self.critic_opt.state_dict(),
+                "critic_sched": self.critic_sched.state_dict(),
+            }
+        return state
+
+    def _save_checkpoint(self) -> None:
+        acc = self.accelerator
+        state = self._checkpoint_state()
+        rng = acc.gather_for_metrics([state.pop("rng")], use_gather_object=True)  # every process's RNG
+        if acc.is_main_process:
+            state["rng"] = rng
+            root = self.out / "checkpoints"
+            atomic_dir(root / f"iter-{self.iteration:06d}", lambda tmp: torch.save(state, tmp / "state.pt"))
+            for old in sorted(root.glob("iter-*"))[: -self.config.keep_checkpoints]:
+                import shutil
+
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def _load_checkpoint(self) -> None:
+        found = sorted((self.out / "checkpoints").glob("iter-*"))
+        if not found:
+            console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
+            return
+        state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
+        acc = self.accelerator
+        acc.unwrap_model(self.actor).load_state_dict(state["actor"])
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.actor_sched.load_state_dict(state["actor_sched"])
+        if self.critic is not None:
+            acc.unwrap_model(self.critic).load_state_dict(state["critic"])
+            self.critic_opt.load_state_dict(state["critic_opt"])
+            self.critic_sched.load_state_dict(state["critic_sched"])
+        self.iteration, self.stream.position, self.coef = state["iteration"], state["position"], state["coef"]
+        self.moments.__dict__.update(state["moments"])
+        self.ema = state["ema"]
+        rng = state["rng"][acc.process_index]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        console.print(f"resumed {self.config.name} at iteration {self.iteration} from {found[-1]}")
+
+    def _truncate_metrics(self) -> None:
+        """Keep only the metrics logged up to the iteration the run (re)starts from."""
+        path = self.out / "metrics.jsonl"
+        rows = [r for r in read_jsonl(path) if r["step"] <= self.iteration] if path.exists() and self.iteration else []
+        from pmrlhf.io import atomic_write_text
+
+        atomic_write_text(path, "".join(__import__("json").dumps(r) + "\n" for r in rows))
+
+    # --- the end ---------------------------------------------------------------------------------------------
+
+    def _finish(self) -> Path:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = self.out / "model"
+        if acc.is_main_process:
+            actor = acc.unwrap_model(self.actor)
+            save_model(actor, self.tokenizer, path)
+            if self.critic is not None:
+                save_model(acc.unwrap_model(self.critic), self.tokenizer, self.out / "critic")
+            if self.ema is not None:
+                ema_model = copy.deepcopy(actor)
+                ema_model.load_state_dict(self.ema)
+                save_model(ema_model, self.tokenizer, self.out / "model-ema")
+            summary = {
+                "iterations": self.iteration,
+                "penalty": self.penalty_name,
+                "coef": self.coef,
+                "penalty_kwargs": self.penalty_kwargs,
+                "beta": self.config.beta,
+            }
+            if self.config.data.source == "world":
+                from pmrlhf.evaluation.exact import compare_with_closed_forms
+
+                summary["world"] = compare_with_closed_forms(
+                    actor,
+                    self.reference,
+                    self.reward_model,
+                    self.tokenizer,
+                    world_dir(self.config.run_dir),
+                    beta=self.config.beta,
+                    coef=self.coef,
+                    alpha=self.config.alpha_ctl,
+                )
+                console.print(_world_line(self.config.name, summary["world"]))
+            atomic_write_json(self.out / "summary.json", summary)
+        acc.wait_for_everyone()
+        return path
+
+
+def _world_line(name: str, w: dict) -> str:
+    return (
+        f"[green]{name}[/green]: TV to the KL closed form {w['tv_to_kl_target']:.3f}, to the PM closed form "
+        f"{w['tv_to_pm_target']:.3f}, to the truth {w['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f}"
+    )

@@ -1,0 +1,206 @@
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmrlhf.config import DataConfig
+from pmrlhf.io import read_jsonl
+from pmrlhf.stages import ppo, reward, sft
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_world_config):
+    """SFT and reward models on the tiny world, shared by every test here (each copies the run folder)."""
+    run = tmp_path_factory.mktemp("ppo-base")
+    sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
+    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    for part in ("world", "sft", "reward"):
+        shutil.copytree(src / part, dst / part)
+    return dst
+
+
+def ppo_config(run_dir, world, **kw) -> ppo.PPOConfig:
+    base = dict(
+        run_dir=str(run_dir),
+        world=world,
+        iterations=8,
+        prompts_per_iteration=6,
+        minibatch_size=6,
+        max_new_tokens=8,
+        checkpoint_every=0,
+        data=DataConfig(portion="rl", max_response_tokens=8),
+    )
+    return ppo.PPOConfig(**{**base, **kw})
+
+
+def test_paper_flags_map_one_to_one():
+    c = ppo.PPOConfig(penalty="kl", kl_ctl=0.1)
+    assert c.resolved_penalty() == ("kl", 0.1, {"estimator": "k1"})
+    c = ppo.PPOConfig(penalty="entropy", ent_ctl=0.5, alpha_ctl=0.3)
+    assert c.resolved_penalty() == ("cpm_token", 0.5, {"alpha": 0.3})
+    c = ppo.PPOConfig(penalty="entropy", ent_ctl=1.0, alpha_ctl=0.0)
+    assert c.resolved_penalty() == ("pm", 1.0, {})
+    with pytest.raises(ValueError, match="unknown penalty"):
+        ppo.PPOConfig(penalty="nope").validate()
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        ppo.PPOConfig(advantage="rloo").validate()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"penalty": "kl", "kl_estimator": "k3", "target_kl": 0.5, "normalize_reward": True},
+        {"penalty": "pm", "ppo_epochs": 2, "minibatch_size": 3},
+        {"penalty": "cpm_token", "alpha_ctl": 0.3, "ptx_coef": 0.5, "ema_decay": 0.9},
+        {"penalty": "cpm_sequence", "alpha_ctl": 0.01, "advantage": "rloo", "samples_per_prompt": 2},
+        {"penalty": "maxent", "maxent_tau": 0.5, "advantage": "group_mean", "samples_per_prompt": 3},
+    ],
+)
+def test_every_penalty_and_option_trains(trained, tmp_path, tiny_world_config, kw):
+    run = copy_run(trained, tmp_path)
+    cfg = ppo_config(run, tiny_world_config, iterations=3, **kw)
+    path = ppo.run(cfg)
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["losses/policy"]) for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    new = AutoModelForCausalLM.from_pretrained(path)
+    old = AutoModelForCausalLM.from_pretrained(run / "sft" / "model")
+    changed = any(not torch.equal(a, b) for a, b in zip(new.parameters(), old.parameters(), strict=True))
+    assert changed
+    if kw.get("ema_decay"):
+        assert (run / "ppo" / "model-ema" / "config.json").is_file()
+    summary = json.loads((run / "ppo" / "summary.json").read_text())
+    assert 0 <= summary["world"]["mass_outside_m"] <= 1
+
+
+def test_empty_responses_are_scored_not_fatal(trained, tmp_path, tiny_world_config, monkeypatch):
+    run = copy_run(trained, tmp_path)
+    trainer = ppo.PPOTrainer(ppo_config(run, tiny_world_config))
+    eos = trainer.tokenizer.eos_token_id
+    monkeypatch.setattr(ppo, "generate", lambda model, prompts, *a, **k: [[eos] for _ in prompts])
+    row = trainer.step()
+    assert row["env/empty_responses"] == 1.0 and row["env/response_length"] == 1.0
+    assert all(math.isfinite(v) for v in row.values())
+
+
+def test_kl_and_conditional_pm_end_at_their_closed_forms(trained, tmp_path, tiny_world_config):
+    """Same budget, same world: KL RLHF (coef 1) ends near ref * e^r; conditional PM with alpha below every
+    meaningful answer's reference probability ends near e^r over M(x), far closer than KL RLHF.
+
+    top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority."""
+    budget = dict(iterations=300, actor_lr=3e-4, top_p=1.0)
+    run = copy_run(trained, tmp_path)
+    ppo.run(ppo_config(run, tiny_world_config, name="kl", penalty="kl", kl_ctl=1.0, **budget))
+    ppo.run(ppo_config(run, tiny_world_config, name="cpm", penalty="cpm_sequence", alpha_ctl=1e-3, **budget))
+    kl = json.loads((run / "kl" / "summary.json").read_text())["world"]
+    cpm = json.loads((run / "cpm" / "summary.json").read_text())["world"]
+    # KL RLHF: near its own (biased) optimum, far from the reward model's preferences.
+    assert kl["tv_to_kl_target"] < 0.04 < kl["reference_tv_to_kl_target"]
+    assert kl["tv_to_reward_model"] > 0.2
+    # Conditional PM: much closer to the reward model's Plackett-Luce distribution over M(x).
+    assert cpm["tv_to_reward_model"] < kl["tv_to_reward_model"] - 0.1
+    assert cpm["pm_divergence_over_m"] < kl["pm_divergence_over_m"]
+
+
+def _launch(args, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pmrlhf", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model" / "model.safetensors")
+
+
+def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path, tiny_world_config):
+    args = [
+        "ppo",
+        "--set",
+        "iterations=12",
+        "--set",
+        "checkpoint_every=3",
+        "--set",
+        "prompts_per_iteration=6",
+        "--set",
+        "minibatch_size=3",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "world.n_prompts=6",
+    ]
+    env = {"OMP_NUM_THREADS": "1"}  # thread count fixes the order of float reductions
+    straight = copy_run(trained, tmp_path / "straight")
+    assert _launch([*args, "--run-dir", str(straight)], env).wait() == 0
+    killed = copy_run(trained, tmp_path / "killed")
+    proc = _launch([*args, "--run-dir", str(killed), "--set", "logging.log_every=1"], env)
+    ckpt = killed / "ppo" / "checkpoints"
+    deadline = time.time() + 120
+    while not (ckpt.exists() and any(ckpt.glob("iter-000006"))):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "ppo" / "model").exists()
+    assert _launch([*args, "--run-dir", str(killed), "--resume"], env).wait() == 0
+    a, b = _weights(straight / "ppo"), _weights(killed / "ppo")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
+    assert strip(read_jsonl(straight / "ppo" / "metrics.jsonl")) == strip(read_jsonl(killed / "ppo" / "metrics.jsonl"))
+
+
+def test_two_processes_train_with_torchrun(trained, tmp_path):
+    run = copy_run(trained, tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "pmrlhf",
+        "ppo",
+        "--run-dir",
+        str(run),
+        "--set",
+        "iterations=4",
+        "--set",
+        "prompts_per_iteration=6",
+        "--set",
+        "minibatch_size=3",
+        "--set",
+        "max_new_tokens=8",
+        "--set",
+        "world.n_prompts=6",
+        "--set",
+        "checkpoint_every=2",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert (run / "ppo" / "model" / "model.safetensors").is_file()
+    state = torch.load(next((run / "ppo" / "checkpoints").glob("iter-*")) / "state.pt", weights_only=False)
+    assert len(state["rng"]) == 2  # both processes' RNG states are kept for an exact resume
