@@ -91,7 +91,9 @@ def test_empty_responses_are_scored_not_fatal(trained, tmp_path, tiny_world_conf
     run = copy_run(trained, tmp_path)
     trainer = ppo.PPOTrainer(ppo_config(run, tiny_world_config))
     eos = trainer.tokenizer.eos_token_id
-    monkeypatch.setattr(ppo, "generate", lambda model, prompts, *a, **k: [[eos] for _ in prompts])
+    monkeypatch.setattr(
+        ppo, "generate", lambda model, prompts, *a, **k: ([[eos] for _ in prompts], [[-0.7] for _ in prompts])
+    )
     row = trainer.step()
     assert row["env/empty_responses"] == 1.0 and row["env/response_length"] == 1.0
     assert all(math.isfinite(v) for v in row.values())
@@ -114,6 +116,28 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(trained, tmp_path, tiny
     # Conditional PM: much closer to the reward model's Plackett-Luce distribution over M(x).
     assert cpm["tv_to_reward_model"] < kl["tv_to_reward_model"] - 0.1
     assert cpm["pm_divergence_over_m"] < kl["pm_divergence_over_m"]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
+    """The KV-cached sampler over left-padded prompts against a plain forward pass over right-padded text."""
+    from pmrlhf.config import ModelConfig
+    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.models import load_causal_lm
+    from pmrlhf.models.scoring import join, token_logprobs
+    from pmrlhf.stages.rollout import generate
+
+    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(tiny_arch=arch), tok).eval()
+    prompts = [[5, 3], [7, 9, 10, 3], [6, 3]]  # different lengths: left padding matters
+    responses, logps = generate(model, prompts, tok, max_new_tokens=6, top_p=1.0, temperature=1.0)
+    ids, attn, resp = join(prompts, responses, tok.pad_token_id)
+    with torch.no_grad():
+        forced = token_logprobs(model, ids, attn)
+    for i, lp in enumerate(logps):
+        torch.testing.assert_close(torch.tensor(lp), forced[i][resp[i].bool()], atol=1e-5, rtol=0)
+    assert all(len(r) == len(lp) for r, lp in zip(responses, logps, strict=True))
 
 
 def _launch(args, env=None) -> subprocess.Popen:

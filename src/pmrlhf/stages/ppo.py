@@ -261,19 +261,19 @@ class PPOTrainer:
         chosen = self.stream.take(c.prompts_per_iteration)[acc.process_index :: acc.num_processes]
         prompts = [self.prompts[i] for i in chosen for _ in range(c.samples_per_prompt)]
         group = torch.arange(len(chosen)).repeat_interleave(c.samples_per_prompt)
-        # 2. generate
-        responses = generate(
+        # 2. generate, with the actor's log-probabilities of the sampled tokens
+        responses, logps = generate(
             acc.unwrap_model(self.actor), prompts, self.tokenizer, c.max_new_tokens, c.top_p, c.temperature
         )
         t1 = time.perf_counter()
-        # 3. score
+        # 3. score: reference log-probabilities, critic values, reward-model scores
         traj = score(
-            self.actor,
             self.reference,
             self.reward_model,
             self.critic,
             prompts,
             responses,
+            logps,
             group,
             self.tokenizer.pad_token_id,
         )

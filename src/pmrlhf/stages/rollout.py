@@ -27,6 +27,16 @@ class Trajectory(NamedTuple):
     prompt_index: torch.Tensor  # [B] which prompt of the batch each sample answers (groups for RLOO)
 
 
+def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits with everything outside the top-p nucleus set to -inf (the most likely token always stays)."""
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True)
+    probs = torch.softmax(sorted_logits, -1)
+    outside = probs.cumsum(-1) - probs > top_p  # tokens whose predecessors already cover top_p
+    return logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -36,32 +46,50 @@ def generate(
     top_p: float,
     temperature: float,
     batch_size: int = 64,
-) -> list[list[int]]:
-    """Sample one response per prompt; each ends at its first end-of-sequence token (kept) or at the limit.
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Sample one response per prompt, with the policy's log-probability of every sampled token.
 
-    A response that is only the end-of-sequence token is an empty text, kept and scored as written.
+    A KV-cached loop over left-padded prompts: the log-probabilities of the untempered, untruncated policy
+    come with the samples, so scoring needs no second actor pass. Each response ends at its first
+    end-of-sequence token (kept) or at the limit; a response that is only that token is an empty text, kept
+    and scored as written.
     """
     device = next(model.parameters()).device
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    out: list[list[int]] = []
+    responses: list[list[int]] = []
+    logps: list[list[float]] = []
     for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s : s + batch_size]
-        ids, attn = pad(chunk, pad_id, "left")
-        seqs = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=attn.to(device),
-            do_sample=True,
-            top_p=top_p,
-            top_k=0,
-            temperature=temperature,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad_id,
-        )
-        for row in seqs[:, ids.shape[1] :].tolist():
+        ids, attn = (t.to(device) for t in pad(prompts[s : s + batch_size], pad_id, "left"))
+        B = ids.shape[0]
+        position = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
+        next_position = position[:, -1:] + 1
+        tokens, token_logp = [], []
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            sample_logits = _nucleus(logits / temperature, top_p)
+            token = torch.multinomial(torch.softmax(sample_logits, -1), 1).squeeze(-1)
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            tokens.append(token)
+            token_logp.append(torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
+            done = done | (token == eos)
+            if bool(done.all()):
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], -1)
+            out = model(
+                input_ids=token[:, None],
+                attention_mask=attn,
+                position_ids=next_position,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+            next_position = next_position + 1
+        for row, lp in zip(torch.stack(tokens, 1).tolist(), torch.stack(token_logp, 1).tolist(), strict=True):
             cut = row.index(eos) + 1 if eos in row else len(row)
-            out.append(row[:cut])
-    return out
+            responses.append(row[:cut])
+            logps.append(lp[:cut])
+    return responses, logps
 
 
 def critic_values(critic, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
@@ -71,19 +99,20 @@ def critic_values(critic, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def score(
-    actor,
     reference,
     reward_model,
     critic,
     prompts: list[list[int]],
     responses: list[list[int]],
+    response_logp: list[list[float]],
     prompt_index: torch.Tensor,
     pad_id: int,
 ) -> Trajectory:
-    """Teacher-forced log-probabilities of actor and reference, critic values and reward-model scores."""
-    device = next(actor.parameters()).device
+    """Reference log-probabilities, critic values and reward-model scores; the actor's come from sampling."""
+    device = next(reference.parameters()).device
     ids, attn, resp = (t.to(device) for t in join(prompts, responses, pad_id))
-    logp = token_logprobs(actor, ids, attn) * resp
+    logp = torch.zeros(resp.shape, dtype=torch.float32, device=device)
+    logp[resp.bool()] = torch.tensor([x for row in response_logp for x in row], dtype=torch.float32, device=device)
     ref_logp = token_logprobs(reference, ids, attn) * resp
     values = critic_values(critic, ids, attn) * resp if critic is not None else torch.zeros_like(logp)
     scores = reward_model(input_ids=ids, attention_mask=attn).logits[:, 0].float()

@@ -1,0 +1,242 @@
+"""PPO iteration cost against the sum of its bare parts, and throughput against TRL's RLOOTrainer.
+
+    python benchmarks/ppo_step.py [--sizes tiny small] [--iterations 10] [--skip-trl]
+
+For each model size (untrained models of real architectures, built from config; timing does not depend on
+the weights) it prints:
+
+* the time of one full PPO iteration (GAE, critic) and the sum of the bare costs of its parts measured in
+  the same run at the same batch and lengths: one ``generate``, the reference, reward and critic forward
+  passes, and the actor and critic forward+backward passes (target: iteration <= 1.15 x the sum);
+* response tokens per second of our stage with ``advantage=rloo`` and of TRL's ``RLOOTrainer`` on the same
+  model, prompts, batch size and lengths, and their ratio (target >= 1.5).
+
+The last line is a JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pmrlhf.data.tokenize import pad
+from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.models import save_model, tiny_config
+from pmrlhf.models.scoring import join, token_logprobs
+from pmrlhf.stages import ppo
+from pmrlhf.stages.rollout import critic_values, generate
+
+SIZES = {"tiny": dict(layers=2, hidden=64, heads=4), "small": dict(layers=6, hidden=256, heads=8)}
+BATCH, NEW_TOKENS = 16, 16
+KL = 0.1  # both RLOO runs pay for a reference pass: the same KL-regularised objective
+
+
+def build_run(root: Path, size: str) -> Path:
+    """A run folder with a world and untrained SFT / reward models of the given size."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    world = WorldConfig(n_prompts=64, n_demonstrations=10, n_comparisons=10, n_rankings=10)
+    World.generate(world).write(root / "world")
+    from pmrlhf.models import load_tokenizer
+
+    tok = load_tokenizer(root / "world" / "tokenizer")
+    cfg = tiny_config("gpt2", len(tok), **SIZES[size], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    save_model(AutoModelForCausalLM.from_config(cfg), tok, root / "sft" / "model")
+    cfg.num_labels = 1
+    save_model(AutoModelForSequenceClassification.from_config(cfg), tok, root / "reward" / "model")
+    return root
+
+
+def config(run: Path, **kw) -> ppo.PPOConfig:
+    base = dict(
+        run_dir=str(run),
+        world=WorldConfig(n_prompts=64),
+        prompts_per_iteration=BATCH,
+        minibatch_size=BATCH,
+        max_new_tokens=NEW_TOKENS,
+        checkpoint_every=0,
+        iterations=1_000_000,
+    )
+    return ppo.PPOConfig(**{**base, **kw})
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
+    trainer = ppo.PPOTrainer(config(run, name="bench-gae"))
+    for _ in range(2):
+        trainer.step()  # warm-up
+    iteration = timed(trainer.step, iterations)
+
+    # The bare parts, at one batch of the same prompts and generated lengths.
+    tok = trainer.tokenizer
+    prompts = [trainer.prompts[i] for i in range(BATCH)]
+    actor = trainer.accelerator.unwrap_model(trainer.actor)
+    critic = trainer.accelerator.unwrap_model(trainer.critic)
+    responses, _ = generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0)
+    ids, attn, resp = join(prompts, responses, tok.pad_token_id)
+    parts = {}
+    parts["generate"] = timed(lambda: generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0), iterations)
+    left, left_mask = pad(prompts, tok.pad_token_id, "left")
+    hf_generate = timed(
+        lambda: actor.generate(
+            input_ids=left,
+            attention_mask=left_mask,
+            do_sample=True,
+            top_p=0.9,
+            top_k=0,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        iterations,
+    )
+    with torch.no_grad():
+        parts["reference_forward"] = timed(lambda: token_logprobs(trainer.reference, ids, attn), iterations)
+        parts["reward_forward"] = timed(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn), iterations)
+        parts["critic_forward"] = timed(lambda: critic_values(critic, ids, attn), iterations)
+
+    def actor_step():
+        (token_logprobs(actor, ids, attn) * resp).sum().backward()
+        actor.zero_grad()
+
+    def critic_step():
+        (critic_values(critic, ids, attn) * resp).sum().backward()
+        critic.zero_grad()
+
+    parts["actor_forward_backward"] = timed(actor_step, iterations)
+    parts["critic_forward_backward"] = timed(critic_step, iterations)
+    total = sum(parts.values())
+    return {
+        "iteration_s": iteration,
+        "parts_sum_s": total,
+        "ratio": iteration / total,
+        "hf_generate_s": hf_generate,
+        **{f"part/{k}": v for k, v in parts.items()},
+    }
+
+
+def ours_rloo_throughput(run: Path, iterations: int, k: int) -> float:
+    trainer = ppo.PPOTrainer(
+        config(
+            run,
+            name="bench-rloo",
+            advantage="rloo",
+            samples_per_prompt=k,
+            kl_ctl=KL,
+            prompts_per_iteration=BATCH // k,
+            minibatch_size=BATCH,
+        )
+    )
+    trainer.step()
+    tokens = seconds = 0.0
+    for _ in range(iterations):
+        t = time.perf_counter()
+        row = trainer.step()
+        seconds += time.perf_counter() - t
+        tokens += row["env/response_length"] * BATCH
+    return tokens / seconds
+
+
+def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from pmrlhf.models import load_tokenizer
+
+    tok = load_tokenizer(run / "sft" / "model")
+    prompts = [json.loads(line)["prompt"] for line in open(run / "world" / "prompts.jsonl")]
+    dataset = Dataset.from_list([{"prompt": p} for p in prompts] * 50)
+    reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model")
+    lengths: list[float] = []
+    marks: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            marks.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = RLOOConfig(
+            output_dir=out,
+            per_device_train_batch_size=BATCH,
+            num_generations=k,
+            max_completion_length=NEW_TOKENS,
+            temperature=1.0,
+            top_p=0.9,
+            max_steps=iterations + 1,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            beta=KL,
+            use_cpu=True,
+            learning_rate=1e-4,
+            disable_tqdm=True,
+        )
+        trainer = RLOOTrainer(
+            model=str(run / "sft" / "model"),
+            reward_funcs=reward_model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            reward_processing_classes=tok,
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    seconds = marks[-1] - marks[0]  # the first step is warm-up
+    return sum(lengths[1:]) * BATCH / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--group", type=int, default=4, help="samples per prompt for the RLOO comparison")
+    parser.add_argument("--skip-trl", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results = {}
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = build_run(Path(tmp), size)
+            r = iteration_vs_parts(run, args.iterations)
+            print(
+                f"[{size}] one PPO iteration {r['iteration_s'] * 1e3:.1f} ms; bare parts {r['parts_sum_s'] * 1e3:.1f} ms; "
+                f"ratio {r['ratio']:.3f} (target <= 1.15)"
+            )
+            for k, v in r.items():
+                if k.startswith("part/"):
+                    print(f"    {k[5:]:<24} {v * 1e3:8.1f} ms")
+            print(f"    {'(HF model.generate)':<24} {r['hf_generate_s'] * 1e3:8.1f} ms")
+            ours = ours_rloo_throughput(run, args.iterations, args.group)
+            r["ours_rloo_tokens_per_s"] = ours
+            line = f"[{size}] RLOO response tokens/s: ours {ours:.0f}"
+            if not args.skip_trl:
+                trl = trl_rloo_throughput(run, args.iterations, args.group)
+                r["trl_rloo_tokens_per_s"], r["throughput_ratio"] = trl, ours / trl
+                line += f", TRL {trl:.0f}, ratio {ours / trl:.2f} (target >= 1.5)"
+            print(line)
+            results[size] = r
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
