@@ -27,6 +27,7 @@ import torch
 
 from pmrlhf.data.tokenize import pad
 from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.io import read_jsonl
 from pmrlhf.models import save_model, tiny_config
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.stages import ppo
@@ -160,7 +161,7 @@ def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
     from pmrlhf.models import load_tokenizer
 
     tok = load_tokenizer(run / "sft" / "model")
-    prompts = [json.loads(line)["prompt"] for line in open(run / "world" / "prompts.jsonl")]
+    prompts = [row["prompt"] for row in read_jsonl(run / "world" / "prompts.jsonl")]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts] * 50)
     reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model")
     lengths: list[float] = []
@@ -219,8 +220,8 @@ def main() -> None:
             run = build_run(Path(tmp), size)
             r = iteration_vs_parts(run, args.iterations)
             print(
-                f"[{size}] one PPO iteration {r['iteration_s'] * 1e3:.1f} ms; bare parts {r['parts_sum_s'] * 1e3:.1f} ms; "
-                f"ratio {r['ratio']:.3f} (target <= 1.15)"
+                f"[{size}] one PPO iteration {r['iteration_s'] * 1e3:.1f} ms; "
+                f"bare parts {r['parts_sum_s'] * 1e3:.1f} ms; ratio {r['ratio']:.3f} (target <= 1.15)"
             )
             for k, v in r.items():
                 if k.startswith("part/"):
