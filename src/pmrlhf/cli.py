@@ -97,6 +97,65 @@ def ppo(
     typer.echo(f"wrote {_run(stage.run, cfg)}")
 
 
+@app.command("eval")
+def eval_(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+    """Sec. 6.1 metrics (PM divergence, length, perplexity, entropy, KL) for every policy of a run."""
+    from pmrlhf.stages import evaluate as stage
+
+    typer.echo(f"wrote {_run(stage.run_eval, _config(stage.EvalConfig, config, overrides, run_dir))}")
+
+
+@app.command()
+def probe(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+    """Is preference collapse happening? Reference vs reward-model preferences on sampled pairs (Figs. 3-4)."""
+    from pmrlhf.stages import evaluate as stage
+
+    typer.echo(f"wrote {_run(stage.run_probe, _config(stage.ProbeConfig, config, overrides, run_dir))}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder with eval/ and probe/ results.")) -> None:
+    """Write report/report.md with its figures from a run's eval and probe results."""
+    from pmrlhf.evaluation.report import write_report
+
+    typer.echo(f"wrote {_run(write_report, run_dir)}")
+
+
+@app.command("run")
+def run_(
+    config: Path = typer.Argument(..., help="Pipeline YAML: data, models, stage settings, PPO variants."),
+    overrides: list[str] = SetOpt,
+    run_dir: Path | None = RunDirOpt,
+) -> None:
+    """Run the whole pipeline from one YAML file, reusing the stages already finished in its run folder."""
+    from pmrlhf.stages import pipeline
+
+    _print_report(_run(pipeline.run, _config(pipeline.PipelineConfig, config, overrides, run_dir)))
+
+
+@app.command()
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="A smaller world and budget (about a minute)."),
+    run_dir: Path | None = RunDirOpt,
+    force: bool = typer.Option(False, "--force", help="Rerun stages whose outputs already exist."),
+) -> None:
+    """The synthetic world end to end: SFT -> reward model -> PPO (KL, PM, conditional PM) -> eval -> probe -> report."""
+    from pmrlhf.stages import pipeline
+
+    cfg = pipeline.demo_config(quick, str(run_dir) if run_dir else None)
+    cfg.force = force
+    _print_report(_run(pipeline.run, cfg))
+
+
+def _print_report(path: Path) -> None:
+    text = path.read_text()
+    table = text.split("## Comparison", 1)[1].split("## Findings", 1)[0]
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    typer.echo("\n".join(line for line in table.splitlines() if line.startswith("|")))
+    typer.echo(findings.rstrip())
+    typer.echo(f"\nreport: {path}")
+
+
 @app.command()
 def theory(
     out: Path = typer.Option(Path("runs/theory"), help="Folder for the figures and the table of checks."),

@@ -1,0 +1,223 @@
+"""The markdown report a person reads: the paper's Table 3 layout, PM-divergence histograms and CDFs, the
+collapse probe, and in the synthetic world a bar chart per prompt of truth, reward model and every policy.
+
+Reads only the files ``pmrlhf eval`` and ``pmrlhf probe`` wrote; every sentence of findings is computed
+from those numbers, whichever way they come out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
+from pmrlhf.io import atomic_write_text
+
+REFERENCE = "reference (SFT)"
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_kl(metrics: dict) -> bool:
+    return metrics.get("penalty") == "kl"
+
+
+def comparison_table(summary: dict) -> str:
+    """Rows: methods; columns as in Table 3 (PM divergence, length, perplexity, entropy, KL), then the
+    synthetic world's exact columns when present."""
+    world = any("world" in m for m in summary.values())
+    head = "| method | beta | PM divergence | length | perplexity | entropy | KL |"
+    rule = "|---|---|---|---|---|---|---|"
+    if world:
+        head += " exact PM div. over M(x) | TV to reward model | TV to truth | mass outside M(x) |"
+        rule += "---|---|---|---|"
+    lines = [head, rule]
+    for name, m in summary.items():
+        row = (
+            f"| {name} | {m['beta']:g} | {m['pm_divergence']:.4f} | {m['length']:.2f} | {m['perplexity']:.3f} | "
+            f"{m['entropy']:.3f} | {m['kl']:.3f} |"
+        )
+        if world:
+            w = m["world"]
+            row += (
+                f" {w['pm_divergence_over_m']:.4f} | {w['tv_to_reward_model']:.3f} | {w['tv_to_truth']:.3f} | "
+                f"{w['mass_outside_m']:.3f} |"
+            )
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _change(new: float, old: float) -> str:
+    if old == 0:
+        return "n/a"
+    pct = 100 * (old - new) / old
+    return f"{pct:.0f} % lower" if pct >= 0 else f"{-pct:.0f} % higher"
+
+
+def findings(summary: dict, probe: dict | None) -> list[str]:
+    """Plain statements from the numbers: what was and was not reproduced."""
+    out = []
+    kl_runs = {n: m for n, m in summary.items() if _is_kl(m)}
+    others = {n: m for n, m in summary.items() if n != REFERENCE and not _is_kl(m)}
+    kl_name, kl = next(iter(sorted(kl_runs.items(), key=lambda kv: abs(kv[1]["beta"] - 1))), (None, None))
+    if kl is not None and "world" in kl:
+        w = kl["world"]
+        biased = w["tv_to_kl_target"] < w["tv_to_reward_model"]
+        out.append(
+            f"**KL RLHF follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
+            f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and {w['tv_to_reward_model']:.3f} from "
+            f"the reward model's e^r. " + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
+        )
+    if kl is not None:
+        for name, m in others.items():
+            text = (
+                f"**{name}** vs {kl_name}: sampled PM divergence {m['pm_divergence']:.4f} vs {kl['pm_divergence']:.4f} "
+                f"({_change(m['pm_divergence'], kl['pm_divergence'])}; the paper reports 29-41 % lower on real models)"
+            )
+            if "world" in m and "world" in kl:
+                w, wk = m["world"], kl["world"]
+                text += (
+                    f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs {wk['pm_divergence_over_m']:.4f} "
+                    f"({_change(w['pm_divergence_over_m'], wk['pm_divergence_over_m'])}); TV to the truth "
+                    f"{w['tv_to_truth']:.3f} vs {wk['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f} "
+                    f"vs {wk['mass_outside_m']:.3f}"
+                )
+            out.append(text + ".")
+    pm = {n: m for n, m in others.items() if m.get("penalty") == "pm" and "world" in m}
+    cpm = {n: m for n, m in others.items() if str(m.get("penalty", "")).startswith("cpm") and "world" in m}
+    if pm and cpm:
+        worst_pm = max(m["world"]["mass_outside_m"] for m in pm.values())
+        worst_cpm = max(m["world"]["mass_outside_m"] for m in cpm.values())
+        out.append(
+            f"**Unnatural text**: unconditional PM puts up to {worst_pm:.3f} of its mass outside M(x), conditional PM "
+            f"at most {worst_cpm:.3f}. "
+            + (
+                "This is the paper's reason for the conditional variant (Sec. 4)."
+                if worst_pm > worst_cpm
+                else "Not reproduced: conditional PM leaks as much."
+            )
+        )
+    ties = [n for n, m in summary.items() if "pm_divergence" in m]
+    if ties:
+        out.append(
+            "A note on the sampled PM divergence: when a policy samples the same response twice the instance divergence is "
+            "0, so a collapsed policy scores well on it. The exact divergence over every pair of M(x) has no such blind "
+            "spot; where the two disagree, trust the exact one."
+        )
+    if probe is not None:
+        by = probe["collapse_rate_by_length_difference"]
+        parts = ", ".join(f"{k}: {v['collapse_rate']:.2f} ({v['pairs']} pairs)" for k, v in by.items())
+        out.append(
+            f"**Collapse probe**: {probe['collapse_rate']:.3f} of reference-sampled pairs have p_ref <= 0.01 or >= 0.99 "
+            f"(reward model: {probe['reward_collapse_rate']:.3f}). By length difference in tokens: {parts}."
+        )
+    return out
+
+
+def figure_pm_divergence(instances: dict, path: Path) -> Path:
+    fig, (h, c) = subplots(1, 2, figsize=(11, 4.2))
+    names = list(instances)
+    top = max((max(v["pm_divergence"], default=0) for v in instances.values()), default=1) or 1
+    bins = torch.linspace(0, top, 31).tolist()
+    for i, name in enumerate(names):
+        vals = sorted(instances[name]["pm_divergence"])
+        color = SEQUENTIAL(i / max(1, len(names) - 1))
+        h.hist(vals, bins=bins, histtype="step", lw=1.6, label=name, color=color)
+        c.plot(vals, [(k + 1) / len(vals) for k in range(len(vals))], lw=1.6, label=name, color=color)
+    h.set(xlabel="instance PM divergence", ylabel="prompts", title="Histogram of instance PM divergence")
+    c.set(xlabel="instance PM divergence", ylabel="share of prompts <= x", title="CDF of instance PM divergence")
+    h.legend(fontsize=7)
+    c.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
+def figure_probe(pairs: dict, probe: dict, path: Path) -> Path:
+    fig, (a, b, c) = subplots(1, 3, figsize=(14, 4))
+    bins = torch.linspace(0, 1, 21).tolist()
+    a.hist(pairs["p_ref"], bins=bins, color="tab:gray")
+    a.set(xlabel="p_ref(y1 | y1, y2, x)", ylabel="pairs", title="(a) reference model's preferences")
+    b.hist(pairs["p_reward"], bins=bins, color="tab:blue")
+    b.set(xlabel="p_reward(y1 | y1, y2, x)", ylabel="pairs", title="(b) reward model's preferences")
+    by = probe["collapse_rate_by_length_difference"]
+    c.bar(list(by), [v["collapse_rate"] for v in by.values()], color="tab:red")
+    c.set(
+        xlabel="|len(y1) - len(y2)| (tokens)",
+        ylabel="share with p_ref <= 0.01 or >= 0.99",
+        title="(c) collapse rate by length difference",
+        ylim=(0, 1),
+    )
+    return save_figure(fig, path)
+
+
+def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int = 12) -> Path:
+    truth = json.loads(truth_path.read_text())["prompts"]
+    n = min(max_prompts, len(truth))
+    cols = 4
+    rows = math.ceil(n / cols)
+    fig, axes = subplots(rows, cols, figsize=(4 * cols, 2.8 * rows))
+    names = ["ground truth", "reward model", *[k for k in over_m if k not in ("ground truth", "reward model")]]
+    width = 0.8 / len(names)
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        p = truth[i]
+        k = len(p["responses"])
+        for j, name in enumerate(names):
+            color = (
+                "black"
+                if name == "ground truth"
+                else "tab:blue"
+                if name == "reward model"
+                else SEQUENTIAL(j / max(1, len(names) - 1))
+            )
+            ax.bar([x + j * width for x in range(k)], over_m[name][i][:k], width, label=name, color=color)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(k)], [f"{w}w" for w in p["words"]], fontsize=7)
+        ax.set_title(f"{p['prompt']} ({p['profile']})", fontsize=9)
+        ax.set_ylim(0, 1)
+    axes.flat[0].set_ylabel("probability within M(x)")
+    axes.flat[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle("Preferences over the meaningful responses M(x) (x-axis: response length in words)")
+    return save_figure(fig, path)
+
+
+def write_report(
+    run_dir: str | Path, eval_name: str = "eval", probe_name: str = "probe", out_name: str = "report"
+) -> Path:
+    run = Path(run_dir)
+    out = run / out_name
+    summary = _load(run / eval_name / "summary.json")
+    if summary is None:
+        raise ValueError(f"no {run / eval_name / 'summary.json'}: run `pmrlhf eval` first")
+    instances = _load(run / eval_name / "instances.json") or {}
+    probe, pairs = _load(run / probe_name / "summary.json"), _load(run / probe_name / "pairs.json")
+    over_m = _load(run / eval_name / "over_m.json")
+    sections = [
+        "# Preference matching vs KL RLHF: results",
+        f"Run folder: `{run}`. Every number below is read from `{eval_name}/summary.json` and `{probe_name}/summary.json`.",
+        "## Comparison (layout of the paper's Table 3)",
+        "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy. "
+        "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities: the "
+        "pairwise PM divergence over all pairs, the total variation from the reward model's and the truth's "
+        "distributions over M(x), and the probability of leaving M(x) (unnatural text).",
+        comparison_table(summary),
+        "## Findings",
+        "\n".join(f"- {f}" for f in findings(summary, probe)),
+    ]
+    if instances:
+        figure_pm_divergence(instances, out / "pm_divergence.png")
+        sections += ["## PM divergence per prompt", "![PM divergence histogram and CDF](pm_divergence.png)"]
+    if probe and pairs:
+        figure_probe(pairs, probe, out / "probe.png")
+        sections += ["## Is preference collapse happening? (Figs. 3-4)", "![probe](probe.png)"]
+    truth_path = run / "world" / "truth.json"
+    if over_m and truth_path.is_file():
+        figure_over_m(over_m, truth_path, out / "over_m.png")
+        sections += ["## Preferences over M(x), per prompt", "![over M(x)](over_m.png)"]
+    path = atomic_write_text(out / "report.md", "\n\n".join(sections) + "\n")
+    return path

@@ -1,0 +1,182 @@
+"""``pmrlhf eval`` and ``pmrlhf probe``: Sec. 6.1 metrics for trained policies, and the collapse probe.
+
+Both read models from the run folder (or any paths) and write JSON a report or a person reads; neither
+trains. In the synthetic world, eval adds the exact metrics over M(x) (``evaluation.exact``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pmrlhf.config import DataConfig, ModelConfig
+from pmrlhf.data.tokenize import Encoder
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
+from pmrlhf.evaluation.probe import probe
+from pmrlhf.io import atomic_write_json
+from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, world_dir
+
+
+@dataclass
+class EvalConfig:
+    """``pmrlhf eval``: every policy against its reference and the reward model."""
+
+    run_dir: str = "runs/demo"  # the run folder
+    name: str = "eval"  # sub-folder of the outputs
+    seed: int = 0  # seed of the sampled pairs (the same for every model)
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
+    policies: dict[str, str] = field(default_factory=dict)  # name -> model path; {} = every <run_dir>/ppo*/model
+    reference: str = ""  # "" = <run_dir>/sft/model
+    reward: str = ""  # "" = <run_dir>/reward/model
+    beta: float = 1.0  # p_reward uses r / beta, unless a policy's stage summary records its own beta
+    pairs_per_prompt: int = 4  # sampled (y1, y2) pairs per prompt
+    max_new_tokens: int = 16  # generation limit
+    top_p: float = 1.0  # sampling of the evaluated pairs: the policy itself, untruncated
+    batch_size: int = 64  # sequences per forward pass
+    model: ModelConfig = field(default_factory=ModelConfig)  # dtype and loading options for every model
+
+
+@dataclass
+class ProbeConfig:
+    """``pmrlhf probe``: the paper's Figs. 3-4 for a reference model and a reward model."""
+
+    run_dir: str = "runs/demo"  # the run folder
+    name: str = "probe"  # sub-folder of the outputs
+    seed: int = 0  # seed of the sampled pairs
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
+    reference: str = ""  # "" = <run_dir>/sft/model
+    reward: str = ""  # "" = <run_dir>/reward/model
+    beta: float = 1.0  # p_reward uses r / beta
+    pairs_per_prompt: int = 8  # sampled pairs per prompt
+    max_new_tokens: int = 16  # generation limit
+    batch_size: int = 64  # sequences per forward pass
+    model: ModelConfig = field(default_factory=ModelConfig)  # dtype and loading options
+
+
+def _prompts(config, tokenizer) -> list[list[int]]:
+    records, _ = load_stage_records(config.data, "prompt", config.run_dir, config.world)
+    enc = Encoder(
+        tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens, config.data.prompt_overflow
+    )
+    ids = [p for p in (enc.prompt(r.prompt) for r in records) if p is not None]
+    return [p for p in ids for _ in range(config.pairs_per_prompt)]
+
+
+def _paths(config) -> tuple[Path, Path]:
+    run = Path(config.run_dir)
+    return Path(config.reference or run / "sft" / "model"), Path(config.reward or run / "reward" / "model")
+
+
+def discover_policies(run_dir: str | Path) -> dict[str, str]:
+    """Every ``<run_dir>/<stage>/model`` written by a policy-optimisation stage (its summary names a penalty)."""
+    found = {}
+    for summary in sorted(Path(run_dir).glob("*/summary.json")):
+        if (summary.parent / "model").is_dir() and "penalty" in json.loads(summary.read_text()):
+            found[summary.parent.name] = str(summary.parent / "model")
+    return found
+
+
+def run_eval(config: EvalConfig) -> Path:
+    """Write ``<name>/summary.json`` (one object per policy) and ``<name>/instances.json``; return the folder."""
+    out = stage_dir(config.run_dir, config.name, config)
+    ref_path, reward_path = _paths(config)
+    tokenizer = load_tokenizer(ref_path)
+    reference = load_causal_lm(config.model, tokenizer, ref_path, trainable=False)
+    reward_model = load_reward_model(config.model, tokenizer, reward_path, trainable=False)
+    prompts = _prompts(config, tokenizer)
+    policies = config.policies or discover_policies(config.run_dir)
+    if not policies:
+        raise ValueError(f"no policies to evaluate: none found in {config.run_dir} and none given in policies")
+    summary, instances, over_m = {}, {}, {}
+    for name, path in {"reference (SFT)": str(ref_path), **policies}.items():
+        stage_summary = Path(path).parent / "summary.json"
+        meta = json.loads(stage_summary.read_text()) if stage_summary.is_file() else {}
+        beta = float(meta.get("beta", config.beta))
+        seed_everything(config.seed)  # the same randomness for every model
+        policy = (
+            reference if name == "reference (SFT)" else load_causal_lm(config.model, tokenizer, path, trainable=False)
+        )
+        with console.status(f"evaluating {name}"):
+            samples = sample_pairs(
+                policy,
+                reference,
+                reward_model,
+                tokenizer,
+                prompts,
+                config.max_new_tokens,
+                config.top_p,
+                1.0,
+                config.batch_size,
+            )
+            metrics, inst = sec61_metrics(samples, beta)
+            metrics |= {
+                "beta": beta,
+                "path": path,
+                **{k: meta[k] for k in ("penalty", "coef", "penalty_kwargs") if k in meta},
+            }
+            if config.data.source == "world":
+                from pmrlhf.data.world import World
+                from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m
+
+                coef = float(meta.get("coef", 1.0))
+                alpha = float(meta.get("penalty_kwargs", {}).get("alpha", 0.0) or 0.0)
+                metrics["world"] = compare_with_closed_forms(
+                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), beta, coef, alpha
+                )
+                over_m[name] = policy_over_m(
+                    policy, tokenizer, World.load(world_dir(config.run_dir))
+                ).conditional.tolist()
+        summary[name], instances[name] = metrics, inst
+        console.print(
+            f"{name:<24} PM divergence {metrics['pm_divergence']:.4f}  length {metrics['length']:.1f}  "
+            f"perplexity {metrics['perplexity']:.2f}  entropy {metrics['entropy']:.2f}  KL {metrics['kl']:.3f}"
+        )
+    if over_m:
+        from pmrlhf.data.world import World
+        from pmrlhf.evaluation.exact import rewards_over_m, truth_over_m
+
+        world = World.load(world_dir(config.run_dir))
+        scores, mask = rewards_over_m(reward_model, tokenizer, world)
+        over_m["reward model"] = torch.softmax((scores / config.beta).masked_fill(~mask, float("-inf")), -1).tolist()
+        over_m["ground truth"] = truth_over_m(world)["truth"].tolist()
+        atomic_write_json(out / "over_m.json", over_m)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "instances.json", instances)
+    return out
+
+
+def run_probe(config: ProbeConfig) -> Path:
+    """Write ``<name>/summary.json`` and ``<name>/pairs.json``; return the folder."""
+    out = stage_dir(config.run_dir, config.name, config)
+    seed_everything(config.seed)
+    ref_path, reward_path = _paths(config)
+    tokenizer = load_tokenizer(ref_path)
+    reference = load_causal_lm(config.model, tokenizer, ref_path, trainable=False)
+    reward_model = load_reward_model(config.model, tokenizer, reward_path, trainable=False)
+    with console.status("sampling pairs from the reference"):
+        samples = sample_pairs(
+            reference,
+            reference,
+            reward_model,
+            tokenizer,
+            _prompts(config, tokenizer),
+            config.max_new_tokens,
+            1.0,
+            1.0,
+            config.batch_size,
+        )
+    summary, pairs = probe(samples, config.beta)
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / "pairs.json", pairs)
+    console.print(
+        f"collapse rate (p_ref <= 0.01 or >= 0.99): {summary['collapse_rate']:.3f} of {summary['pairs']} pairs;"
+        f" reward model: {summary['reward_collapse_rate']:.3f}"
+    )
+    return out

@@ -1,0 +1,171 @@
+"""``pmrlhf run CONFIG.yaml`` and ``pmrlhf demo``: every stage from one config, reusing finished ones.
+
+SFT -> reward model -> one PPO run per variant -> eval -> probe -> report. The shared settings (run folder,
+seed, world, data source, models) are written once and handed to each stage; a stage whose outputs are
+already in the run folder is skipped unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pmrlhf.config import DataConfig, ModelConfig, from_dict, to_dict
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.evaluation.report import write_report
+from pmrlhf.io import atomic_write_json
+from pmrlhf.stages import evaluate, ppo, reward, sft
+from pmrlhf.stages.common import console, stage_dir
+
+
+def default_variants() -> list[dict[str, Any]]:
+    """The demo's methods: KL RLHF at the paper's beta grid, PM RLHF, and conditional PM RLHF at its alpha grid
+    (per-token rule of the reference code), plus Def. 4.1's sequence rule with alpha below every meaningful
+    answer's reference probability."""
+    return [
+        {"name": "ppo-kl", "penalty": "kl", "kl_ctl": 1.0},
+        {"name": "ppo-kl-beta0.5", "penalty": "kl", "kl_ctl": 1.0, "beta": 0.5},
+        {"name": "ppo-kl-beta0.1", "penalty": "kl", "kl_ctl": 1.0, "beta": 0.1},
+        {"name": "ppo-pm", "penalty": "pm", "ent_ctl": 1.0},
+        {"name": "ppo-cpm-0.1", "penalty": "cpm_token", "alpha_ctl": 0.1},
+        {"name": "ppo-cpm-0.3", "penalty": "cpm_token", "alpha_ctl": 0.3},
+        {"name": "ppo-cpm-0.5", "penalty": "cpm_token", "alpha_ctl": 0.5},
+        {"name": "ppo-cpm-seq", "penalty": "cpm_sequence", "alpha_ctl": 0.003},
+    ]
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline. Stage sections hold overrides of that stage's config (``pmrlhf <stage> --help``)."""
+
+    run_dir: str = "runs/demo"  # the run folder every stage shares
+    seed: int = 0  # seed handed to every stage
+    world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world (when data.source is "world")
+    data: DataConfig = field(default_factory=DataConfig)  # the one dataset every stage takes its portion of
+    policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT model, actor and reference
+    reward_model: ModelConfig = field(default_factory=ModelConfig)  # the reward model and critic
+    sft: dict[str, Any] = field(default_factory=dict)  # overrides of the SFT stage's config
+    reward: dict[str, Any] = field(default_factory=dict)  # overrides of the reward stage's config
+    ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "actor_lr": 3e-4, "top_p": 1.0})
+    variants: list[dict[str, Any]] = field(default_factory=default_variants)  # one PPO run each; "name" required
+    eval: dict[str, Any] = field(default_factory=dict)  # overrides of the eval config
+    probe: dict[str, Any] = field(default_factory=dict)  # overrides of the probe config
+    force: bool = False  # rerun stages whose outputs already exist
+
+    def stage_configs(self) -> dict[str, Any]:
+        """Every stage's full config, validated, keyed by stage name (the variants by their names)."""
+        shared = {"run_dir": self.run_dir, "seed": self.seed, "world": to_dict(self.world)}
+
+        def data(portion: str, extra: dict) -> dict:
+            return {**to_dict(self.data), "portion": portion, **extra.get("data", {})}
+
+        configs: dict[str, Any] = {
+            "sft": from_dict(
+                sft.SFTConfig, {**shared, "model": to_dict(self.policy), **self.sft, "data": data("sft", self.sft)}
+            ),
+            "reward": from_dict(
+                reward.RewardConfig,
+                {**shared, "model": to_dict(self.reward_model), **self.reward, "data": data("reward", self.reward)},
+            ),
+        }
+        names = [v.get("name") for v in self.variants]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"every variant needs a distinct name, got {names}")
+        for variant in self.variants:
+            merged = {
+                **shared,
+                "policy": to_dict(self.policy),
+                "reward": to_dict(self.reward_model),
+                **self.ppo,
+                **variant,
+            }
+            merged["data"] = data("rl", {"data": {**self.ppo.get("data", {}), **variant.get("data", {})}})
+            cfg = from_dict(ppo.PPOConfig, merged)
+            if cfg.policy.name_or_path == self.policy.name_or_path:  # the actor starts from this run's SFT model
+                cfg.policy = dataclasses.replace(cfg.policy, name_or_path="")
+            if cfg.reward.name_or_path == self.reward_model.name_or_path:
+                cfg.reward = dataclasses.replace(cfg.reward, name_or_path="")
+            cfg.validate()
+            configs[variant["name"]] = cfg
+        model = {"model": {**to_dict(self.policy), "name_or_path": ""}}
+        configs["eval"] = from_dict(
+            evaluate.EvalConfig, {**shared, **model, **self.eval, "data": data("rl", self.eval)}
+        )
+        configs["probe"] = from_dict(
+            evaluate.ProbeConfig, {**shared, **model, **self.probe, "data": data("rl", self.probe)}
+        )
+        return configs
+
+
+def _done(run_dir: Path, name: str) -> bool:
+    return (run_dir / name / "summary.json").is_file()
+
+
+def run(config: PipelineConfig) -> Path:
+    """Run every stage that is not finished yet; return the report's path."""
+    configs = config.stage_configs()
+    run_dir = Path(config.run_dir)
+    stage_dir(run_dir, ".", config)  # the pipeline's resolved config.yaml at the top of the run folder
+    timings: dict[str, float] = {}
+    variants = [v["name"] for v in config.variants]
+    steps = [("sft", sft.run), ("reward", reward.run), *((n, ppo.run) for n in variants)]
+    for name, stage_run in steps:
+        if _done(run_dir, name) and not config.force:
+            console.print(f"[dim]{name}: already done, reusing {run_dir / name}[/dim]")
+            continue
+        console.rule(name)
+        t = time.perf_counter()
+        stage_run(configs[name])
+        timings[name] = time.perf_counter() - t
+    eval_cfg = configs["eval"]
+    if not eval_cfg.policies:
+        eval_cfg.policies = {n: str(run_dir / n / "model") for n in variants}
+    for name, stage_run in (("eval", evaluate.run_eval), ("probe", evaluate.run_probe)):
+        console.rule(name)
+        t = time.perf_counter()
+        stage_run(configs[name])
+        timings[name] = time.perf_counter() - t
+    atomic_write_json(run_dir / "timings.json", timings)
+    report = write_report(run_dir, configs["eval"].name, configs["probe"].name)
+    console.rule("report")
+    console.print(f"report: {report}")
+    return report
+
+
+def demo_config(quick: bool = False, run_dir: str | None = None) -> PipelineConfig:
+    """The embedded default: the synthetic world end to end; ``quick`` is a smaller world for tests."""
+    if not quick:
+        return PipelineConfig(run_dir=run_dir or "runs/demo")
+    return PipelineConfig(
+        run_dir=run_dir or "runs/demo-quick",
+        world=WorldConfig(
+            n_prompts=6,
+            responses_per_prompt=3,
+            max_words=4,
+            vocab_words=12,
+            n_demonstrations=900,
+            n_comparisons=1200,
+            n_rankings=100,
+            ranking_k=3,
+        ),
+        ppo={
+            "iterations": 250,
+            "actor_lr": 3e-4,
+            "top_p": 1.0,
+            "prompts_per_iteration": 6,
+            "minibatch_size": 6,
+            "max_new_tokens": 8,
+            "data": {"max_response_tokens": 8},
+        },
+        variants=[
+            {"name": "ppo-kl", "penalty": "kl", "kl_ctl": 1.0},
+            {"name": "ppo-pm", "penalty": "pm", "ent_ctl": 1.0},
+            {"name": "ppo-cpm-0.3", "penalty": "cpm_token", "alpha_ctl": 0.3},
+            {"name": "ppo-cpm-seq", "penalty": "cpm_sequence", "alpha_ctl": 0.001},
+        ],
+        eval={"max_new_tokens": 8, "pairs_per_prompt": 8},
+        probe={"max_new_tokens": 8},
+    )
