@@ -139,7 +139,7 @@ def demo(
     run_dir: Path | None = RunDirOpt,
     force: bool = typer.Option(False, "--force", help="Rerun stages whose outputs already exist."),
 ) -> None:
-    """The synthetic world end to end: SFT -> reward model -> PPO (KL, PM, conditional PM) -> eval -> probe -> report."""
+    """The synthetic world end to end: SFT, reward model, PPO (KL, PM, conditional PM), eval, probe, report."""
     from pmrlhf.stages import pipeline
 
     cfg = pipeline.demo_config(quick, str(run_dir) if run_dir else None)

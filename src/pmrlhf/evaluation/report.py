@@ -70,7 +70,8 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
         biased = w["tv_to_kl_target"] < w["tv_to_reward_model"]
         out.append(
             f"**KL RLHF follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
-            f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and {w['tv_to_reward_model']:.3f} from "
+            f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and "
+            f"{w['tv_to_reward_model']:.3f} from "
             f"the reward model's e^r. " + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
         )
     if kl is not None:
@@ -82,7 +83,8 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
             if "world" in m and "world" in kl:
                 w, wk = m["world"], kl["world"]
                 text += (
-                    f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs {wk['pm_divergence_over_m']:.4f} "
+                    f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs "
+                    f"{wk['pm_divergence_over_m']:.4f} "
                     f"({_change(w['pm_divergence_over_m'], wk['pm_divergence_over_m'])}); TV to the truth "
                     f"{w['tv_to_truth']:.3f} vs {wk['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f} "
                     f"vs {wk['mass_outside_m']:.3f}"
@@ -105,15 +107,18 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
     ties = [n for n, m in summary.items() if "pm_divergence" in m]
     if ties:
         out.append(
-            "A note on the sampled PM divergence: when a policy samples the same response twice the instance divergence is "
-            "0, so a collapsed policy scores well on it. The exact divergence over every pair of M(x) has no such blind "
+            "A note on the sampled PM divergence: when a policy samples the same response twice the "
+            "instance divergence is "
+            "0, so a collapsed policy scores well on it. The exact divergence over every pair of M(x) has "
+            "no such blind "
             "spot; where the two disagree, trust the exact one."
         )
     if probe is not None:
         by = probe["collapse_rate_by_length_difference"]
         parts = ", ".join(f"{k}: {v['collapse_rate']:.2f} ({v['pairs']} pairs)" for k, v in by.items())
         out.append(
-            f"**Collapse probe**: {probe['collapse_rate']:.3f} of reference-sampled pairs have p_ref <= 0.01 or >= 0.99 "
+            f"**Collapse probe**: {probe['collapse_rate']:.3f} of reference-sampled pairs have p_ref <= 0.01 "
+            f"or >= 0.99 "
             f"(reward model: {probe['reward_collapse_rate']:.3f}). By length difference in tokens: {parts}."
         )
     return out
@@ -199,7 +204,8 @@ def write_report(
     over_m = _load(run / eval_name / "over_m.json")
     sections = [
         "# Preference matching vs KL RLHF: results",
-        f"Run folder: `{run}`. Every number below is read from `{eval_name}/summary.json` and `{probe_name}/summary.json`.",
+        f"Run folder: `{run}`. Every number below is read from `{eval_name}/summary.json` and "
+        f"`{probe_name}/summary.json`.",
         "## Comparison (layout of the paper's Table 3)",
         "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy. "
         "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities: the "
