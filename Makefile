@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/pmrlhf theory --out runs/theory
+	$(BIN)/pmrlhf demo
 
 theory: setup
 	$(BIN)/pmrlhf theory --out runs/theory
