@@ -17,8 +17,16 @@ def samples(logp1, logp2, ref1, ref2, r1, r2, len1, len2):
 
 def test_sec61_metrics_known_answers():
     # prompt 1: policy 0.75 / 0.25 between y1 and y2, reward model 0.5 / 0.5; prompt 2: both 0.5 / 0.5.
-    s = samples([math.log(0.75), -2.0], [math.log(0.25), -2.0], [-1.0, -1.0], [-1.0, -3.0], [1.0, 0.0], [1.0, 0.0],
-                [2, 4], [1, 2])
+    s = samples(
+        [math.log(0.75), -2.0],
+        [math.log(0.25), -2.0],
+        [-1.0, -1.0],
+        [-1.0, -3.0],
+        [1.0, 0.0],
+        [1.0, 0.0],
+        [2, 4],
+        [1, 2],
+    )
     summary, inst = sec61_metrics(s, beta=1.0)
     kl1 = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     assert inst["pm_divergence"] == pytest.approx([kl1, 0.0])
@@ -26,19 +34,31 @@ def test_sec61_metrics_known_answers():
     assert summary["length"] == pytest.approx((2 + 4 + 1 + 2) / 4)
     logp = [math.log(0.75), -2.0, math.log(0.25), -2.0]
     lengths = [2, 4, 1, 2]
-    assert summary["perplexity"] == pytest.approx(sum(math.exp(-lp / n) for lp, n in zip(logp, lengths, strict=True)) / 4)
+    assert summary["perplexity"] == pytest.approx(
+        sum(math.exp(-lp / n) for lp, n in zip(logp, lengths, strict=True)) / 4
+    )
     assert summary["entropy"] == pytest.approx(-sum(logp) / 4)
     assert summary["kl"] == pytest.approx((sum(logp) - (-1 - 1 - 1 - 3)) / 4)
     # beta scales the reward model's preference: r / beta
     s2 = samples([0.0], [0.0], [0.0], [0.0], [0.2], [0.0], [1], [1])
     q = 1 / (1 + math.exp(-0.2 / 0.1))
-    assert sec61_metrics(s2, beta=0.1)[0]["pm_divergence"] == pytest.approx(0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q)))
+    assert sec61_metrics(s2, beta=0.1)[0]["pm_divergence"] == pytest.approx(
+        0.5 * math.log(0.5 / q) + 0.5 * math.log(0.5 / (1 - q))
+    )
 
 
 def test_probe_counts_collapse_by_length_difference():
     # p_ref: sigmoid(10) ~ 0.99995 (collapsed), sigmoid(0) = 0.5, sigmoid(-5) ~ 0.0067 (collapsed)
-    s = samples([0, 0, 0], [0, 0, 0], [0.0, -1.0, -6.0], [-10.0, -1.0, -1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0],
-                [5, 3, 1], [1, 3, 2])
+    s = samples(
+        [0, 0, 0],
+        [0, 0, 0],
+        [0.0, -1.0, -6.0],
+        [-10.0, -1.0, -1.0],
+        [0.0, 0.0, 0.0],
+        [0.0, 0.0, 0.0],
+        [5, 3, 1],
+        [1, 3, 2],
+    )
     summary, pairs = probe(s, beta=1.0)
     assert summary["collapse_rate"] == pytest.approx(2 / 3)
     assert summary["reward_collapse_rate"] == 0.0
@@ -83,6 +103,29 @@ def test_quick_demo_shows_what_the_paper_says(quick_demo):
     assert kl["tv_to_kl_target"] < 0.1 < kl["tv_to_reward_model"]
     # Unconditional PM leaves M(x); conditional PM stays in it.
     assert pm["mass_outside_m"] > 0.5 > cpm["mass_outside_m"]
+
+
+def test_sft_reference_is_near_0_or_1_on_many_pairs(quick_demo):
+    """Sec. 5.2 / Fig. 3a: the SFT reference's pairwise preferences over M(x) sit near 0 or 1 for a good share."""
+    import itertools
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pmrlhf.data.world import World
+    from pmrlhf.evaluation.exact import policy_over_m
+
+    run, _ = quick_demo
+    tok = AutoTokenizer.from_pretrained(run / "sft" / "model")
+    model = AutoModelForCausalLM.from_pretrained(run / "sft" / "model").eval()
+    p = policy_over_m(model, tok, World.load(run / "world")).logp.exp()
+    prefs = torch.tensor(
+        [
+            (p[i, a] / (p[i, a] + p[i, b])).item()
+            for i in range(p.shape[0])
+            for a, b in itertools.combinations(range(p.shape[1]), 2)
+        ]
+    )
+    assert ((prefs <= 0.05) | (prefs >= 0.95)).float().mean() >= 0.25
 
 
 def test_pipeline_reuses_finished_stages(quick_demo):

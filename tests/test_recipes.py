@@ -11,7 +11,30 @@ from pmrlhf.config import from_dict
 from pmrlhf.stages import pipeline
 
 RECIPES = sorted((Path(__file__).parent.parent / "configs" / "recipes").glob("*.yaml"))
-WORDS = "the a cat dog sat ran on under mat tree why how what is are birds fly south winter warm cold food".split()
+WORDS = [
+    "the",
+    "a",
+    "cat",
+    "dog",
+    "sat",
+    "ran",
+    "on",
+    "under",
+    "mat",
+    "tree",
+    "why",
+    "how",
+    "what",
+    "is",
+    "are",
+    "birds",
+    "fly",
+    "south",
+    "winter",
+    "warm",
+    "cold",
+    "food",
+]
 
 
 def hh_rows(n: int) -> list[dict]:
@@ -29,9 +52,13 @@ def tldr_rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
         post = " ".join(WORDS[(i * 7 + k) % len(WORDS)] for k in range(20))
-        rows.append({"prompt": f"SUBREDDIT: r/pets\nTITLE: question {i}\nPOST: {post}\nTL;DR:",
-                     "chosen": "TL;DR: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4)),
-                     "rejected": "TL;DR: " + " ".join(WORDS[(i + k + 9) % len(WORDS)] for k in range(3))})
+        rows.append(
+            {
+                "prompt": f"SUBREDDIT: r/pets\nTITLE: question {i}\nPOST: {post}\nTL;DR:",
+                "chosen": "TL;DR: " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(4)),
+                "rejected": "TL;DR: " + " ".join(WORDS[(i + k + 9) % len(WORDS)] for k in range(3)),
+            }
+        )
     return rows
 
 
@@ -45,11 +72,23 @@ def tiny_model(path: Path, arch: str, texts: list[str]) -> str:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", bos_token="</s>")
-    cfg = tiny_config(arch, len(tok), layers=1, hidden=32, heads=2, max_positions=1024,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cfg = tiny_config(
+        arch,
+        len(tok),
+        layers=1,
+        hidden=32,
+        heads=2,
+        max_positions=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     save_model(AutoModelForCausalLM.from_config(cfg), tok, path)
     return str(path)
 
@@ -76,8 +115,13 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
         data[role] |= {"name_or_path": model, "dtype": "float32"}
     data["sft"]["optim"] |= {"batch_size": 4}
     data["reward"]["optim"] |= {"batch_size": 4}
-    data["ppo"] |= {"iterations": 2, "prompts_per_iteration": 4, "minibatch_size": 2, "max_new_tokens": 6,
-                    "checkpoint_every": 1}
+    data["ppo"] |= {
+        "iterations": 2,
+        "prompts_per_iteration": 4,
+        "minibatch_size": 2,
+        "max_new_tokens": 6,
+        "checkpoint_every": 1,
+    }
     for section in ("eval", "probe"):
         data[section] |= {"max_new_tokens": 6, "data": {"limit": 4}}
     report = pipeline.run(from_dict(pipeline.PipelineConfig, data))

@@ -23,7 +23,9 @@ def test_profiles_lengths_and_truth():
     assert all(max(p.truth) < 0.5 for p in w.prompts if p.profile == "even")
 
 
-def test_reference_is_biased_towards_short_answers_and_near_0_or_1():
+def test_demonstrations_are_biased_towards_short_answers():
+    """q, the demonstrators' distribution, is lopsided and favours short answers; the SFT model trained on it
+    sharpens that further (its pairs near 0 or 1 are checked in tests/test_evaluation.py)."""
     w = World.generate(WorldConfig())
     p_ref, short_wins = [], []
     for p in w.prompts:
@@ -31,8 +33,9 @@ def test_reference_is_biased_towards_short_answers_and_near_0_or_1():
             p_ref.append(p.ref[a] / (p.ref[a] + p.ref[b]))
             short_wins.append((p.words[a] < p.words[b]) == (p.ref[a] > p.ref[b]))
     p_ref = torch.tensor(p_ref)
-    assert ((p_ref <= 0.05) | (p_ref >= 0.95)).float().mean() > 0.3  # a good share near 0 or 1
+    assert ((p_ref <= 0.1) | (p_ref >= 0.9)).float().mean() > 0.3
     assert sum(short_wins) / len(short_wins) > 0.7
+    assert min(min(p.ref) for p in w.prompts) >= w.config.ref_floor - 1e-12
 
 
 def test_labelers_follow_btl_with_the_true_reward():
