@@ -97,6 +97,14 @@ def ppo(
     typer.echo(f"wrote {_run(stage.run, cfg)}")
 
 
+@app.command()
+def dpo(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+    """The DPO family on comparisons: sigmoid (DPO / cDPO), robust, ipo, simpo, pm (PM-DPO), cpm (conditional)."""
+    from pmrlhf.stages import dpo as stage
+
+    typer.echo(f"wrote {_run(stage.run, _config(stage.DPOConfig, config, overrides, run_dir))}")
+
+
 @app.command("eval")
 def eval_(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
     """Sec. 6.1 metrics (PM divergence, length, perplexity, entropy, KL) for every policy of a run."""

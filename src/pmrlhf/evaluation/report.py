@@ -24,7 +24,12 @@ def _load(path: Path):
 
 
 def _is_kl(metrics: dict) -> bool:
-    return metrics.get("penalty") == "kl"
+    """The standard-RLHF baseline of a family: KL-penalised PPO, or DPO itself."""
+    return metrics.get("penalty") in ("kl", "dpo:sigmoid")
+
+
+def _family(metrics: dict) -> str:
+    return "dpo" if str(metrics.get("penalty", "")).startswith("dpo:") else "ppo"
 
 
 def comparison_table(summary: dict) -> str:
@@ -62,34 +67,41 @@ def _change(new: float, old: float) -> str:
 def findings(summary: dict, probe: dict | None) -> list[str]:
     """Plain statements from the numbers: what was and was not reproduced."""
     out = []
-    kl_runs = {n: m for n, m in summary.items() if _is_kl(m)}
+    baselines: dict[str, tuple[str, dict]] = {}
+    for family in ("ppo", "dpo"):
+        runs = {n: m for n, m in summary.items() if _is_kl(m) and _family(m) == family}
+        if runs:
+            baselines[family] = min(runs.items(), key=lambda kv: abs(kv[1].get("coef", 1) * kv[1]["beta"] - 1))
     others = {n: m for n, m in summary.items() if n != REFERENCE and not _is_kl(m)}
-    kl_name, kl = next(iter(sorted(kl_runs.items(), key=lambda kv: abs(kv[1]["beta"] - 1))), (None, None))
-    if kl is not None and "world" in kl:
+    for family, (kl_name, kl) in baselines.items():
+        if "world" not in kl:
+            continue
         w = kl["world"]
         biased = w["tv_to_kl_target"] < w["tv_to_reward_model"]
+        what = "KL RLHF" if family == "ppo" else "DPO"
         out.append(
-            f"**KL RLHF follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
+            f"**{what} follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
             f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and "
-            f"{w['tv_to_reward_model']:.3f} from "
-            f"the reward model's e^r. " + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
+            f"{w['tv_to_reward_model']:.3f} from the reward model's e^r. "
+            + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
         )
-    if kl is not None:
-        for name, m in others.items():
-            text = (
-                f"**{name}** vs {kl_name}: sampled PM divergence {m['pm_divergence']:.4f} vs {kl['pm_divergence']:.4f} "
-                f"({_change(m['pm_divergence'], kl['pm_divergence'])}; the paper reports 29-41 % lower on real models)"
+    for name, m in others.items():
+        if _family(m) not in baselines:
+            continue
+        kl_name, kl = baselines[_family(m)]
+        text = (
+            f"**{name}** vs {kl_name}: sampled PM divergence {m['pm_divergence']:.4f} vs {kl['pm_divergence']:.4f} "
+            f"({_change(m['pm_divergence'], kl['pm_divergence'])}; the paper reports 29-41 % lower on real models)"
+        )
+        if "world" in m and "world" in kl:
+            w, wk = m["world"], kl["world"]
+            text += (
+                f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs {wk['pm_divergence_over_m']:.4f} "
+                f"({_change(w['pm_divergence_over_m'], wk['pm_divergence_over_m'])}); TV to the truth "
+                f"{w['tv_to_truth']:.3f} vs {wk['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f} "
+                f"vs {wk['mass_outside_m']:.3f}"
             )
-            if "world" in m and "world" in kl:
-                w, wk = m["world"], kl["world"]
-                text += (
-                    f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs "
-                    f"{wk['pm_divergence_over_m']:.4f} "
-                    f"({_change(w['pm_divergence_over_m'], wk['pm_divergence_over_m'])}); TV to the truth "
-                    f"{w['tv_to_truth']:.3f} vs {wk['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f} "
-                    f"vs {wk['mass_outside_m']:.3f}"
-                )
-            out.append(text + ".")
+        out.append(text + ".")
     pm = {n: m for n, m in others.items() if m.get("penalty") == "pm" and "world" in m}
     cpm = {n: m for n, m in others.items() if str(m.get("penalty", "")).startswith("cpm") and "world" in m}
     if pm and cpm:

@@ -1,8 +1,8 @@
 """``pmrlhf run CONFIG.yaml`` and ``pmrlhf demo``: every stage from one config, reusing finished ones.
 
-SFT -> reward model -> one PPO run per variant -> eval -> probe -> report. The shared settings (run folder,
-seed, world, data source, models) are written once and handed to each stage; a stage whose outputs are
-already in the run folder is skipped unless ``force`` is set.
+SFT -> reward model -> one PPO run per variant -> one DPO run per DPO variant -> eval -> probe -> report.
+The shared settings (run folder, seed, world, data source, models) are written once and handed to each
+stage; a stage whose outputs are already in the run folder is skipped unless ``force`` is set.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pmrlhf.config import DataConfig, ModelConfig, from_dict, to_dict
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json
-from pmrlhf.stages import evaluate, ppo, reward, sft
+from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
 from pmrlhf.stages.common import console, stage_dir
 
 
@@ -37,6 +37,15 @@ def default_variants() -> list[dict[str, Any]]:
     ]
 
 
+def default_dpo_variants() -> list[dict[str, Any]]:
+    """The DPO family on the same comparisons: DPO, and its preference-matching counterparts."""
+    return [
+        {"name": "dpo", "loss": "sigmoid", "beta": 1.0},
+        {"name": "dpo-pm", "loss": "pm", "beta": 1.0},
+        {"name": "dpo-cpm", "loss": "cpm", "beta": 1.0, "alpha": 0.003},
+    ]
+
+
 @dataclass
 class PipelineConfig:
     """The whole pipeline. Stage sections hold overrides of that stage's config (``pmrlhf <stage> --help``)."""
@@ -51,6 +60,8 @@ class PipelineConfig:
     reward: dict[str, Any] = field(default_factory=dict)  # overrides of the reward stage's config
     ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "actor_lr": 3e-4, "top_p": 1.0})
     variants: list[dict[str, Any]] = field(default_factory=default_variants)  # one PPO run each; "name" required
+    dpo: dict[str, Any] = field(default_factory=lambda: {"optim": {"lr": 3e-4, "epochs": 3}})  # base DPO overrides
+    dpo_variants: list[dict[str, Any]] = field(default_factory=default_dpo_variants)  # one DPO run each
     eval: dict[str, Any] = field(default_factory=dict)  # overrides of the eval config
     probe: dict[str, Any] = field(default_factory=dict)  # overrides of the probe config
     force: bool = False  # rerun stages whose outputs already exist
@@ -71,7 +82,7 @@ class PipelineConfig:
                 {**shared, "model": to_dict(self.reward_model), **self.reward, "data": data("reward", self.reward)},
             ),
         }
-        names = [v.get("name") for v in self.variants]
+        names = [v.get("name") for v in [*self.variants, *self.dpo_variants]]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ValueError(f"every variant needs a distinct name, got {names}")
         for variant in self.variants:
@@ -88,6 +99,17 @@ class PipelineConfig:
                 cfg.policy = dataclasses.replace(cfg.policy, name_or_path="")
             if cfg.reward.name_or_path == self.reward_model.name_or_path:
                 cfg.reward = dataclasses.replace(cfg.reward, name_or_path="")
+            cfg.validate()
+            configs[variant["name"]] = cfg
+        for variant in self.dpo_variants:
+            merged = {
+                **shared,
+                "model": {**to_dict(self.policy), "name_or_path": ""},
+                **self.dpo,
+                **variant,
+                "data": data("reward", {"data": {**self.dpo.get("data", {}), **variant.get("data", {})}}),
+            }
+            cfg = from_dict(dpo.DPOConfig, merged)
             cfg.validate()
             configs[variant["name"]] = cfg
         model = {"model": {**to_dict(self.policy), "name_or_path": ""}}
@@ -111,7 +133,13 @@ def run(config: PipelineConfig) -> Path:
     stage_dir(run_dir, ".", config)  # the pipeline's resolved config.yaml at the top of the run folder
     timings: dict[str, float] = {}
     variants = [v["name"] for v in config.variants]
-    steps = [("sft", sft.run), ("reward", reward.run), *((n, ppo.run) for n in variants)]
+    dpo_variants = [v["name"] for v in config.dpo_variants]
+    steps = [
+        ("sft", sft.run),
+        ("reward", reward.run),
+        *((n, ppo.run) for n in variants),
+        *((n, dpo.run) for n in dpo_variants),
+    ]
     for name, stage_run in steps:
         if _done(run_dir, name) and not config.force:
             console.print(f"[dim]{name}: already done, reusing {run_dir / name}[/dim]")
@@ -122,7 +150,7 @@ def run(config: PipelineConfig) -> Path:
         timings[name] = time.perf_counter() - t
     eval_cfg = configs["eval"]
     if not eval_cfg.policies:
-        eval_cfg.policies = {n: str(run_dir / n / "model") for n in variants}
+        eval_cfg.policies = {n: str(run_dir / n / "model") for n in [*variants, *dpo_variants]}
     for name, stage_run in (("eval", evaluate.run_eval), ("probe", evaluate.run_probe)):
         console.rule(name)
         t = time.perf_counter()
@@ -165,6 +193,10 @@ def demo_config(quick: bool = False, run_dir: str | None = None) -> PipelineConf
             {"name": "ppo-pm", "penalty": "pm", "ent_ctl": 1.0},
             {"name": "ppo-cpm-0.3", "penalty": "cpm_token", "alpha_ctl": 0.3},
             {"name": "ppo-cpm-seq", "penalty": "cpm_sequence", "alpha_ctl": 0.001},
+        ],
+        dpo_variants=[
+            {"name": "dpo", "loss": "sigmoid", "beta": 1.0},
+            {"name": "dpo-pm", "loss": "pm", "beta": 1.0},
         ],
         eval={"max_new_tokens": 8, "pairs_per_prompt": 8},
         probe={"max_new_tokens": 8},

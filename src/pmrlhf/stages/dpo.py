@@ -1,0 +1,197 @@
+"""``pmrlhf dpo``: DPO, conservative DPO, robust DPO, IPO, SimPO, and preference-matching DPO (plain and
+conditional), on comparisons.
+
+Our own loop rather than TRL's ``DPOTrainer``: one loop serves all seven losses, three of which (SimPO and
+the two PM variants) ``DPOTrainer`` does not have; where it has the same variant (``sigmoid``, ``ipo``,
+``robust``) the first-step loss matches it (``tests/test_dpo_stage.py``). Reference log-probabilities are
+computed once, before training.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.data.sources import holdout
+from pmrlhf.data.tokenize import Encoder
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.io import MetricsLog, atomic_write_json
+from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
+from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
+from pmrlhf.objectives import dpo
+from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, tokenizer_source, world_dir
+
+REFERENCE_FREE = {"simpo", "pm"}
+
+
+@dataclass
+class DPOConfig:
+    """``pmrlhf dpo``."""
+
+    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
+    name: str = "dpo"  # sub-folder of this stage's outputs
+    seed: int = 0  # seed of shuffling and dropout
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # comparisons
+    model: ModelConfig = field(default_factory=ModelConfig)  # policy and reference; "" = <run_dir>/sft/model
+    loss: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | robust | ipo | simpo | pm | cpm
+    beta: float = 0.1  # DPO's beta (the inverse temperature of the implicit reward)
+    label_smoothing: float = 0.0  # cDPO's eps (sigmoid) or robust DPO's flip rate
+    simpo_gamma: float = 1.0  # SimPO's target margin
+    alpha: float = 0.1  # conditional PM-DPO: responses with pi_ref(y|x) >= alpha get the PM form
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=2, batch_size=32))
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        if self.loss not in dpo.DPO_LOSSES:
+            raise ValueError(f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be positive, got {self.beta}")
+
+
+def loss_fn(config: DPOConfig):
+    """``f(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len) -> [N]`` for the config's loss."""
+    b, eps = config.beta, config.label_smoothing
+    table = {
+        "sigmoid": lambda c, r, rc, rr, lc, lr: dpo.dpo_sigmoid(c, r, rc, rr, b, eps),
+        "robust": lambda c, r, rc, rr, lc, lr: dpo.dpo_robust(c, r, rc, rr, b, eps),
+        "ipo": lambda c, r, rc, rr, lc, lr: dpo.ipo(c, r, rc, rr, lc, lr, b),
+        "simpo": lambda c, r, rc, rr, lc, lr: dpo.simpo(c, r, lc, lr, b, config.simpo_gamma),
+        "pm": lambda c, r, rc, rr, lc, lr: dpo.pm_dpo(c, r, b),
+        "cpm": lambda c, r, rc, rr, lc, lr: dpo.cpm_dpo(c, r, rc, rr, b, config.alpha),
+    }
+    return table[config.loss]
+
+
+def batch_logprobs(model, pairs: list[tuple], pad_id: int):
+    """Sequence log-probabilities and lengths of chosen and rejected, in one forward pass: ``4 x [N]``.
+
+    ``pairs``: items whose first three fields are prompt, chosen and rejected token ids."""
+    prompts = [x[0] for x in pairs] * 2
+    responses = [x[1] for x in pairs] + [x[2] for x in pairs]
+    device = next(model.parameters()).device
+    ids, attn, resp = (t.to(device) for t in join(prompts, responses, pad_id))
+    logp = (token_logprobs(model, ids, attn) * resp).sum(-1)
+    length = resp.sum(-1).float()
+    n = len(pairs)
+    return logp[:n], logp[n:], length[:n], length[n:]
+
+
+def run(config: DPOConfig) -> Path:
+    """Train and save ``<run_dir>/<name>/model``; return that path."""
+    from accelerate import Accelerator
+
+    config.validate()
+    out = stage_dir(config.run_dir, config.name, config)
+    seed_everything(config.seed)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    sft = Path(config.run_dir) / "sft" / "model"
+    init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
+    tokenizer = load_tokenizer(init or tokenizer_source("", config.data, config.run_dir, config.world))
+    records, report = load_stage_records(config.data, "comparison", config.run_dir, config.world)
+    enc = Encoder(
+        tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens, config.data.prompt_overflow
+    )
+    pairs = []
+    for r in records:
+        p = enc.prompt(r.prompt)
+        if p is not None:
+            pairs.append((p, enc.response(r.chosen), enc.response(r.rejected)))
+    policy = load_causal_lm(config.model, tokenizer, path=init or None)
+    pad_id = tokenizer.pad_token_id
+    if config.loss in REFERENCE_FREE:
+        ref_c = ref_r = torch.zeros(len(pairs))
+    else:
+        reference = load_causal_lm(config.model, tokenizer, path=init or None, trainable=False)
+        ref_c, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [c for _, c, _ in pairs], pad_id)
+        ref_r, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [r for _, _, r in pairs], pad_id)
+        del reference
+    # (prompt, chosen, rejected, reference log pi(chosen), reference log pi(rejected))
+    items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
+    train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr, weight_decay=config.optim.weight_decay
+    )
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    f = loss_fn(config)
+    log = MetricsLog(
+        out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
+    )
+
+    def step_loss(batch):
+        c, r, lc, lr = batch_logprobs(policy, batch, pad_id)
+        rc = torch.tensor([x[3] for x in batch], device=c.device)
+        rr = torch.tensor([x[4] for x in batch], device=c.device)
+        losses = f(c, r, rc, rr, lc, lr)
+        margin = (c - rc) - (r - rr)
+        return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+
+    rng = random.Random(config.seed)
+    bs = config.optim.batch_size
+    total = max(1, int(math.ceil(len(train) / bs) * config.optim.epochs))
+    step = 0
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(config.name, total=total)
+        while step < total:
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            for s in range(0, len(order), bs):
+                loss, stats = step_loss([train[i] for i in order[s : s + bs]])
+                accelerator.backward(loss)
+                if config.optim.max_grad_norm:
+                    accelerator.clip_grad_norm_(policy.parameters(), config.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                step += 1
+                progress.update(task, advance=1, description=f"{config.name}  loss {loss.item():.4f}")
+                row = {"train/loss": loss.item(), **{f"train/{k}": v for k, v in stats.items()}}
+                if held and (step % config.logging.log_every == 0 or step == total):
+                    with torch.no_grad():
+                        held_loss, held_stats = step_loss(held)
+                    row |= {"eval/loss": held_loss.item(), **{f"eval/{k}": v for k, v in held_stats.items()}}
+                if step % config.logging.log_every == 0 or step == total:
+                    log.log(step, row)
+                if step >= total:
+                    break
+    log.close()
+    path = save_model(accelerator.unwrap_model(policy), tokenizer, out / "model")
+    # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
+    summary = {
+        "loss": config.loss,
+        "penalty": f"dpo:{config.loss}",
+        "beta": 1.0,
+        "coef": config.beta,
+        "penalty_kwargs": {"alpha": config.alpha} if config.loss == "cpm" else {},
+        "steps": step,
+        "train_examples": len(train),
+        "data": report.summary(),
+    }
+    if config.data.source == "world":
+        from pmrlhf.evaluation.exact import compare_with_closed_forms
+        from pmrlhf.models import load_reward_model
+
+        reward_path = Path(config.run_dir) / "reward" / "model"
+        if reward_path.is_dir() and init:
+            reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False)
+            rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False)
+            alpha = config.alpha if config.loss == "cpm" else 0.0
+            summary["world"] = compare_with_closed_forms(
+                accelerator.unwrap_model(policy).eval(),
+                reference,
+                rm,
+                tokenizer,
+                world_dir(config.run_dir),
+                1.0,
+                config.beta,
+                alpha,
+            )
+    atomic_write_json(out / "summary.json", summary)
+    console.print(f"[green]{config.name} saved to {path}[/green]")
+    return path

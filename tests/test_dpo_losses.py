@@ -1,0 +1,85 @@
+import math
+
+import pytest
+import torch
+
+from pmrlhf.objectives import dpo, optimal
+
+
+def test_dpo_sigmoid_and_cdpo_known_values():
+    c, r, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    # delta = (-1 + 2) - (-3 + 2) = 2; beta = 0.5 -> -log sigmoid(1)
+    torch.testing.assert_close(dpo.dpo_sigmoid(c, r, rc, rr, beta=0.5), torch.tensor([math.log1p(math.exp(-1))]))
+    eps = 0.1
+    expected = (1 - eps) * math.log1p(math.exp(-1)) + eps * math.log1p(math.exp(1))
+    torch.testing.assert_close(dpo.dpo_sigmoid(c, r, rc, rr, beta=0.5, label_smoothing=eps), torch.tensor([expected]))
+    # cDPO = (1 - eps) L(w, l) + eps L(l, w): the textbook's identity
+    swapped = dpo.dpo_sigmoid(r, c, rr, rc, beta=0.5)
+    torch.testing.assert_close(
+        dpo.dpo_sigmoid(c, r, rc, rr, 0.5, eps), (1 - eps) * dpo.dpo_sigmoid(c, r, rc, rr, 0.5) + eps * swapped
+    )
+
+
+def test_robust_ipo_simpo_known_values():
+    c, r, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
+    eps = 0.2
+    robust = ((1 - eps) * math.log1p(math.exp(-1)) - eps * math.log1p(math.exp(1))) / (1 - 2 * eps)
+    torch.testing.assert_close(dpo.dpo_robust(c, r, rc, rr, beta=0.5, label_smoothing=eps), torch.tensor([robust]))
+    lc, lr = torch.tensor([2.0]), torch.tensor([4.0])
+    # per-token log-ratios: 1 / 2 - (-1) / 4 = 0.75; (0.75 - 1 / (2 * 0.5))^2 = 0.0625
+    torch.testing.assert_close(dpo.ipo(c, r, rc, rr, lc, lr, beta=0.5), torch.tensor([0.0625]))
+    # SimPO: beta (-1/2 - (-3/4)) - gamma = 2 * 0.25 - 1 = -0.5
+    torch.testing.assert_close(dpo.simpo(c, r, lc, lr, beta=2.0, gamma=1.0), torch.tensor([math.log1p(math.exp(0.5))]))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo.dpo_robust(c, r, rc, rr, label_smoothing=0.5)
+
+
+def test_pm_dpo_is_dpo_with_a_uniform_reference_and_cpm_interpolates():
+    g = torch.Generator().manual_seed(0)
+    c, r = torch.randn(8, generator=g) - 3, torch.randn(8, generator=g) - 3
+    uniform = torch.full((8,), math.log(0.25))
+    torch.testing.assert_close(dpo.pm_dpo(c, r, beta=0.7), dpo.dpo_sigmoid(c, r, uniform, uniform, beta=0.7))
+    rc, rr = torch.randn(8, generator=g) - 3, torch.randn(8, generator=g) - 3
+    # alpha below every reference probability: PM-DPO; above every one: DPO.
+    torch.testing.assert_close(dpo.cpm_dpo(c, r, rc, rr, 0.7, alpha=1e-30), dpo.pm_dpo(c, r, 0.7))
+    torch.testing.assert_close(dpo.cpm_dpo(c, r, rc, rr, 0.7, alpha=1.0), dpo.dpo_sigmoid(c, r, rc, rr, 0.7))
+
+
+@pytest.mark.parametrize(
+    "loss,beta,alpha", [("sigmoid", 0.5, 0.0), ("pm", 1.0, 0.0), ("pm", 0.5, 0.0), ("cpm", 1.0, 0.1)]
+)
+def test_minimising_on_btl_comparisons_reaches_the_closed_form(loss, beta, alpha):
+    """A tabular policy over k responses for P prompts, fitted to BTL-sampled comparisons of every pair."""
+    g = torch.Generator().manual_seed(1)
+    P, k, N = 3, 4, 60_000
+    r_star = torch.randn(P, k, generator=g, dtype=torch.float64)
+    ref = torch.softmax(2 * torch.randn(P, k, generator=g, dtype=torch.float64), -1)
+    prompt = torch.randint(P, (N,), generator=g)
+    a = torch.randint(k, (N,), generator=g)
+    b = (a + torch.randint(1, k, (N,), generator=g)) % k  # a != b, every pair equally often
+    a_wins = torch.rand(N, generator=g, dtype=torch.float64) < torch.sigmoid(r_star[prompt, a] - r_star[prompt, b])
+    win, lose = torch.where(a_wins, a, b), torch.where(a_wins, b, a)
+    logits = torch.zeros(P, k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
+    log_ref = ref.log()
+
+    def closure():
+        opt.zero_grad()
+        logp = torch.log_softmax(logits, -1)
+        w, l = logp[prompt, win], logp[prompt, lose]
+        rw, rl = log_ref[prompt, win], log_ref[prompt, lose]
+        value = {
+            "sigmoid": lambda: dpo.dpo_sigmoid(w, l, rw, rl, beta),
+            "pm": lambda: dpo.pm_dpo(w, l, beta),
+            "cpm": lambda: dpo.cpm_dpo(w, l, rw, rl, beta, alpha),
+        }[loss]().mean()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    fitted = torch.softmax(logits.detach(), -1)
+    target = dpo.implicit_target(loss, r_star, ref, beta, alpha)
+    assert (fitted - target).abs().sum(-1).max() / 2 < 0.02
+    # ...and not the other family's optimum: DPO keeps the reference's bias, PM-DPO does not.
+    other = optimal.max_entropy(r_star, beta) if loss == "sigmoid" else optimal.kl_rlhf(r_star, ref, beta)
+    assert (fitted - other).abs().sum(-1).max() / 2 > 0.1
