@@ -83,7 +83,7 @@ def test_quick_demo_writes_summary_report_and_figures(quick_demo):
 
     run, output = quick_demo
     summary = json.loads((run / "eval" / "summary.json").read_text())
-    assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-pm", "ppo-cpm-0.3", "ppo-cpm-seq"}
+    assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-pm", "ppo-cpm-0.3", "ppo-cpm-seq", "dpo", "dpo-pm"}
     for m in summary.values():
         assert {"pm_divergence", "length", "perplexity", "entropy", "kl"} <= set(m)
         assert {"tv_to_truth", "mass_outside_m", "pm_divergence_over_m"} <= set(m["world"])
@@ -103,6 +103,10 @@ def test_quick_demo_shows_what_the_paper_says(quick_demo):
     assert kl["tv_to_kl_target"] < 0.1 < kl["tv_to_reward_model"]
     # Unconditional PM leaves M(x); conditional PM stays in it.
     assert pm["mass_outside_m"] > 0.5 > cpm["mass_outside_m"]
+    # DPO keeps the reference's bias; PM-DPO moves to the reward model's preferences.
+    dpo, pm_dpo = s["dpo"]["world"], s["dpo-pm"]["world"]
+    assert dpo["tv_to_kl_target"] < dpo["tv_to_reward_model"]
+    assert pm_dpo["tv_to_reward_model"] < dpo["tv_to_reward_model"] - 0.1
 
 
 def test_sft_reference_is_near_0_or_1_on_many_pairs(quick_demo):

@@ -140,6 +140,18 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
     assert all(len(r) == len(lp) for r, lp in zip(responses, logps, strict=True))
 
 
+SMALL = [
+    "--set",
+    "prompts_per_iteration=6",
+    "--set",
+    "minibatch_size=3",
+    "--set",
+    "max_new_tokens=8",
+    "--set",
+    "world.n_prompts=6",
+]
+
+
 def _launch(args, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pmrlhf", *args],
@@ -156,21 +168,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path, tiny_world_config):
-    args = [
-        "ppo",
-        "--set",
-        "iterations=12",
-        "--set",
-        "checkpoint_every=3",
-        "--set",
-        "prompts_per_iteration=6",
-        "--set",
-        "minibatch_size=3",
-        "--set",
-        "max_new_tokens=8",
-        "--set",
-        "world.n_prompts=6",
-    ]
+    args = ["ppo", "--set", "iterations=12", "--set", "checkpoint_every=3", *SMALL]
     env = {"OMP_NUM_THREADS": "1"}  # thread count fixes the order of float reductions
     straight = copy_run(trained, tmp_path / "straight")
     assert _launch([*args, "--run-dir", str(straight)], env).wait() == 0
@@ -209,15 +207,8 @@ def test_two_processes_train_with_torchrun(trained, tmp_path):
         "--set",
         "iterations=4",
         "--set",
-        "prompts_per_iteration=6",
-        "--set",
-        "minibatch_size=3",
-        "--set",
-        "max_new_tokens=8",
-        "--set",
-        "world.n_prompts=6",
-        "--set",
         "checkpoint_every=2",
+        *SMALL,
     ]
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}

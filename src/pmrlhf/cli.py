@@ -18,11 +18,22 @@ def _root(
     version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
 ) -> None:
     """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
+    _quiet_libraries()
     if version:
         from pmrlhf import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+def _quiet_libraries() -> None:
+    """Per-file loading and saving bars of transformers and datasets drown the stages' own progress."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")

@@ -90,13 +90,6 @@ def truth_over_m(world: World) -> dict[str, torch.Tensor]:
     return out
 
 
-def kl_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``KL(p || q)`` per row over the masked entries, ``[P]``; 0 log 0 = 0."""
-    p = torch.where(mask, p, 0)
-    terms = torch.where(p > 0, p * (torch.log(p.clamp(min=1e-300)) - torch.log(q.clamp(min=1e-300))), 0)
-    return terms.sum(-1)
-
-
 def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Total-variation distance per row over the masked entries, ``[P]``."""
     return 0.5 * torch.where(mask, (p - q).abs(), 0).sum(-1)

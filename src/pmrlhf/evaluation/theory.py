@@ -163,47 +163,49 @@ def _binary_rlhf(p_reward: torch.Tensor, p_ref: float, beta: float) -> torch.Ten
     return pi[..., 0] / pi.sum(-1)
 
 
-_pm_style = {"lw": 2.5, "color": "black", "ls": "--", "zorder": 3}
+_PM_STYLE = {"lw": 2.5, "color": "black", "ls": "--", "zorder": 3}
+
+
+def _binary_figure(
+    path: Path, curves: list[tuple[str, float, float, bool]], xlabel: str, title: str, mark_x: float | None = None
+) -> Path:
+    """p_rlhf(y1) against the reward model's preference, one curve per ``(label, p_ref, beta, is_pm)``."""
+    x = torch.linspace(1e-4, 1 - 1e-4, 401, dtype=torch.float64)
+    fig, ax = subplots(figsize=(5.5, 5))
+    for i, (label, p_ref, beta, is_pm) in enumerate(curves):
+        style = _PM_STYLE if is_pm else {"lw": 1.4, "color": _CMAP(i / (len(curves) - 1))}
+        ax.plot(x, _binary_rlhf(x, p_ref, beta), label=label, **style)
+    if mark_x is not None:
+        ax.axvline(mark_x, color="grey", ls=":", lw=1)
+    ax.set(xlabel=xlabel, ylabel="KL RLHF model's preference p_rlhf(y1)", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(fontsize=8, loc="upper left")
+    return save_figure(fig, path)
 
 
 def figure_2(path: Path) -> Path:
     """Fig. 2: the KL-RLHF model's preference against the reward model's, beta = 1, several p_ref."""
-    x = torch.linspace(1e-4, 1 - 1e-4, 401, dtype=torch.float64)
-    fig, ax = subplots(figsize=(5.5, 5))
-    p_refs = (0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
-    for i, p_ref in enumerate(p_refs):
-        style = _pm_style if p_ref == 0.5 else {"lw": 1.4, "color": _CMAP(i / (len(p_refs) - 1))}
-        label = f"p_ref = {p_ref:g}" + (" (PM)" if p_ref == 0.5 else "") + (" (collapse)" if p_ref in (0, 1) else "")
-        ax.plot(x, _binary_rlhf(x, p_ref, 1.0), label=label, **style)
-    ax.set(
-        xlabel="reward model's preference p_reward(y1)",
-        ylabel="KL RLHF model's preference p_rlhf(y1)",
-        title="Fig. 2: KL RLHF inherits the reference's bias (beta = 1)",
-        xlim=(0, 1),
-        ylim=(0, 1),
+    curves = [
+        (f"p_ref = {p:g}" + (" (PM)" if p == 0.5 else "") + (" (collapse)" if p in (0, 1) else ""), p, 1.0, p == 0.5)
+        for p in (0.0, 0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 1.0)
+    ]
+    return _binary_figure(
+        path,
+        curves,
+        "reward model's preference p_reward(y1)",
+        "Fig. 2: KL RLHF inherits the reference's bias (beta = 1)",
     )
-    ax.legend(fontsize=8, loc="upper left")
-    return save_figure(fig, path)
 
 
 def figure_9(path: Path) -> Path:
     """Fig. 9: uniform reference, beta != 1: the smaller beta, the stronger the amplification of the majority."""
-    x = torch.linspace(1e-4, 1 - 1e-4, 401, dtype=torch.float64)
-    fig, ax = subplots(figsize=(5.5, 5))
-    betas = (0.1, 0.25, 0.5, 1.0, 2.0)
-    for i, beta in enumerate(betas):
-        style = _pm_style if beta == 1 else {"lw": 1.4, "color": _CMAP(i / (len(betas) - 1))}
-        ax.plot(x, _binary_rlhf(x, 0.5, beta), label=f"beta = {beta:g}" + (" (PM)" if beta == 1 else ""), **style)
-    ax.axvline(0.7, color="grey", ls=":", lw=1)
-    ax.set(
-        xlabel="reward model's preference sigmoid(r1 - r2)",
-        ylabel="KL RLHF model's preference p_rlhf(y1)",
-        title="Fig. 9: bias from beta (uniform reference)",
-        xlim=(0, 1),
-        ylim=(0, 1),
+    curves = [(f"beta = {b:g}" + (" (PM)" if b == 1 else ""), 0.5, b, b == 1) for b in (0.1, 0.25, 0.5, 1.0, 2.0)]
+    return _binary_figure(
+        path,
+        curves,
+        "reward model's preference sigmoid(r1 - r2)",
+        "Fig. 9: bias from beta (uniform reference)",
+        mark_x=0.7,
     )
-    ax.legend(fontsize=8, loc="upper left")
-    return save_figure(fig, path)
 
 
 def checks_markdown(checks: list[Check]) -> str:

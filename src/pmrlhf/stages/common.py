@@ -16,14 +16,20 @@ console = Console(stderr=True)
 
 
 def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
+    import numpy as np
 
-        np.random.seed(seed % 2**32)
-    except ImportError:  # numpy is optional here
-        pass
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) -> None:
+    """Backward, clip the gradient norm (when ``max_grad_norm`` > 0), step, clear the gradients."""
+    accelerator.backward(loss)
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad()
 
 
 def stage_dir(run_dir: str | Path, name: str, config) -> Path:

@@ -24,7 +24,15 @@ from pmrlhf.io import MetricsLog, atomic_write_json
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
-from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, tokenizer_source, world_dir
+from pmrlhf.stages.common import (
+    console,
+    load_stage_records,
+    optimizer_step,
+    seed_everything,
+    stage_dir,
+    tokenizer_source,
+    world_dir,
+)
 
 REFERENCE_FREE = {"simpo", "pm"}
 
@@ -144,11 +152,7 @@ def run(config: DPOConfig) -> Path:
             rng.shuffle(order)
             for s in range(0, len(order), bs):
                 loss, stats = step_loss([train[i] for i in order[s : s + bs]])
-                accelerator.backward(loss)
-                if config.optim.max_grad_norm:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
+                optimizer_step(accelerator, policy, optimizer, loss, config.optim.max_grad_norm)
                 step += 1
                 progress.update(task, advance=1, description=f"{config.name}  loss {loss.item():.4f}")
                 row = {"train/loss": loss.item(), **{f"train/{k}": v for k, v in stats.items()}}

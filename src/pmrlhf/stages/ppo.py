@@ -21,8 +21,10 @@ names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +34,12 @@ import torch
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_dir, atomic_write_json, read_jsonl
+from pmrlhf.io import MetricsLog, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
 from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.objectives import rl
 from pmrlhf.objectives.penalties import get_penalty
-from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, world_dir
+from pmrlhf.stages.common import console, load_stage_records, optimizer_step, seed_everything, stage_dir, world_dir
 from pmrlhf.stages.rollout import Trajectory, critic_values, generate, score
 
 
@@ -357,11 +359,7 @@ class PPOTrainer:
                     ptx_loss = self._ptx_loss()
                     actor_loss = actor_loss + c.ptx_coef * ptx_loss
                     sums["losses/ptx"] = sums.get("losses/ptx", 0.0) + ptx_loss.item()
-                acc.backward(actor_loss)
-                if c.max_grad_norm:
-                    acc.clip_grad_norm_(self.actor.parameters(), c.max_grad_norm)
-                self.actor_opt.step()
-                self.actor_opt.zero_grad()
+                optimizer_step(acc, self.actor, self.actor_opt, actor_loss, c.max_grad_norm)
                 batch_stats = {
                     "losses/policy": pg_loss.item(),
                     "policy/clipfrac": pg_stats["clipfrac"].item(),
@@ -370,11 +368,7 @@ class PPOTrainer:
                 if self.critic is not None:
                     values = critic_values(self.critic, ids, attn)
                     vf_loss, vf_stats = rl.ppo_value_loss(values, traj.values[idx], returns[idx], mask, c.value_clip)
-                    acc.backward(c.vf_coef * vf_loss * scale)
-                    if c.max_grad_norm:
-                        acc.clip_grad_norm_(self.critic.parameters(), c.max_grad_norm)
-                    self.critic_opt.step()
-                    self.critic_opt.zero_grad()
+                    optimizer_step(acc, self.critic, self.critic_opt, c.vf_coef * vf_loss * scale, c.max_grad_norm)
                     batch_stats |= {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
                 for k, v in batch_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -461,8 +455,6 @@ class PPOTrainer:
             root = self.out / "checkpoints"
             atomic_dir(root / f"iter-{self.iteration:06d}", lambda tmp: torch.save(state, tmp / "state.pt"))
             for old in sorted(root.glob("iter-*"))[: -self.config.keep_checkpoints]:
-                import shutil
-
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
 
@@ -492,9 +484,7 @@ class PPOTrainer:
         """Keep only the metrics logged up to the iteration the run (re)starts from."""
         path = self.out / "metrics.jsonl"
         rows = [r for r in read_jsonl(path) if r["step"] <= self.iteration] if path.exists() and self.iteration else []
-        from pmrlhf.io import atomic_write_text
-
-        atomic_write_text(path, "".join(__import__("json").dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     # --- the end ---------------------------------------------------------------------------------------------
 

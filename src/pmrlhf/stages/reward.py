@@ -26,7 +26,15 @@ from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
-from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, tokenizer_source, world_dir
+from pmrlhf.stages.common import (
+    console,
+    load_stage_records,
+    optimizer_step,
+    seed_everything,
+    stage_dir,
+    tokenizer_source,
+    world_dir,
+)
 
 
 @dataclass
@@ -168,11 +176,7 @@ def run(config: RewardConfig) -> Path:
                 with accelerator.accumulate(model):
                     scores, mask = score_batch(model, batch, tokenizer.pad_token_id)
                     loss = loss_fn(scores, mask)
-                    accelerator.backward(loss)
-                    if config.optim.max_grad_norm:
-                        accelerator.clip_grad_norm_(model.parameters(), config.optim.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
+                    optimizer_step(accelerator, model, optimizer, loss, config.optim.max_grad_norm)
                 step += 1
                 progress.update(task, advance=1, description=f"reward model  loss {loss.item():.3f}")
                 row = {"train/loss": loss.item()}

@@ -52,13 +52,28 @@ def run(config: SFTConfig) -> Path:
         run_name=f"{Path(config.run_dir).name}-sft",
     )
 
+    from rich.progress import Progress
+
+    progress = Progress(console=console, transient=True)
+
     class ToMetrics(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            progress.start()
+            self.task = progress.add_task("SFT", total=state.max_steps)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress.update(self.task, completed=state.global_step)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            progress.stop()
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
             if "eval_loss" in logs:
                 logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50))
             if "loss" in logs:
                 logs["train_perplexity"] = math.exp(min(logs["loss"], 50))
+                progress.update(self.task, description=f"SFT  loss {logs['loss']:.3f}")
             log.log(state.global_step, logs)
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -84,7 +99,7 @@ def run(config: SFTConfig) -> Path:
             bf16=config.model.dtype == "bfloat16",
             fp16=config.model.dtype == "float16",
             dataloader_num_workers=0,
-            disable_tqdm=False,
+            disable_tqdm=True,  # the rich bar below shows progress without printing every log line
         )
         trainer = SFTTrainer(
             model=model,
