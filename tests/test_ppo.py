@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmrlhf.config import DataConfig
+from pmrlhf.config import DataConfig, ModelConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import ppo, reward, sft
 
@@ -66,6 +66,7 @@ def test_paper_flags_map_one_to_one():
         {"penalty": "cpm_token", "alpha_ctl": 0.3, "ptx_coef": 0.5, "ema_decay": 0.9},
         {"penalty": "cpm_sequence", "alpha_ctl": 0.01, "advantage": "rloo", "samples_per_prompt": 2},
         {"penalty": "maxent", "maxent_tau": 0.5, "advantage": "group_mean", "samples_per_prompt": 3},
+        {"penalty": "kl", "policy": ModelConfig(lora_r=4, lora_target_modules=["c_attn"]), "actor_lr": 1e-2},
     ],
 )
 def test_every_penalty_and_option_trains(trained, tmp_path, tiny_world_config, kw):

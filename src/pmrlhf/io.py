@@ -94,11 +94,17 @@ class MetricsLog:
         self._tb = None
         self._wandb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise RuntimeError("logging.tensorboard needs: pip install tensorboard") from None
 
             self._tb = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
         if wandb:
-            import wandb as wandb_lib
+            try:
+                import wandb as wandb_lib
+            except ImportError:
+                raise RuntimeError("logging.wandb needs the wandb package: pip install wandb") from None
 
             self._wandb = wandb_lib.init(project=wandb_project, name=run_name, config=config, resume="allow")
 
