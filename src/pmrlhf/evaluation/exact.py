@@ -109,7 +109,15 @@ def pairwise_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch
 
 @torch.no_grad()
 def compare_with_closed_forms(
-    policy, reference, reward_model, tokenizer, world_path, beta: float, coef: float, alpha: float
+    policy,
+    reference,
+    reward_model,
+    tokenizer,
+    world_path,
+    beta: float,
+    coef: float,
+    alpha: float,
+    policy_dist: OverM | None = None,
 ) -> dict[str, float]:
     """Where a trained policy sits among the closed forms of ``objectives.optimal``, exactly, over M(x).
 
@@ -117,12 +125,14 @@ def compare_with_closed_forms(
     of the penalised objectives restricted to M(x) are: KL RLHF ``ref * e^{r / coef}`` (eq. (5.1)), PM
     ``e^{r / coef}`` (eq. (3.2) when coef = 1) and conditional PM ``e^{r / coef}`` on {ref >= alpha},
     ``ref * e^{r / coef}`` off it (Thm. 4). Distances are total variation between the policy's conditional
-    distribution over M(x) and each target, averaged over prompts.
+    distribution over M(x) and each target, averaged over prompts. ``policy_dist``: the policy's
+    ``policy_over_m``, when the caller already has it.
     """
     from pmrlhf.objectives import optimal
 
     world = World.load(world_path)
-    pol, ref = policy_over_m(policy, tokenizer, world), policy_over_m(reference, tokenizer, world)
+    pol = policy_dist if policy_dist is not None else policy_over_m(policy, tokenizer, world)
+    ref = policy_over_m(reference, tokenizer, world)
     scores, mask = rewards_over_m(reward_model, tokenizer, world)
     truth = truth_over_m(world)
     r = (scores / beta).masked_fill(~mask, float("-inf"))

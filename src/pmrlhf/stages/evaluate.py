@@ -127,12 +127,11 @@ def run_eval(config: EvalConfig) -> Path:
 
                 coef = float(meta.get("coef", 1.0))
                 alpha = float(meta.get("penalty_kwargs", {}).get("alpha", 0.0) or 0.0)
+                dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
-                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), beta, coef, alpha
+                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), beta, coef, alpha, dist
                 )
-                over_m[name] = policy_over_m(
-                    policy, tokenizer, World.load(world_dir(config.run_dir))
-                ).conditional.tolist()
+                over_m[name] = dist.conditional.tolist()
         summary[name], instances[name] = metrics, inst
         console.print(
             f"{name:<24} PM divergence {metrics['pm_divergence']:.4f}  length {metrics['length']:.1f}  "
