@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -100,23 +101,37 @@ def test_empty_responses_are_scored_not_fatal(trained, tmp_path, tiny_world_conf
     assert all(math.isfinite(v) for v in row.values())
 
 
-def test_kl_and_conditional_pm_end_at_their_closed_forms(trained, tmp_path, tiny_world_config):
-    """Same budget, same world: KL RLHF (coef 1) ends near ref * e^r; conditional PM with alpha below every
-    meaningful answer's reference probability ends near e^r over M(x), far closer than KL RLHF.
+@pytest.fixture(scope="module")
+def matched(tmp_path_factory, tiny_world_config):
+    """SFT and reward models on a world whose reference knows every meaningful answer (q >= 5 %, 2000
+    demonstrations), so that the closed forms over M(x) are reachable by sampling."""
+    world = dataclasses.replace(tiny_world_config, n_demonstrations=2000, n_comparisons=1500, ref_floor=0.05)
+    run = tmp_path_factory.mktemp("matched")
+    sft.run(sft.SFTConfig(run_dir=str(run), world=world))
+    reward.run(reward.RewardConfig(run_dir=str(run), world=world))
+    return run, world
 
-    top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority."""
+
+def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
+    """Same budget, same world: KL RLHF (coef 1) ends near ref * e^r; conditional PM (Def. 4.1) with alpha below
+    every meaningful answer's reference probability ends near e^r over M(x), far closer than KL RLHF.
+
+    top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority.
+    Margins were measured over seeds 0-2 (KL: 0.016-0.037 from its target; conditional PM: 0.11-0.14 from the
+    reward model, against KL's 0.32-0.34)."""
+    run, world = matched
     budget = dict(iterations=300, actor_lr=3e-4, top_p=1.0)
-    run = copy_run(trained, tmp_path)
-    ppo.run(ppo_config(run, tiny_world_config, name="kl", penalty="kl", kl_ctl=1.0, **budget))
-    ppo.run(ppo_config(run, tiny_world_config, name="cpm", penalty="cpm_sequence", alpha_ctl=1e-3, **budget))
+    ppo.run(ppo_config(run, world, name="kl", penalty="kl", kl_ctl=1.0, **budget))
+    ppo.run(ppo_config(run, world, name="cpm", penalty="cpm_sequence", alpha_ctl=0.01, **budget))
     kl = json.loads((run / "kl" / "summary.json").read_text())["world"]
     cpm = json.loads((run / "cpm" / "summary.json").read_text())["world"]
-    # KL RLHF: near its own (biased) optimum, far from the reward model's preferences.
-    assert kl["tv_to_kl_target"] < 0.04 < kl["reference_tv_to_kl_target"]
-    assert kl["tv_to_reward_model"] > 0.2
-    # Conditional PM: much closer to the reward model's Plackett-Luce distribution over M(x).
-    assert cpm["tv_to_reward_model"] < kl["tv_to_reward_model"] - 0.1
-    assert cpm["pm_divergence_over_m"] < kl["pm_divergence_over_m"]
+    # KL RLHF: at its own (biased) optimum, far from the reward model's preferences.
+    assert kl["tv_to_kl_target"] < 0.05 < kl["reference_tv_to_kl_target"]
+    assert kl["tv_to_reward_model"] > 0.25
+    # Conditional PM: near the reward model's Plackett-Luce distribution over M(x), and it stays in M(x).
+    assert cpm["tv_to_reward_model"] < min(0.2, kl["tv_to_reward_model"] - 0.15)
+    assert cpm["pm_divergence_over_m"] < kl["pm_divergence_over_m"] / 2
+    assert cpm["mass_outside_m"] < 0.1
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -188,6 +203,14 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
     assert strip(read_jsonl(straight / "ppo" / "metrics.jsonl")) == strip(read_jsonl(killed / "ppo" / "metrics.jsonl"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_two_processes_train_with_torchrun(trained, tmp_path):

@@ -23,6 +23,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, fused (one kernel for all of them) where the setup allows it.
+
+    Fused is several times faster than the per-tensor loop for small models; it is left off under FSDP and
+    DeepSpeed, which shard or replace the optimizer themselves.
+    """
+    from accelerate.utils import DistributedType
+
+    simple = accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=simple)
+
+
 def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) -> None:
     """Backward, clip the gradient norm (when ``max_grad_norm`` > 0), step, clear the gradients."""
     accelerator.backward(loss)

@@ -25,6 +25,7 @@ from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
 from pmrlhf.stages.common import (
+    adamw,
     console,
     load_stage_records,
     optimizer_step,
@@ -122,9 +123,7 @@ def run(config: DPOConfig) -> Path:
     # (prompt, chosen, rejected, reference log pi(chosen), reference log pi(rejected))
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
     train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
-    optimizer = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=config.optim.lr, weight_decay=config.optim.weight_decay
-    )
+    optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
     log = MetricsLog(

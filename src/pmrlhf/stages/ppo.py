@@ -39,7 +39,15 @@ from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokeni
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.objectives import rl
 from pmrlhf.objectives.penalties import get_penalty
-from pmrlhf.stages.common import console, load_stage_records, optimizer_step, seed_everything, stage_dir, world_dir
+from pmrlhf.stages.common import (
+    adamw,
+    console,
+    load_stage_records,
+    optimizer_step,
+    seed_everything,
+    stage_dir,
+    world_dir,
+)
 from pmrlhf.stages.rollout import Trajectory, critic_values, generate, score
 
 
@@ -189,15 +197,15 @@ class PPOTrainer:
         self.reference = load_causal_lm(c.policy, self.tokenizer, path=policy_path, trainable=False)
         self.reward_model = load_reward_model(c.reward, self.tokenizer, path=reward_path, trainable=False)
         critic = Critic(load_reward_model(c.reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
-        actor_opt = torch.optim.AdamW([p for p in actor.parameters() if p.requires_grad], lr=c.actor_lr)
+        acc = self.accelerator
+        actor_opt = adamw(actor.parameters(), acc, c.actor_lr)
         warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
         actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
-        acc = self.accelerator
         self.actor, self.actor_opt = acc.prepare(actor, actor_opt)
         self.actor_sched = actor_sched
         self.critic = self.critic_opt = self.critic_sched = None
         if critic is not None:
-            critic_opt = torch.optim.AdamW([p for p in critic.parameters() if p.requires_grad], lr=c.critic_lr)
+            critic_opt = adamw(critic.parameters(), acc, c.critic_lr)
             self.critic_sched = torch.optim.lr_scheduler.LambdaLR(critic_opt, warmup)
             self.critic, self.critic_opt = acc.prepare(critic, critic_opt)
         self.reference.to(acc.device)
@@ -302,10 +310,11 @@ class PPOTrainer:
             "objective/kl": seq_kl.mean(),
             "objective/entropy": -(traj.logp * m).sum(-1).mean(),
             "objective/coef": torch.tensor(self.coef),
+            "tokens": m.sum().float(),
         }
-        metrics = {k: self._mean_over_processes(v) for k, v in metrics.items()} | stats
+        metrics = self._mean_over_processes(metrics) | stats
         self._adapt_coef(metrics["objective/kl"])
-        tokens = self._mean_over_processes(m.sum().float()) * acc.num_processes
+        tokens = metrics.pop("tokens") * acc.num_processes
         return metrics | {
             "time/generate": t1 - t0,
             "time/score": t2 - t1,
@@ -376,7 +385,7 @@ class PPOTrainer:
         self.actor_sched.step()
         if self.critic_sched is not None:
             self.critic_sched.step()
-        return {k: self._mean_over_processes(torch.tensor(v / max(steps, 1))) for k, v in sums.items()}
+        return self._mean_over_processes({k: v / max(steps, 1) for k, v in sums.items()})
 
     def _split_scale(self, mask: torch.Tensor) -> torch.Tensor:
         """Rescale a per-process token mean so that DDP's gradient averaging gives the global token mean."""
@@ -419,9 +428,17 @@ class PPOTrainer:
             error = max(-0.2, min(0.2, kl / c.target_kl - 1))
             self.coef *= 1 + error * c.prompts_per_iteration * c.samples_per_prompt / 10_000
 
-    def _mean_over_processes(self, x) -> float:
-        x = torch.as_tensor(x, dtype=torch.float32, device=self.accelerator.device)
-        return self.accelerator.reduce(x.clone(), "mean").item()
+    def _mean_over_processes(self, values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """Each value averaged over the processes, in one collective call."""
+        if not values:
+            return {}
+        acc = self.accelerator
+        stacked = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float32, device=acc.device).reshape(()) for v in values.values()]
+        )
+        if acc.num_processes > 1:
+            stacked = acc.reduce(stacked, "mean")
+        return dict(zip(values, stacked.tolist(), strict=True))
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 

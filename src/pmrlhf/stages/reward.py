@@ -27,6 +27,7 @@ from pmrlhf.io import MetricsLog, atomic_write_json
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.stages.common import (
+    adamw,
     console,
     load_stage_records,
     optimizer_step,
@@ -150,7 +151,7 @@ def run(config: RewardConfig) -> Path:
     train_items, held_items = holdout(_ordered(records), config.data.eval_fraction, config.data.split_seed)
     train, held = _encode(train_items, encoder), _encode(held_items, encoder)
     model = load_reward_model(config.model, tokenizer, path=init or None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+    optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]
     log = MetricsLog(
