@@ -243,3 +243,12 @@ def test_two_processes_train_with_torchrun(trained, tmp_path):
     assert (run / "ppo" / "model" / "model.safetensors").is_file()
     state = torch.load(next((run / "ppo" / "checkpoints").glob("iter-*")) / "state.pt", weights_only=False)
     assert len(state["rng"]) == 2  # both processes' RNG states are kept for an exact resume
+
+
+def test_prompt_stream_is_a_seeded_permutation_per_pass_and_resumes_from_its_position():
+    a = ppo.PromptStream(5, seed=3)
+    first, second = a.take(5), a.take(5)
+    assert sorted(first) == sorted(second) == list(range(5)) and first != second
+    b = ppo.PromptStream(5, seed=3)
+    b.position = 7  # a resumed stream continues where the checkpoint left it
+    assert b.take(3) == second[2:]

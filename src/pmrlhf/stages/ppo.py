@@ -151,14 +151,17 @@ class PromptStream:
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.position = n, seed, 0
+        self._epoch, self._order = -1, []
 
     def take(self, k: int) -> list[int]:
         out = []
         for _ in range(k):
             epoch, i = divmod(self.position, self.n)
-            order = list(range(self.n))
-            random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            out.append(order[i])
+            if epoch != self._epoch:  # the order of a pass depends on (seed, pass) alone
+                self._order = list(range(self.n))
+                random.Random(self.seed * 100_003 + epoch).shuffle(self._order)
+                self._epoch = epoch
+            out.append(self._order[i])
             self.position += 1
         return out
 
