@@ -20,26 +20,27 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of ``x`` over the masked entries."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp(min=1)
-    return var
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> torch.Tensor:
+    """Normalise ``x`` to unit (unbiased) variance over the masked entries, and zero mean if ``shift_mean``.
 
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise ``x`` to unit variance over the masked entries (and zero mean if ``shift_mean``).
-
-    Entries outside the mask are returned as 0.
+    ``sum_over_workers`` sums a scalar over every process holding part of the batch (an all-reduce); with it
+    the statistics are those of the whole batch, so the split does not change the result. Entries outside the
+    mask are returned as 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    m = mask.to(x.dtype)
+    n = sum_over_workers(m.sum()).clamp(min=1)
+    mean = sum_over_workers((x * m).sum()) / n
+    var = sum_over_workers((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask.to(x.dtype)
+    return out * m
 
 
 def gae(

@@ -188,11 +188,9 @@ class PPOTrainer:
             if not Path(path).exists() and not c.__dict__[role].name_or_path:
                 raise ValueError(f"no {role} model at {path}: run the earlier stage or set {role}.name_or_path")
         self.tokenizer = load_tokenizer(policy_path)
-        self.encoder = Encoder(
-            self.tokenizer, c.data.max_prompt_tokens, c.data.max_response_tokens, c.data.prompt_overflow
-        )
+        self.encoder = Encoder.from_data(self.tokenizer, c.data)
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
-        self.prompts = [p for p in (self.encoder.prompt(r.prompt) for r in records) if p is not None]
+        self.prompts = self.encoder.prompts(r.prompt for r in records)
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
 
@@ -341,17 +339,9 @@ class PPOTrainer:
             per_sequence = rl.SEQUENCE_ADVANTAGES[c.advantage](rewards.sum(-1), c.samples_per_prompt)
             advantages, returns = rl.sequence_advantages_to_tokens(per_sequence, m), torch.zeros_like(rewards)
         if c.whiten_advantages:
-            advantages = self._whiten_global(advantages, m)
+            # every process's tokens count, so splitting the batch does not change the result
+            advantages = rl.whiten(advantages, m, sum_over_workers=lambda t: self.accelerator.reduce(t, "sum"))
         return advantages, returns
-
-    def _whiten_global(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Whiten with the mean and variance of every process's tokens, so the split does not change the result."""
-        acc = self.accelerator
-        m = mask.to(x.dtype)
-        n = acc.reduce(m.sum(), "sum")
-        mean = acc.reduce((x * m).sum(), "sum") / n
-        var = acc.reduce((((x - mean) * m) ** 2).sum(), "sum") / (n - 1).clamp(min=1)
-        return (x - mean) * torch.rsqrt(var + 1e-8) * m
 
     def _optimize(self, traj: Trajectory, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
         c, acc = self.config, self.accelerator
