@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pmrlhf.config import DataConfig
+
 
 @dataclass
 class Encoder:
@@ -26,6 +28,15 @@ class Encoder:
     def __post_init__(self):
         if self.overflow not in ("truncate_left", "skip"):
             raise ValueError(f"prompt_overflow must be 'truncate_left' or 'skip', got {self.overflow!r}")
+
+    @classmethod
+    def from_data(cls, tokenizer, data: DataConfig) -> Encoder:
+        """The encoder a stage's data section asks for."""
+        return cls(tokenizer, data.max_prompt_tokens, data.max_response_tokens, data.prompt_overflow)
+
+    def prompts(self, texts) -> list[list[int]]:
+        """Every prompt that fits, encoded; skipped ones are left out (and counted)."""
+        return [ids for ids in (self.prompt(t) for t in texts) if ids is not None]
 
     def prompt(self, text: str) -> list[int] | None:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

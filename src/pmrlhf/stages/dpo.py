@@ -103,9 +103,7 @@ def run(config: DPOConfig) -> Path:
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
     tokenizer = load_tokenizer(init or tokenizer_source("", config.data, config.run_dir, config.world))
     records, report = load_stage_records(config.data, "comparison", config.run_dir, config.world)
-    enc = Encoder(
-        tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens, config.data.prompt_overflow
-    )
+    enc = Encoder.from_data(tokenizer, config.data)
     pairs = []
     for r in records:
         p = enc.prompt(r.prompt)

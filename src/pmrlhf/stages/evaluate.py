@@ -62,10 +62,7 @@ class ProbeConfig:
 
 def _prompts(config, tokenizer) -> list[list[int]]:
     records, _ = load_stage_records(config.data, "prompt", config.run_dir, config.world)
-    enc = Encoder(
-        tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens, config.data.prompt_overflow
-    )
-    ids = [p for p in (enc.prompt(r.prompt) for r in records) if p is not None]
+    ids = Encoder.from_data(tokenizer, config.data).prompts(r.prompt for r in records)
     return [p for p in ids for _ in range(config.pairs_per_prompt)]
 
 

@@ -145,9 +145,7 @@ def run(config: RewardConfig) -> Path:
     tokenizer = load_tokenizer(
         init or tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world)
     )
-    encoder = Encoder(
-        tokenizer, config.data.max_prompt_tokens, config.data.max_response_tokens, config.data.prompt_overflow
-    )
+    encoder = Encoder.from_data(tokenizer, config.data)
     train_items, held_items = holdout(_ordered(records), config.data.eval_fraction, config.data.split_seed)
     train, held = _encode(train_items, encoder), _encode(held_items, encoder)
     model = load_reward_model(config.model, tokenizer, path=init or None)
