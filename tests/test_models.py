@@ -44,6 +44,30 @@ print(lm(ids).logits[0, -1, :5].tolist(), rm(ids).logits[0, 0].item())
     assert abs(float(got_rm) - want_rm) < 1e-5
 
 
+def test_gelu_new_runs_as_one_kernel_with_the_same_outputs_and_saved_config(tmp_path, tok):
+    """GPT-2's gelu_new is swapped for PyTorch's tanh GELU at load: the same logits, the config unchanged."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation, PytorchGELUTanh
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(), tok).eval()
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert any(isinstance(m, PytorchGELUTanh) for m in model.modules())
+    assert model.config.activation_function == "gelu_new"
+    save_model(model, tok, tmp_path / "m")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()  # plain transformers: gelu_new
+    assert any(isinstance(m, NewGELUActivation) for m in plain.modules())
+    ids = torch.randint(3, len(tok), (4, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_attention_is_eager_on_cpu_unless_asked_otherwise(tok):
+    assert load_causal_lm(ModelConfig(), tok).config._attn_implementation == "eager"
+    sdpa = load_reward_model(ModelConfig(attn_implementation="sdpa"), tok)
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
 def test_lora_model_is_merged_before_saving(tmp_path, tok):
     from transformers import AutoModelForCausalLM
 

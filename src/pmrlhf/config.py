@@ -34,6 +34,9 @@ class ModelConfig:
     tiny_hidden: int = 64  # hidden size of the tiny model
     tiny_heads: int = 4  # attention heads of the tiny model
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto: eager on CPU (faster than SDPA's CPU kernels at the lengths run there), transformers' choice on GPUs;
+    # or any attn_implementation transformers accepts (eager, sdpa, flash_attention_2, ...)
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False  # trade compute for activation memory
     lora_r: int = 0  # LoRA rank; 0 trains all weights
     lora_alpha: int = 16  # LoRA scaling numerator

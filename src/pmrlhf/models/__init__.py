@@ -73,6 +73,25 @@ def _tiny_from(cfg: ModelConfig, tokenizer):
     )
 
 
+def attention_implementation(cfg: ModelConfig) -> str | None:
+    """The ``attn_implementation`` to load with (None: transformers' default)."""
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    return None if torch.cuda.is_available() else "eager"
+
+
+def fuse_activations(model):
+    """Run GPT-2's ``gelu_new`` (five elementwise kernels) as PyTorch's tanh GELU: the same function in one
+    kernel, forward and backward. The config is untouched, so the model saves as it was."""
+    from transformers.activations import NewGELUActivation, PytorchGELUTanh
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, PytorchGELUTanh())
+    return model
+
+
 def _finish(model, cfg: ModelConfig, task_type: str):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -97,11 +116,12 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     from transformers import AutoModelForCausalLM
 
     source = str(path or cfg.name_or_path)
-    dtype = DTYPES[cfg.dtype]
+    kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kw)
     else:
-        model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), **kw)
+    fuse_activations(model)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -123,15 +143,16 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
     from transformers import AutoModelForSequenceClassification
 
     source = str(path or cfg.name_or_path)
-    dtype = DTYPES[cfg.dtype]
+    kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
         model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            source, num_labels=1, trust_remote_code=cfg.trust_remote_code, **kw
         )
     else:
         c = _tiny_from(cfg, tokenizer)
         c.num_labels = 1
-        model = AutoModelForSequenceClassification.from_config(c, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_config(c, **kw)
+    fuse_activations(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     if not trainable:
         model.requires_grad_(False).eval()
