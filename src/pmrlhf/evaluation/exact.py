@@ -7,6 +7,7 @@ truth need no sampling. The mass outside M(x) is ``1 - sum_{y in M(x)} pi(y|x)``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,59 @@ def pairwise_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch
 
 
 @torch.no_grad()
+def targets_mass_outside_m(
+    reference,
+    reward_model,
+    tokenizer,
+    world: World,
+    ref: OverM,
+    r: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    coef: float,
+    alpha: float,
+    max_new_tokens: int,
+    samples: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much mass the KL RLHF and conditional PM optima put outside M(x), averaged over prompts.
+
+    Over M(x) both optima are exact (``r`` is ``r_theta / beta`` there). Off it they weigh each response by
+    ``ref(y) e^{r(y)/coef}`` (KL; conditional PM where ``ref(y) < alpha``) or ``e^{r(y)/coef}`` (conditional
+    PM where ``ref(y) >= alpha``). Their sums over every response the reference can write within
+    ``max_new_tokens`` are estimated without bias from ``samples`` responses of the reference per prompt:
+    ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The sampling is seeded and leaves the
+    caller's random state as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
+    """
+    from pmrlhf.stages.rollout import generate
+
+    encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
+    prompts = [encoder.prompt(p.prompt) for p in world.prompts]
+    in_m = [{tuple(encoder.response(y)) for y in p.responses} for p in world.prompts]
+    repeated = [ids for ids in prompts for _ in range(samples)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        responses, logps = generate(reference, repeated, tokenizer, max_new_tokens, 1.0, 1.0, batch_size=256)
+    scores = reward_scores(reward_model, repeated, responses, tokenizer.pad_token_id).double() / beta / coef
+    ref_logp = torch.tensor([sum(lp) for lp in logps], dtype=torch.float64)
+    off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
+    # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact below
+    kl_terms = torch.where(off, scores, float("-inf")).reshape(-1, samples)
+    cpm_scores = torch.where(ref_logp >= math.log(alpha), scores - ref_logp, scores)
+    cpm_terms = torch.where(off, cpm_scores, float("-inf")).reshape(-1, samples)
+    log_n = math.log(samples)
+    ref_logp_m = ref.logp.masked_fill(~mask, float("-inf"))
+    r_c = (r / coef).masked_fill(~mask, float("-inf"))
+    kl_in = torch.logsumexp(ref_logp_m + r_c, -1)
+    cpm_in = torch.logsumexp(torch.where(ref_logp_m >= math.log(alpha), r_c, ref_logp_m + r_c), -1)
+    out = {}
+    for name, inside, terms in (("kl_target", kl_in, kl_terms), ("cpm_target", cpm_in, cpm_terms)):
+        outside = torch.logsumexp(terms, -1) - log_n
+        out[f"{name}_mass_outside_m"] = torch.sigmoid(outside - inside).mean().item()
+    return out
+
+
+@torch.no_grad()
 def compare_with_closed_forms(
     policy,
     reference,
@@ -118,6 +172,8 @@ def compare_with_closed_forms(
     coef: float,
     alpha: float,
     policy_dist: OverM | None = None,
+    max_new_tokens: int = 0,
+    reference_samples: int = 256,
 ) -> dict[str, float]:
     """Where a trained policy sits among the closed forms of ``objectives.optimal``, exactly, over M(x).
 
@@ -126,7 +182,8 @@ def compare_with_closed_forms(
     ``e^{r / coef}`` (eq. (3.2) when coef = 1) and conditional PM ``e^{r / coef}`` on {ref >= alpha},
     ``ref * e^{r / coef}`` off it (Thm. 4). Distances are total variation between the policy's conditional
     distribution over M(x) and each target, averaged over prompts. ``policy_dist``: the policy's
-    ``policy_over_m``, when the caller already has it.
+    ``policy_over_m``, when the caller already has it. With ``max_new_tokens`` > 0, the optima's mass outside
+    M(x) is estimated too (``targets_mass_outside_m``), from ``reference_samples`` samples per prompt.
     """
     from pmrlhf.objectives import optimal
 
@@ -153,4 +210,19 @@ def compare_with_closed_forms(
             dist.logp, torch.where(mask, scores / beta, 0.0), mask
         ).item()
     out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
+    if max_new_tokens > 0:
+        out |= targets_mass_outside_m(
+            reference,
+            reward_model,
+            tokenizer,
+            world,
+            ref,
+            r,
+            mask,
+            beta,
+            coef,
+            alpha,
+            max_new_tokens,
+            reference_samples,
+        )
     return out

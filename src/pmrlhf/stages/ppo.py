@@ -20,7 +20,9 @@ names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -101,6 +103,10 @@ class PPOConfig:
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: bool = False  # continue from the last checkpoint in <run_dir>/<name>/checkpoints
+    # no | bf16 | fp16; None: what `accelerate launch` was configured with (no outside it). With mixed
+    # precision the actor and critic keep float32 weights and compute under autocast, the frozen models are held
+    # in the half type, and policy.dtype / reward.dtype are not used.
+    mixed_precision: str | None = None
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))
 
     def resolved_penalty(self) -> tuple[str, float, dict]:
@@ -125,6 +131,8 @@ class PPOConfig:
             raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
         if self.advantage != "gae" and self.samples_per_prompt < 2:
             raise ValueError(f"advantage={self.advantage} needs samples_per_prompt >= 2")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use no, bf16 or fp16")
         if self.beta <= 0 or self.max_new_tokens < 1 or self.iterations < 1:
             raise ValueError("need beta > 0, max_new_tokens >= 1 and iterations >= 1")
 
@@ -178,7 +186,12 @@ class PPOTrainer:
         from accelerate import Accelerator
 
         self.config = c = config
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        from accelerate.state import AcceleratorState
+
+        # An earlier stage in this process fixed the shared state's precision; the process group stays.
+        AcceleratorState._reset_state()
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision)
+        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         self.out = stage_dir(c.run_dir, c.name, c) if self.accelerator.is_main_process else Path(c.run_dir) / c.name
         seed_everything(c.seed + self.accelerator.process_index)
         run = Path(c.run_dir)
@@ -194,10 +207,11 @@ class PPOTrainer:
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
 
-        actor = load_causal_lm(c.policy, self.tokenizer, path=policy_path)
-        self.reference = load_causal_lm(c.policy, self.tokenizer, path=policy_path, trainable=False)
-        self.reward_model = load_reward_model(c.reward, self.tokenizer, path=reward_path, trainable=False)
-        critic = Critic(load_reward_model(c.reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
+        (policy, reference), (reward, frozen_reward) = (self._precisions(m) for m in (c.policy, c.reward))
+        actor = load_causal_lm(policy, self.tokenizer, path=policy_path)
+        self.reference = load_causal_lm(reference, self.tokenizer, path=policy_path, trainable=False)
+        self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=reward_path, trainable=False)
+        critic = Critic(load_reward_model(reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
         acc = self.accelerator
         actor_opt = adamw(actor.parameters(), acc, c.actor_lr)
         warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
@@ -220,6 +234,20 @@ class PPOTrainer:
         self.stream = PromptStream(len(self.prompts), c.seed)
         self.moments = RunningMoments()
         self.iteration = 0
+
+    def _precisions(self, model: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
+        """(trainable, frozen) loading options: under mixed precision, float32 master weights and half copies."""
+        if self.half is None:
+            return model, model
+        half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.half]
+        return dataclasses.replace(model, dtype="float32"), dataclasses.replace(model, dtype=half)
+
+    def _autocast(self):
+        """The forward passes' precision context; a no-op without mixed precision. Several forward passes under
+        one region cast each trainable weight once."""
+        if self.half is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.accelerator.device.type, dtype=self.half)
 
     # --- the loop --------------------------------------------------------------------------------------------
 
@@ -273,21 +301,23 @@ class PPOTrainer:
         prompts = [self.prompts[i] for i in chosen for _ in range(c.samples_per_prompt)]
         group = torch.arange(len(chosen)).repeat_interleave(c.samples_per_prompt)
         # 2. generate, with the actor's log-probabilities of the sampled tokens
-        responses, logps = generate(
-            acc.unwrap_model(self.actor), prompts, self.tokenizer, c.max_new_tokens, c.top_p, c.temperature
-        )
+        with self._autocast():
+            responses, logps = generate(
+                acc.unwrap_model(self.actor), prompts, self.tokenizer, c.max_new_tokens, c.top_p, c.temperature
+            )
         t1 = time.perf_counter()
         # 3. score: reference log-probabilities, critic values, reward-model scores
-        traj = score(
-            self.reference,
-            self.reward_model,
-            self.critic,
-            prompts,
-            responses,
-            logps,
-            group,
-            self.tokenizer.pad_token_id,
-        )
+        with self._autocast():
+            traj = score(
+                self.reference,
+                self.reward_model,
+                self.critic,
+                prompts,
+                responses,
+                logps,
+                group,
+                self.tokenizer.pad_token_id,
+            )
         t2 = time.perf_counter()
         # 4. shape rewards
         scores = self._normalized(traj.scores)
@@ -354,11 +384,12 @@ class PPOTrainer:
                 idx = order[s : s + c.minibatch_size].to(traj.ids.device)
                 ids, attn, mask = traj.ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
                 scale = self._split_scale(mask)
-                logp = token_logprobs(self.actor, ids, attn)
+                with self._autocast():
+                    logp = token_logprobs(self.actor, ids, attn)
+                    ptx_loss = self._ptx_loss() if self.ptx is not None else None
                 pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages[idx], mask, c.clip)
                 actor_loss = pg_loss * scale
-                if self.ptx is not None:
-                    ptx_loss = self._ptx_loss()
+                if ptx_loss is not None:
                     actor_loss = actor_loss + c.ptx_coef * ptx_loss
                     sums["losses/ptx"] = sums.get("losses/ptx", 0.0) + ptx_loss.item()
                 optimizer_step(acc, self.actor, self.actor_opt, actor_loss, c.max_grad_norm)
@@ -368,7 +399,8 @@ class PPOTrainer:
                     "policy/approx_kl": pg_stats["approx_kl"].item(),
                 }
                 if self.critic is not None:
-                    values = critic_values(self.critic, ids, attn)
+                    with self._autocast():
+                        values = critic_values(self.critic, ids, attn)
                     vf_loss, vf_stats = rl.ppo_value_loss(values, traj.values[idx], returns[idx], mask, c.value_clip)
                     optimizer_step(acc, self.critic, self.critic_opt, c.vf_coef * vf_loss * scale, c.max_grad_norm)
                     batch_stats |= {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
@@ -530,6 +562,7 @@ class PPOTrainer:
                     beta=self.config.beta,
                     coef=self.coef,
                     alpha=self.config.alpha_ctl,
+                    max_new_tokens=self.config.max_new_tokens,
                 )
                 console.print(_world_line(self.config.name, summary["world"]))
             atomic_write_json(self.out / "summary.json", summary)
