@@ -1,15 +1,18 @@
 """PPO iteration cost against the sum of its bare parts, and throughput against TRL's RLOOTrainer.
 
-    python benchmarks/ppo_step.py [--sizes tiny small] [--iterations 10] [--skip-trl]
+    python benchmarks/ppo_step.py [--sizes tiny small] [--iterations 10] [--precision bf16 fp32] [--skip-trl]
 
 For each model size (untrained models of real architectures, built from config; timing does not depend on
 the weights) it prints:
 
-* the time of one full PPO iteration (GAE, critic) and the sum of the bare costs of its parts measured in
-  the same run at the same batch and lengths: one ``generate``, the reference, reward and critic forward
-  passes, and the actor and critic forward+backward passes (target: iteration <= 1.15 x the sum);
+* the time of one full PPO iteration (GAE, critic, float32) and the sum of the bare costs of its parts
+  measured in the same run at the same batch and lengths: one ``generate``, the reference, reward and critic
+  forward passes, and the actor and critic forward+backward passes (target: iteration <= 1.15 x the sum);
 * response tokens per second of our stage with ``advantage=rloo`` and of TRL's ``RLOOTrainer`` on the same
-  model, prompts, batch size and lengths, and their ratio (target >= 1.5).
+  model, prompts, batch size, lengths and KL coefficient, and their ratio (target >= 1.5), at each precision:
+  ``bf16`` is mixed precision on both sides (TRL's default), ``fp32`` full precision on both. TRL runs twice:
+  on its defaults (the target's ratio), and given the attention and activation kernels ``pmrlhf.models``
+  loads with, so that the second ratio is the trainers' own work alone.
 
 The last line is a JSON object with every figure.
 """
@@ -17,6 +20,8 @@ The last line is a JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import statistics
 import tempfile
@@ -25,10 +30,11 @@ from pathlib import Path
 
 import torch
 
+from pmrlhf.config import ModelConfig
 from pmrlhf.data.tokenize import pad
 from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.io import read_jsonl
-from pmrlhf.models import save_model, tiny_config
+from pmrlhf.models import attention_implementation, fuse_activations, save_model, tiny_config
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.stages import ppo
 from pmrlhf.stages.rollout import critic_values, generate
@@ -131,11 +137,12 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
     }
 
 
-def ours_rloo_throughput(run: Path, iterations: int, k: int) -> float:
+def ours_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool) -> float:
     trainer = ppo.PPOTrainer(
         config(
             run,
             name="bench-rloo",
+            mixed_precision="bf16" if bf16 else "no",
             advantage="rloo",
             samples_per_prompt=k,
             kl_ctl=KL,
@@ -153,7 +160,9 @@ def ours_rloo_throughput(run: Path, iterations: int, k: int) -> float:
     return tokens / seconds
 
 
-def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
+def trl_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool, our_kernels: bool) -> float:
+    """TRL's RLOOTrainer on its defaults, or (``our_kernels``) given the attention and activation kernels that
+    ``pmrlhf.models`` loads with, so that what is left of the ratio is the trainer's own work."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
@@ -163,7 +172,8 @@ def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
     tok = load_tokenizer(run / "sft" / "model")
     prompts = [row["prompt"] for row in read_jsonl(run / "world" / "prompts.jsonl")]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts] * 50)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model")
+    attention = {"attn_implementation": attention_implementation(ModelConfig())} if our_kernels else {}
+    reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model", **attention)
     lengths: list[float] = []
     marks: list[float] = []
 
@@ -191,6 +201,8 @@ def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
             use_cpu=True,
             learning_rate=1e-4,
             disable_tqdm=True,
+            bf16=bf16,
+            model_init_kwargs=attention or None,
         )
         trainer = RLOOTrainer(
             model=str(run / "sft" / "model"),
@@ -201,7 +213,11 @@ def trl_rloo_throughput(run: Path, iterations: int, k: int) -> float:
             reward_processing_classes=tok,
             callbacks=[Clock()],
         )
-        trainer.train()
+        if our_kernels:
+            for model in (trainer.model, trainer.ref_model, reward_model):
+                fuse_activations(model)
+        with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log line when tqdm is off
+            trainer.train()
     seconds = marks[-1] - marks[0]  # the first step is warm-up
     return sum(lengths[1:]) * BATCH / seconds
 
@@ -211,6 +227,13 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=sorted(SIZES))
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--group", type=int, default=4, help="samples per prompt for the RLOO comparison")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["bf16", "fp32"],
+        choices=["bf16", "fp32"],
+        help="bf16: mixed precision on both sides (TRL's default); fp32: full precision on both",
+    )
     parser.add_argument("--skip-trl", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -227,14 +250,23 @@ def main() -> None:
                 if k.startswith("part/"):
                     print(f"    {k[5:]:<24} {v * 1e3:8.1f} ms")
             print(f"    {'(HF model.generate)':<24} {r['hf_generate_s'] * 1e3:8.1f} ms")
-            ours = ours_rloo_throughput(run, args.iterations, args.group)
-            r["ours_rloo_tokens_per_s"] = ours
-            line = f"[{size}] RLOO response tokens/s: ours {ours:.0f}"
-            if not args.skip_trl:
-                trl = trl_rloo_throughput(run, args.iterations, args.group)
-                r["trl_rloo_tokens_per_s"], r["throughput_ratio"] = trl, ours / trl
-                line += f", TRL {trl:.0f}, ratio {ours / trl:.2f} (target >= 1.5)"
-            print(line)
+            for precision in args.precision:
+                bf16 = precision == "bf16"
+                ours = ours_rloo_throughput(run, args.iterations, args.group, bf16)
+                r[f"ours_rloo_tokens_per_s/{precision}"] = ours
+                line = f"[{size}] RLOO response tokens/s, {precision}: ours {ours:.0f}"
+                if not args.skip_trl:
+                    trl = trl_rloo_throughput(run, args.iterations, args.group, bf16, our_kernels=False)
+                    same = trl_rloo_throughput(run, args.iterations, args.group, bf16, our_kernels=True)
+                    r[f"trl_rloo_tokens_per_s/{precision}"] = trl
+                    r[f"throughput_ratio/{precision}"] = ours / trl
+                    r[f"trl_our_kernels_rloo_tokens_per_s/{precision}"] = same
+                    r[f"throughput_ratio_same_kernels/{precision}"] = ours / same
+                    line += (
+                        f", TRL {trl:.0f}, ratio {ours / trl:.2f} (target >= 1.5); "
+                        f"TRL on our kernels {same:.0f}, ratio {ours / same:.2f}"
+                    )
+                print(line)
             results[size] = r
     print(json.dumps(results))
 
