@@ -188,6 +188,9 @@ def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):
     )
     assert out["reference_mass_outside_m"] > 0.005  # something to estimate
     assert out["kl_target_mass_outside_m"] == pytest.approx(out["reference_mass_outside_m"], abs=0.005)
+    # alpha 0 (the paper's switch to unconditional PM): every response is weighed by e^r alone
+    pm = compare_with_closed_forms(reference, reference, flat, tok, run / "world", 1.0, 1.0, 0.0, max_new_tokens=8)
+    assert out["reference_mass_outside_m"] < pm["cpm_target_mass_outside_m"] <= 1
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

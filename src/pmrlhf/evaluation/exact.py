@@ -147,13 +147,14 @@ def targets_mass_outside_m(
     off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
     # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact below
     kl_terms = torch.where(off, scores, float("-inf")).reshape(-1, samples)
-    cpm_scores = torch.where(ref_logp >= math.log(alpha), scores - ref_logp, scores)
+    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")  # alpha 0: every response is in M(x) for PM
+    cpm_scores = torch.where(ref_logp >= log_alpha, scores - ref_logp, scores)
     cpm_terms = torch.where(off, cpm_scores, float("-inf")).reshape(-1, samples)
     log_n = math.log(samples)
     ref_logp_m = ref.logp.masked_fill(~mask, float("-inf"))
     r_c = (r / coef).masked_fill(~mask, float("-inf"))
     kl_in = torch.logsumexp(ref_logp_m + r_c, -1)
-    cpm_in = torch.logsumexp(torch.where(ref_logp_m >= math.log(alpha), r_c, ref_logp_m + r_c), -1)
+    cpm_in = torch.logsumexp(torch.where(ref_logp_m >= log_alpha, r_c, ref_logp_m + r_c), -1)
     out = {}
     for name, inside, terms in (("kl_target", kl_in, kl_terms), ("cpm_target", cpm_in, cpm_terms)):
         outside = torch.logsumexp(terms, -1) - log_n

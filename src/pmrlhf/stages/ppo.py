@@ -184,10 +184,9 @@ def run(config: PPOConfig) -> Path:
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
         from accelerate import Accelerator
-
-        self.config = c = config
         from accelerate.state import AcceleratorState
 
+        self.config = c = config
         # An earlier stage in this process fixed the shared state's precision; the process group stays.
         AcceleratorState._reset_state()
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision)
