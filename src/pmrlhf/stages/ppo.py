@@ -242,8 +242,9 @@ class PPOTrainer:
         return dataclasses.replace(model, dtype="float32"), dataclasses.replace(model, dtype=half)
 
     def _autocast(self):
-        """The forward passes' precision context; a no-op without mixed precision. Several forward passes under
-        one region cast each trainable weight once."""
+        """Mixed precision for what ``accelerator.prepare`` does not wrap: the frozen models, and sampling, where
+        one region over every token casts the actor's weights once instead of at each step. A no-op without
+        mixed precision."""
         if self.half is None:
             return contextlib.nullcontext()
         return torch.autocast(self.accelerator.device.type, dtype=self.half)
@@ -383,12 +384,11 @@ class PPOTrainer:
                 idx = order[s : s + c.minibatch_size].to(traj.ids.device)
                 ids, attn, mask = traj.ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
                 scale = self._split_scale(mask)
-                with self._autocast():
-                    logp = token_logprobs(self.actor, ids, attn)
-                    ptx_loss = self._ptx_loss() if self.ptx is not None else None
+                logp = token_logprobs(self.actor, ids, attn)
                 pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages[idx], mask, c.clip)
                 actor_loss = pg_loss * scale
-                if ptx_loss is not None:
+                if self.ptx is not None:
+                    ptx_loss = self._ptx_loss()
                     actor_loss = actor_loss + c.ptx_coef * ptx_loss
                     sums["losses/ptx"] = sums.get("losses/ptx", 0.0) + ptx_loss.item()
                 optimizer_step(acc, self.actor, self.actor_opt, actor_loss, c.max_grad_norm)
@@ -398,8 +398,7 @@ class PPOTrainer:
                     "policy/approx_kl": pg_stats["approx_kl"].item(),
                 }
                 if self.critic is not None:
-                    with self._autocast():
-                        values = critic_values(self.critic, ids, attn)
+                    values = critic_values(self.critic, ids, attn)
                     vf_loss, vf_stats = rl.ppo_value_loss(values, traj.values[idx], returns[idx], mask, c.value_clip)
                     optimizer_step(acc, self.critic, self.critic_opt, c.vf_coef * vf_loss * scale, c.max_grad_norm)
                     batch_stats |= {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
