@@ -14,6 +14,11 @@ the weights) it prints:
   on its defaults (the target's ratio), and given the attention and activation kernels ``pmrlhf.models``
   loads with, so that the second ratio is the trainers' own work alone.
 
+Both comparisons interleave: each round times one iteration and then each bare part, and one of our RLOO
+iterations runs right after each of TRL's steps in the same process. On shared cores, whose speed drifts by
+10 % or more within a minute, timing one side after the other moved the ratios more than the changes being
+measured.
+
 The last line is a JSON object with every figure.
 """
 
@@ -84,10 +89,11 @@ def timed(fn, repeats: int) -> float:
 
 
 def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
+    """Medians over rounds; each round times one iteration and then each bare part once, so that a machine
+    whose speed drifts (shared cores) slows both sides of a round alike."""
     trainer = ppo.PPOTrainer(config(run, name="bench-gae"))
     for _ in range(2):
         trainer.step()  # warm-up
-    iteration = timed(trainer.step, iterations)
 
     # The bare parts, at one batch of the same prompts and generated lengths.
     tok = trainer.tokenizer
@@ -96,8 +102,31 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
     critic = trainer.accelerator.unwrap_model(trainer.critic)
     responses, _ = generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0)
     ids, attn, resp = join(prompts, responses, tok.pad_token_id)
-    parts = {}
-    parts["generate"] = timed(lambda: generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0), iterations)
+
+    def actor_step():
+        (token_logprobs(actor, ids, attn) * resp).sum().backward()
+        actor.zero_grad()
+
+    def critic_step():
+        (critic_values(critic, ids, attn) * resp).sum().backward()
+        critic.zero_grad()
+
+    def no_grad(fn):
+        return torch.no_grad()(fn)
+
+    parts = {
+        "generate": lambda: generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0),
+        "reference_forward": no_grad(lambda: token_logprobs(trainer.reference, ids, attn)),
+        "reward_forward": no_grad(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn)),
+        "critic_forward": no_grad(lambda: critic_values(critic, ids, attn)),
+        "actor_forward_backward": actor_step,
+        "critic_forward_backward": critic_step,
+    }
+    rounds: list[dict[str, float]] = []
+    for _ in range(iterations):
+        row = {"iteration": timed(trainer.step, 1)}
+        row |= {name: timed(fn, 1) for name, fn in parts.items()}
+        rounds.append(row)
     left, left_mask = pad(prompts, tok.pad_token_id, "left")
     hf_generate = timed(
         lambda: actor.generate(
@@ -112,33 +141,30 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
         ),
         iterations,
     )
-    with torch.no_grad():
-        parts["reference_forward"] = timed(lambda: token_logprobs(trainer.reference, ids, attn), iterations)
-        parts["reward_forward"] = timed(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn), iterations)
-        parts["critic_forward"] = timed(lambda: critic_values(critic, ids, attn), iterations)
-
-    def actor_step():
-        (token_logprobs(actor, ids, attn) * resp).sum().backward()
-        actor.zero_grad()
-
-    def critic_step():
-        (critic_values(critic, ids, attn) * resp).sum().backward()
-        critic.zero_grad()
-
-    parts["actor_forward_backward"] = timed(actor_step, iterations)
-    parts["critic_forward_backward"] = timed(critic_step, iterations)
-    total = sum(parts.values())
+    median = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    ratio = statistics.median(r["iteration"] / sum(r[p] for p in parts) for r in rounds)
     return {
-        "iteration_s": iteration,
-        "parts_sum_s": total,
-        "ratio": iteration / total,
+        "iteration_s": median["iteration"],
+        "parts_sum_s": sum(median[p] for p in parts),
+        "ratio": ratio,
         "hf_generate_s": hf_generate,
-        **{f"part/{k}": v for k, v in parts.items()},
+        **{f"part/{p}": median[p] for p in parts},
     }
 
 
-def ours_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool) -> float:
-    trainer = ppo.PPOTrainer(
+def rloo_throughputs(run: Path, iterations: int, k: int, bf16: bool, our_kernels: bool) -> tuple[float, float]:
+    """Response tokens per second of (our stage with ``advantage=rloo``, TRL's ``RLOOTrainer``), one of our
+    iterations run right after each of TRL's steps, so that a machine whose speed drifts slows both alike.
+
+    TRL runs on its defaults, or (``our_kernels``) given the attention and activation kernels that
+    ``pmrlhf.models`` loads with, so that what is left of the ratio is the trainer's own work."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from pmrlhf.models import load_tokenizer
+
+    ours = ppo.PPOTrainer(
         config(
             run,
             name="bench-rloo",
@@ -150,40 +176,28 @@ def ours_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool) -> floa
             minibatch_size=BATCH,
         )
     )
-    trainer.step()
-    tokens = seconds = 0.0
-    for _ in range(iterations):
-        t = time.perf_counter()
-        row = trainer.step()
-        seconds += time.perf_counter() - t
-        tokens += row["env/response_length"] * BATCH
-    return tokens / seconds
-
-
-def trl_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool, our_kernels: bool) -> float:
-    """TRL's RLOOTrainer on its defaults, or (``our_kernels``) given the attention and activation kernels that
-    ``pmrlhf.models`` loads with, so that what is left of the ratio is the trainer's own work."""
-    from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
-
-    from pmrlhf.models import load_tokenizer
-
+    ours.step()  # warm-up
     tok = load_tokenizer(run / "sft" / "model")
     prompts = [row["prompt"] for row in read_jsonl(run / "world" / "prompts.jsonl")]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts] * 50)
     attention = {"attn_implementation": attention_implementation(ModelConfig())} if our_kernels else {}
     reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model", **attention)
-    lengths: list[float] = []
-    marks: list[float] = []
+    trl_lengths: list[float] = []
+    clock = {"trl_s": 0.0, "ours_s": 0.0, "ours_tokens": 0.0, "since": None}
 
-    class Clock(TrainerCallback):
+    class Interleave(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            marks.append(time.perf_counter())
+            now = time.perf_counter()
+            if clock["since"] is not None:  # TRL's first step is its warm-up
+                clock["trl_s"] += now - clock["since"]
+                row = ours.step()
+                clock["ours_s"] += time.perf_counter() - now
+                clock["ours_tokens"] += row["env/response_length"] * BATCH
+            clock["since"] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
-                lengths.append(logs["completions/mean_length"])
+                trl_lengths.append(logs["completions/mean_length"])
 
     with tempfile.TemporaryDirectory() as out:
         args = RLOOConfig(
@@ -211,15 +225,15 @@ def trl_rloo_throughput(run: Path, iterations: int, k: int, bf16: bool, our_kern
             train_dataset=dataset,
             processing_class=tok,
             reward_processing_classes=tok,
-            callbacks=[Clock()],
+            callbacks=[Interleave()],
         )
         if our_kernels:
             for model in (trainer.model, trainer.ref_model, reward_model):
                 fuse_activations(model)
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log line when tqdm is off
             trainer.train()
-    seconds = marks[-1] - marks[0]  # the first step is warm-up
-    return sum(lengths[1:]) * BATCH / seconds
+    # TRL's step i is timed from the end of our step i - 1 to its own end: it includes its logging of step i - 1
+    return clock["ours_tokens"] / clock["ours_s"], sum(trl_lengths[1:]) * BATCH / clock["trl_s"]
 
 
 def main() -> None:
@@ -234,7 +248,7 @@ def main() -> None:
         choices=["bf16", "fp32"],
         help="bf16: mixed precision on both sides (TRL's default); fp32: full precision on both",
     )
-    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--skip-trl", action="store_true", help="only the iteration against its parts")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     results = {}
@@ -250,23 +264,20 @@ def main() -> None:
                 if k.startswith("part/"):
                     print(f"    {k[5:]:<24} {v * 1e3:8.1f} ms")
             print(f"    {'(HF model.generate)':<24} {r['hf_generate_s'] * 1e3:8.1f} ms")
-            for precision in args.precision:
+            for precision in [] if args.skip_trl else args.precision:
                 bf16 = precision == "bf16"
-                ours = ours_rloo_throughput(run, args.iterations, args.group, bf16)
+                ours, trl = rloo_throughputs(run, args.iterations, args.group, bf16, our_kernels=False)
+                ours_again, same = rloo_throughputs(run, args.iterations, args.group, bf16, our_kernels=True)
                 r[f"ours_rloo_tokens_per_s/{precision}"] = ours
-                line = f"[{size}] RLOO response tokens/s, {precision}: ours {ours:.0f}"
-                if not args.skip_trl:
-                    trl = trl_rloo_throughput(run, args.iterations, args.group, bf16, our_kernels=False)
-                    same = trl_rloo_throughput(run, args.iterations, args.group, bf16, our_kernels=True)
-                    r[f"trl_rloo_tokens_per_s/{precision}"] = trl
-                    r[f"throughput_ratio/{precision}"] = ours / trl
-                    r[f"trl_our_kernels_rloo_tokens_per_s/{precision}"] = same
-                    r[f"throughput_ratio_same_kernels/{precision}"] = ours / same
-                    line += (
-                        f", TRL {trl:.0f}, ratio {ours / trl:.2f} (target >= 1.5); "
-                        f"TRL on our kernels {same:.0f}, ratio {ours / same:.2f}"
-                    )
-                print(line)
+                r[f"trl_rloo_tokens_per_s/{precision}"] = trl
+                r[f"throughput_ratio/{precision}"] = ours / trl
+                r[f"trl_our_kernels_rloo_tokens_per_s/{precision}"] = same
+                r[f"throughput_ratio_same_kernels/{precision}"] = ours_again / same
+                print(
+                    f"[{size}] RLOO response tokens/s, {precision}: ours {ours:.0f}, TRL {trl:.0f}, "
+                    f"ratio {ours / trl:.2f} (target >= 1.5); ours {ours_again:.0f}, TRL on our kernels "
+                    f"{same:.0f}, ratio {ours_again / same:.2f}"
+                )
             results[size] = r
     print(json.dumps(results))
 
