@@ -6,12 +6,12 @@ import torch
 from pmrlhf.objectives import rl
 
 
-def slow_gae(rewards, values, lengths, gamma, lam):
+def slow_gae(rewards, values, starts, lengths, gamma, lam):
     adv = torch.zeros_like(rewards)
-    for b, L in enumerate(lengths):
+    for b, (s, L) in enumerate(zip(starts, lengths, strict=True)):
         last = 0.0
-        for t in reversed(range(L)):
-            next_v = values[b, t + 1].item() if t + 1 < L else 0.0
+        for t in reversed(range(s, s + L)):
+            next_v = values[b, t + 1].item() if t + 1 < s + L else 0.0
             delta = rewards[b, t].item() + gamma * next_v - values[b, t].item()
             last = delta + gamma * lam * last
             adv[b, t] = last
@@ -20,14 +20,17 @@ def slow_gae(rewards, values, lengths, gamma, lam):
 
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.9, 0.0)])
 def test_gae_matches_a_slow_reference_loop(gamma, lam):
+    """Responses start after prompts of different lengths and end before padding, as in a rollout."""
     g = torch.Generator().manual_seed(0)
-    B, T = 5, 9
-    lengths = [9, 4, 1, 7, 6]
-    mask = (torch.arange(T)[None] < torch.tensor(lengths)[:, None]).long()
+    B, T = 6, 12
+    starts, lengths = [0, 2, 3, 1, 4, 11], [9, 4, 1, 7, 8, 1]
+    t = torch.arange(T)[None]
+    mask = (t >= torch.tensor(starts)[:, None]) & (t < torch.tensor(starts)[:, None] + torch.tensor(lengths)[:, None])
+    mask = mask.long()
     rewards = torch.randn(B, T, generator=g, dtype=torch.float64) * mask
-    values = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage past the mask must not leak in
+    values = torch.randn(B, T, generator=g, dtype=torch.float64)  # garbage outside the mask must not leak in
     adv, ret = rl.gae(rewards, values, mask, gamma, lam)
-    torch.testing.assert_close(adv, slow_gae(rewards, values, lengths, gamma, lam))
+    torch.testing.assert_close(adv, slow_gae(rewards, values, starts, lengths, gamma, lam))
     torch.testing.assert_close(ret, (adv + values) * mask)
 
 
