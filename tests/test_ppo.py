@@ -215,6 +215,23 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
     assert all(len(r) == len(lp) for r, lp in zip(responses, logps, strict=True))
 
 
+def test_sampler_runs_one_forward_pass_per_new_token():
+    """The prompt pass gives the first token and each later token one cached pass; none whose logits go unused."""
+    from pmrlhf.config import ModelConfig
+    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.models import load_causal_lm
+    from pmrlhf.stages.rollout import generate
+
+    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(), tok).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    responses, _ = generate(model, [[5, 3], [7, 9, 10, 3]], tok, max_new_tokens=5, top_p=1.0, temperature=1.0)
+    assert max(len(r) for r in responses) == 5  # one response ran to the limit
+    assert len(calls) == 5
+
+
 SMALL = [
     "--set",
     "prompts_per_iteration=6",

@@ -90,7 +90,7 @@ def generate(
             tokens.append(token)
             token_logp.append(torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
             done = done | (token == eos)
-            if bool(done.all()):
+            if len(tokens) == max_new_tokens or bool(done.all()):  # no forward pass whose logits go unused
                 break
             out = model(
                 input_ids=token[:, None],
