@@ -328,3 +328,24 @@ def test_prompt_stream_is_a_seeded_permutation_per_pass_and_resumes_from_its_pos
     b = ppo.PromptStream(5, seed=3)
     b.position = 7  # a resumed stream continues where the checkpoint left it
     assert b.take(3) == second[2:]
+
+
+def test_gradient_clipping_matches_torch_bit_for_bit():
+    from pmrlhf.stages.common import clip_grad_norm
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in [(64, 64), (7,), (3, 5, 2)]]
+    grads = [torch.randn(p.shape, generator=g) * 3 for p in params]
+    for p, x in zip(params, grads, strict=True):
+        p.grad = x.clone()
+    expected = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    clipped = [p.grad for p in params]
+    ours = [x.clone() for x in grads]
+    norm = clip_grad_norm(ours, 1.0)
+    assert norm.item() == expected.item()
+    assert norm.item() == pytest.approx(math.sqrt(sum((x.double() ** 2).sum().item() for x in grads)), rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ours, clipped, strict=True))
+    small = [x / 1000 for x in grads]  # norm below the limit: left as it is
+    unchanged = [x.clone() for x in small]
+    clip_grad_norm(small, 1.0)
+    assert all(torch.equal(a, b) for a, b in zip(small, unchanged, strict=True))
