@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
-from pmrlhf.config import DataConfig, save_config
+from pmrlhf.config import DataConfig, ModelConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
 from pmrlhf.data.world import FILES, WorldConfig, ensure_world
 
@@ -21,6 +22,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+HALF_TYPES = {"bfloat16": "bf16", "float16": "fp16"}  # a ModelConfig.dtype -> accelerate's mixed precision
+
+
+def stage_accelerator(trainable: ModelConfig, mixed_precision: str | None = None, **kwargs):
+    """The stage's ``Accelerator``. Its precision is ``mixed_precision`` when given, else the half type that the
+    trainable model's ``dtype`` names, else what ``accelerate launch`` was configured with (no outside it).
+
+    A half ``dtype`` on a model that trains thus means mixed precision, never half weights: a bf16 weight rounds
+    away every Adam update below 2^-8 of itself, which at the learning rates of fine-tuning is most of them.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # An earlier stage in this process fixed the shared state's precision; the process group stays.
+    AcceleratorState._reset_state()
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=mixed_precision or HALF_TYPES.get(trainable.dtype),
+        **kwargs,
+    )
+
+
+def load_precisions(model: ModelConfig, mixed_precision: str) -> tuple[ModelConfig, ModelConfig]:
+    """(trainable, frozen) loading options under an accelerator's ``mixed_precision``: with a half type, float32
+    master weights and copies held in that type; without, the model's own ``dtype`` for both."""
+    half = {v: k for k, v in HALF_TYPES.items()}.get(mixed_precision)
+    if half is None:
+        return model, model
+    return dataclasses.replace(model, dtype="float32"), dataclasses.replace(model, dtype=half)
 
 
 def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:

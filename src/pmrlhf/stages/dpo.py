@@ -27,9 +27,11 @@ from pmrlhf.objectives import dpo
 from pmrlhf.stages.common import (
     adamw,
     console,
+    load_precisions,
     load_stage_records,
     optimizer_step,
     seed_everything,
+    stage_accelerator,
     stage_dir,
     tokenizer_source,
     world_dir,
@@ -93,12 +95,11 @@ def batch_logprobs(model, pairs: list[tuple], pad_id: int):
 
 def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
-    from accelerate import Accelerator
-
     config.validate()
     out = stage_dir(config.run_dir, config.name, config)
     seed_everything(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = stage_accelerator(config.model)
+    trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
     sft = Path(config.run_dir) / "sft" / "model"
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
     tokenizer = load_tokenizer(init or tokenizer_source("", config.data, config.run_dir, config.world))
@@ -109,12 +110,12 @@ def run(config: DPOConfig) -> Path:
         p = enc.prompt(r.prompt)
         if p is not None:
             pairs.append((p, enc.response(r.chosen), enc.response(r.rejected)))
-    policy = load_causal_lm(config.model, tokenizer, path=init or None)
+    policy = load_causal_lm(trainable, tokenizer, path=init or None)
     pad_id = tokenizer.pad_token_id
     if config.loss in REFERENCE_FREE:
         ref_c = ref_r = torch.zeros(len(pairs))
     else:
-        reference = load_causal_lm(config.model, tokenizer, path=init or None, trainable=False)
+        reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False)
         ref_c, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [c for _, c, _ in pairs], pad_id)
         ref_r, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [r for _, _, r in pairs], pad_id)
         del reference

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -44,9 +43,11 @@ from pmrlhf.objectives.penalties import get_penalty
 from pmrlhf.stages.common import (
     adamw,
     console,
+    load_precisions,
     load_stage_records,
     optimizer_step,
     seed_everything,
+    stage_accelerator,
     stage_dir,
     world_dir,
 )
@@ -103,9 +104,9 @@ class PPOConfig:
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: bool = False  # continue from the last checkpoint in <run_dir>/<name>/checkpoints
-    # no | bf16 | fp16; None: what `accelerate launch` was configured with (no outside it). With mixed
-    # precision the actor and critic keep float32 weights and compute under autocast, the frozen models are held
-    # in the half type, and policy.dtype / reward.dtype are not used.
+    # no | bf16 | fp16; None: the half type policy.dtype names, else what `accelerate launch` was configured
+    # with (no outside it). With mixed precision the actor and critic keep float32 weights and compute under
+    # autocast, and the frozen reference and reward model are held in the half type.
     mixed_precision: str | None = None
     logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))
 
@@ -183,13 +184,8 @@ def run(config: PPOConfig) -> Path:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-
         self.config = c = config
-        # An earlier stage in this process fixed the shared state's precision; the process group stays.
-        AcceleratorState._reset_state()
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=c.mixed_precision)
+        self.accelerator = stage_accelerator(c.policy, c.mixed_precision)
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
         self.out = stage_dir(c.run_dir, c.name, c) if self.accelerator.is_main_process else Path(c.run_dir) / c.name
         seed_everything(c.seed + self.accelerator.process_index)
@@ -206,7 +202,8 @@ class PPOTrainer:
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
 
-        (policy, reference), (reward, frozen_reward) = (self._precisions(m) for m in (c.policy, c.reward))
+        mixed = self.accelerator.mixed_precision
+        (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
         actor = load_causal_lm(policy, self.tokenizer, path=policy_path)
         self.reference = load_causal_lm(reference, self.tokenizer, path=policy_path, trainable=False)
         self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=reward_path, trainable=False)
@@ -233,13 +230,6 @@ class PPOTrainer:
         self.stream = PromptStream(len(self.prompts), c.seed)
         self.moments = RunningMoments()
         self.iteration = 0
-
-    def _precisions(self, model: ModelConfig) -> tuple[ModelConfig, ModelConfig]:
-        """(trainable, frozen) loading options: under mixed precision, float32 master weights and half copies."""
-        if self.half is None:
-            return model, model
-        half = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[self.half]
-        return dataclasses.replace(model, dtype="float32"), dataclasses.replace(model, dtype=half)
 
     def _autocast(self):
         """Mixed precision for what ``accelerator.prepare`` does not wrap: the frozen models, and sampling, where

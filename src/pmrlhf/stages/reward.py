@@ -29,9 +29,11 @@ from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.stages.common import (
     adamw,
     console,
+    load_precisions,
     load_stage_records,
     optimizer_step,
     seed_everything,
+    stage_accelerator,
     stage_dir,
     tokenizer_source,
     world_dir,
@@ -130,15 +132,13 @@ def truth_distance(model, tokenizer, world: World, held: list[tuple[str, list[st
 
 def run(config: RewardConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model`` (the best by held-out accuracy); return that path."""
-    from accelerate import Accelerator
-
     if config.loss not in REWARD_LOSSES:
         raise ValueError(f"unknown reward loss {config.loss!r}; use one of {sorted(REWARD_LOSSES)}")
     if config.data_kind not in ("comparison", "ranking"):
         raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {config.data_kind!r}")
     out = stage_dir(config.run_dir, config.name, config)
     seed_everything(config.seed)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), gradient_accumulation_steps=config.optim.grad_accum)
+    accelerator = stage_accelerator(config.model, gradient_accumulation_steps=config.optim.grad_accum)
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
     sft = Path(config.run_dir) / "sft" / "model"
     init = "" if config.model.name_or_path else (str(sft) if config.init_from_sft and sft.is_dir() else "")
@@ -148,7 +148,8 @@ def run(config: RewardConfig) -> Path:
     encoder = Encoder.from_data(tokenizer, config.data)
     train_items, held_items = holdout(_ordered(records), config.data.eval_fraction, config.data.split_seed)
     train, held = _encode(train_items, encoder), _encode(held_items, encoder)
-    model = load_reward_model(config.model, tokenizer, path=init or None)
+    trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
+    model = load_reward_model(trainable, tokenizer, path=init or None)
     optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]

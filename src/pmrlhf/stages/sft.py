@@ -7,12 +7,22 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
-from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, tokenizer_source
+from pmrlhf.stages.common import (
+    HALF_TYPES,
+    console,
+    load_precisions,
+    load_stage_records,
+    seed_everything,
+    stage_dir,
+    tokenizer_source,
+)
 
 
 @dataclass
@@ -42,7 +52,8 @@ def run(config: SFTConfig) -> Path:
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
     train, held = holdout(records, config.data.eval_fraction, config.data.split_seed)
     to_ds = lambda rs: Dataset.from_list([{"prompt": r.prompt, "completion": r.response} for r in rs])  # noqa: E731
-    model = load_causal_lm(config.model, tokenizer)
+    mixed = HALF_TYPES.get(config.model.dtype, "no")  # a half dtype trains float32 weights under autocast
+    model = load_causal_lm(load_precisions(config.model, mixed)[0], tokenizer)
 
     log = MetricsLog(
         out / "metrics.jsonl",
@@ -96,8 +107,9 @@ def run(config: SFTConfig) -> Path:
             data_seed=config.seed,
             max_length=config.data.max_prompt_tokens + config.data.max_response_tokens,
             completion_only_loss=True,
-            bf16=config.model.dtype == "bfloat16",
-            fp16=config.model.dtype == "float16",
+            bf16=mixed == "bf16",
+            fp16=mixed == "fp16",
+            use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU-only machine without it
             dataloader_num_workers=0,
             disable_tqdm=True,  # the rich bar below shows progress without printing every log line
         )
