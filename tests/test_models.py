@@ -120,3 +120,25 @@ def test_encoder_truncates_or_skips_long_prompts_and_counts(tok):
     skip = Encoder(tok, max_prompt_tokens=4, overflow="skip")
     assert skip.prompt(long_prompt) is None and skip.prompt("q1 :") is not None
     assert skip.counts == {"prompts skipped (too long)": 1}
+
+
+def test_gradient_checkpointing_saves_fewer_activations_and_gives_the_same_gradient(tok):
+    ids = torch.tensor([tok("q1 : w3 w2 w1", add_special_tokens=False)["input_ids"]])
+    saved, grads = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = load_causal_lm(ModelConfig(gradient_checkpointing=checkpointing), tok).train()
+        assert model.config.use_cache is not checkpointing
+        count = [0]
+
+        def pack(t, count=count):
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = token_logprobs(model, ids, torch.ones_like(ids)).sum()
+        loss.backward()
+        saved.append(count[0])
+        grads.append(model.transformer.h[0].mlp.c_fc.weight.grad.clone())
+    assert saved[1] < saved[0] / 2  # the blocks keep only their inputs for the backward pass
+    torch.testing.assert_close(grads[0], grads[1])

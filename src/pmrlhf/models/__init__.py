@@ -93,8 +93,8 @@ def fuse_activations(model):
 
 
 def _finish(model, cfg: ModelConfig, task_type: str):
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         model.config.use_cache = False
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
