@@ -151,9 +151,11 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority.
     Margins were measured over seeds 0-2 on two draws of the SFT and reward models (the same code with
     different float rounding): KL 0.013-0.037 from its target, except one run at 0.155 (seed 2 of the second
-    draw, still 0.14 after 600 iterations); conditional PM 0.08-0.14 from the reward model against KL's
-    0.32-0.40. Off M(x) the conditional PM optimum keeps the mass the reward model gives unnatural text the
-    reference writes (0.002 on one draw, 0.08 on the other); the runs put 0.02-0.08 more there."""
+    draw: an early step collapses one prompt onto one answer, and one sample per prompt never finds the way
+    back; at lr 1e-4 or with 4 samples per prompt it ends at 0.01, docs/ppo.md); conditional PM 0.08-0.14 from
+    the reward model against KL's 0.32-0.40. Off M(x) the conditional PM optimum keeps the mass the reward
+    model gives unnatural text the reference writes (0.002 on one draw, 0.08 on the other); the runs put
+    0.02-0.08 more there."""
     run, world = matched
     budget = dict(iterations=300, actor_lr=3e-4, top_p=1.0)
     ppo.run(ppo_config(run, world, name="kl", penalty="kl", kl_ctl=1.0, **budget))
