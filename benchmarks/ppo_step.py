@@ -111,14 +111,11 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
         (critic_values(critic, ids, attn) * resp).sum().backward()
         critic.zero_grad()
 
-    def no_grad(fn):
-        return torch.no_grad()(fn)
-
     parts = {
         "generate": lambda: generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0),
-        "reference_forward": no_grad(lambda: token_logprobs(trainer.reference, ids, attn)),
-        "reward_forward": no_grad(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn)),
-        "critic_forward": no_grad(lambda: critic_values(critic, ids, attn)),
+        "reference_forward": torch.no_grad()(lambda: token_logprobs(trainer.reference, ids, attn)),
+        "reward_forward": torch.no_grad()(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn)),
+        "critic_forward": torch.no_grad()(lambda: critic_values(critic, ids, attn)),
         "actor_forward_backward": actor_step,
         "critic_forward_backward": critic_step,
     }
