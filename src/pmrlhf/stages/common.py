@@ -55,6 +55,34 @@ def load_precisions(model: ModelConfig, mixed_precision: str) -> tuple[ModelConf
     return dataclasses.replace(model, dtype="float32"), dataclasses.replace(model, dtype=half)
 
 
+def epoch_batches(n: int, batch_size: int, rng: random.Random, processes: int = 1) -> list[list[int]]:
+    """One pass over ``n`` examples in a seeded order, cut into global batches of indices: ``batch_size`` per
+    process, ``process_share`` deals them out. A last batch with fewer elements than processes is dropped, as
+    some process would have no share of it."""
+    order = list(range(n))
+    rng.shuffle(order)
+    size = batch_size * processes
+    return [order[s : s + size] for s in range(0, n, size) if min(size, n - s) >= processes]
+
+
+def batches_per_pass(n: int, batch_size: int, processes: int = 1) -> int:
+    """How many batches ``epoch_batches`` cuts ``n`` examples into."""
+    size = batch_size * processes
+    return n // size + (n % size >= processes)
+
+
+def process_share(batch: list, accelerator) -> tuple[list, float]:
+    """This process's share of a global batch that every process holds in full, and the weight that turns the
+    mean loss over its share into its part of the batch mean once DDP has averaged the processes' gradients.
+
+    For a loss that is a mean over batch elements this is exact, shares of unequal size included. A batch with
+    fewer elements than processes would leave some process nothing; ``epoch_batches`` makes none.
+    """
+    n = accelerator.num_processes
+    share = batch[accelerator.process_index :: n]
+    return share, len(share) * n / len(batch)
+
+
 def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, fused (one kernel for all of them) where the setup allows it.
 

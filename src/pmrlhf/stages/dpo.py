@@ -9,7 +9,6 @@ computed once, before training.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +25,13 @@ from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
 from pmrlhf.stages.common import (
     adamw,
+    batches_per_pass,
     console,
+    epoch_batches,
     load_precisions,
     load_stage_records,
     optimizer_step,
+    process_share,
     seed_everything,
     stage_accelerator,
     stage_dir,
@@ -96,9 +98,10 @@ def batch_logprobs(model, pairs: list[tuple], pad_id: int):
 def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     config.validate()
-    out = stage_dir(config.run_dir, config.name, config)
     seed_everything(config.seed)
     accelerator = stage_accelerator(config.model)
+    main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
+    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
     sft = Path(config.run_dir) / "sft" / "model"
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
@@ -125,8 +128,12 @@ def run(config: DPOConfig) -> Path:
     optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
-    log = MetricsLog(
-        out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
+    log = (
+        MetricsLog(
+            out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
+        )
+        if main
+        else None
     )
 
     def step_loss(batch):
@@ -139,30 +146,35 @@ def run(config: DPOConfig) -> Path:
 
     rng = random.Random(config.seed)
     bs = config.optim.batch_size
-    total = max(1, int(math.ceil(len(train) / bs) * config.optim.epochs))
+    total = max(1, int(batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs))
     step = 0
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not main) as progress:
         task = progress.add_task(config.name, total=total)
         while step < total:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for s in range(0, len(order), bs):
-                loss, stats = step_loss([train[i] for i in order[s : s + bs]])
-                optimizer_step(accelerator, policy, optimizer, loss, config.optim.max_grad_norm)
+            for indices in epoch_batches(len(train), bs, rng, accelerator.num_processes):
+                share, weight = process_share([train[i] for i in indices], accelerator)
+                loss, stats = step_loss(share)
+                optimizer_step(accelerator, policy, optimizer, loss * weight, config.optim.max_grad_norm)
+                local = torch.tensor([loss.item(), *stats.values()], device=accelerator.device)
+                batch = accelerator.reduce(local * weight, "mean").tolist()  # the whole batch's loss and stats
                 step += 1
-                progress.update(task, advance=1, description=f"{config.name}  loss {loss.item():.4f}")
-                row = {"train/loss": loss.item(), **{f"train/{k}": v for k, v in stats.items()}}
+                progress.update(task, advance=1, description=f"{config.name}  loss {batch[0]:.4f}")
+                row = {"train/loss": batch[0], **{f"train/{k}": v for k, v in zip(stats, batch[1:], strict=True)}}
                 if held and (step % config.logging.log_every == 0 or step == total):
                     with torch.no_grad():
                         held_loss, held_stats = step_loss(held)
                     row |= {"eval/loss": held_loss.item(), **{f"eval/{k}": v for k, v in held_stats.items()}}
-                if step % config.logging.log_every == 0 or step == total:
+                if log is not None and (step % config.logging.log_every == 0 or step == total):
                     log.log(step, row)
                 if step >= total:
                     break
-    log.close()
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if not main:
+        return out / "model"
     path = save_model(accelerator.unwrap_model(policy), tokenizer, out / "model")
     # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
     summary = {

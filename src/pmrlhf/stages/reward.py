@@ -11,7 +11,6 @@ best model by that accuracy is the one saved.
 from __future__ import annotations
 
 import copy
-import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,13 @@ from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.stages.common import (
     adamw,
+    batches_per_pass,
     console,
+    epoch_batches,
     load_precisions,
     load_stage_records,
     optimizer_step,
+    process_share,
     seed_everything,
     stage_accelerator,
     stage_dir,
@@ -136,9 +138,10 @@ def run(config: RewardConfig) -> Path:
         raise ValueError(f"unknown reward loss {config.loss!r}; use one of {sorted(REWARD_LOSSES)}")
     if config.data_kind not in ("comparison", "ranking"):
         raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {config.data_kind!r}")
-    out = stage_dir(config.run_dir, config.name, config)
     seed_everything(config.seed)
     accelerator = stage_accelerator(config.model, gradient_accumulation_steps=config.optim.grad_accum)
+    main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
+    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
     sft = Path(config.run_dir) / "sft" / "model"
     init = "" if config.model.name_or_path else (str(sft) if config.init_from_sft and sft.is_dir() else "")
@@ -153,34 +156,37 @@ def run(config: RewardConfig) -> Path:
     optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]
-    log = MetricsLog(
-        out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
+    log = (
+        MetricsLog(
+            out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
+        )
+        if main
+        else None
     )
 
     rng = random.Random(config.seed)
     bs = config.optim.batch_size
-    steps_per_epoch = math.ceil(len(train) / bs)
-    total = max(1, int(steps_per_epoch * config.optim.epochs))
+    total = max(1, int(batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs))
     best = {"eval/accuracy": -1.0}
     best_state, stale, step = None, 0, 0
     stopped_early = False
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=console, transient=True, disable=not main) as progress:
         task = progress.add_task("reward model", total=total)
         while step < total and not stopped_early:
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for s in range(0, len(order), bs):
-                batch = [train[i] for i in order[s : s + bs]]
+            batches = epoch_batches(len(train), bs, rng, accelerator.num_processes)
+            for b, indices in enumerate(batches):
+                share, weight = process_share([train[i] for i in indices], accelerator)
                 with accelerator.accumulate(model):
-                    scores, mask = score_batch(model, batch, tokenizer.pad_token_id)
+                    scores, mask = score_batch(model, share, tokenizer.pad_token_id)
                     loss = loss_fn(scores, mask)
-                    optimizer_step(accelerator, model, optimizer, loss, config.optim.max_grad_norm)
+                    optimizer_step(accelerator, model, optimizer, loss * weight, config.optim.max_grad_norm)
+                batch_loss = accelerator.reduce(loss.detach() * weight, "mean").item()
                 step += 1
-                progress.update(task, advance=1, description=f"reward model  loss {loss.item():.3f}")
-                row = {"train/loss": loss.item()}
-                end_of_epoch = s + bs >= len(order)
+                progress.update(task, advance=1, description=f"reward model  loss {batch_loss:.3f}")
+                row = {"train/loss": batch_loss}
+                end_of_epoch = b == len(batches) - 1
                 if held and (step % config.eval_every == 0 or end_of_epoch or step >= total):
                     metrics = evaluate(model, held, tokenizer.pad_token_id, bs)
                     row |= metrics
@@ -190,11 +196,15 @@ def run(config: RewardConfig) -> Path:
                     else:
                         stale += 1
                         stopped_early = config.patience > 0 and stale >= config.patience
-                if step % config.logging.log_every == 0 or "eval/accuracy" in row:
+                if log is not None and (step % config.logging.log_every == 0 or "eval/accuracy" in row):
                     log.log(step, row)
                 if step >= total or stopped_early:
                     break
-    log.close()
+    if log is not None:
+        log.close()
+    accelerator.wait_for_everyone()
+    if not main:
+        return out / "model"
     final = accelerator.unwrap_model(model)
     if best_state is not None:
         final.load_state_dict(best_state)

@@ -1,0 +1,84 @@
+"""Two processes (DDP over gloo) split each global batch of the reward and DPO stages: with half the batch per
+process they must train as one process does on the whole batch, and only one of them writes."""
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pmrlhf.config import OptimConfig
+from pmrlhf.io import read_jsonl
+from pmrlhf.stages import dpo, reward, sft
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_world_config):
+    root = tmp_path_factory.mktemp("dist")
+    sft.run(sft.SFTConfig(run_dir=str(root), world=tiny_world_config, optim=OptimConfig(lr=3e-3, epochs=2)))
+    (root / "world.yaml").write_text(yaml.safe_dump({"world": asdict(tiny_world_config)}))
+    return root
+
+
+def _copy(run: Path, to: Path) -> Path:
+    to.mkdir()
+    for part in ("world", "sft", "world.yaml"):
+        (shutil.copytree if (run / part).is_dir() else shutil.copy)(run / part, to / part)
+    return to
+
+
+def _two_processes(run: Path, stage: str, *overrides: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += ["-m", "pmrlhf", stage, "--config", str(run / "world.yaml"), "--run-dir", str(run)]
+    for o in overrides:
+        cmd += ["--set", o]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _assert_same_training(one: Path, two: Path, stage: str, metrics: list[str]) -> None:
+    a, b = read_jsonl(one / stage / "metrics.jsonl"), read_jsonl(two / stage / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]  # one writer: no line twice
+    for ra, rb in zip(a, b, strict=True):
+        for k in metrics:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
+    wa, wb = _weights(one / stage / "model"), _weights(two / stage / "model")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
+
+
+def test_reward_model_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config):
+    one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
+    reward.run(
+        reward.RewardConfig(run_dir=str(one), world=tiny_world_config, optim=OptimConfig(batch_size=16, epochs=1))
+    )
+    _two_processes(two, "rm", "optim.batch_size=8", "optim.epochs=1")
+    _assert_same_training(one, two, "reward", ["train/loss"])
+
+
+def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config):
+    one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
+    optim = OptimConfig(lr=1e-4, batch_size=16, epochs=0.3)
+    dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
+    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4")
+    _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin"])
