@@ -95,6 +95,23 @@ def batch_logprobs(model, pairs: list[tuple], pad_id: int):
     return logp[:n], logp[n:], length[:n], length[n:]
 
 
+def _reference_logprobs(reference, pairs: list[tuple], pad_id: int, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log pi_ref`` of every pair's chosen and rejected response, ``2 x [N]``, on every process. Each process
+    scores every n-th pair and the shares are gathered: the frozen model is each process's own copy, so the
+    processes may run different numbers of forward passes."""
+    from accelerate.utils import gather_object
+
+    n, rank = accelerator.num_processes, accelerator.process_index
+    share = pairs[rank::n]
+    prompts = [p for p, _, _ in share]
+    chosen, _ = sequence_logprobs(reference, prompts, [c for _, c, _ in share], pad_id)
+    rejected, _ = sequence_logprobs(reference, prompts, [r for _, _, r in share], pad_id)
+    ref_c, ref_r = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+    for p, (c, r) in enumerate(gather_object([(chosen.tolist(), rejected.tolist())])):
+        ref_c[p::n], ref_r[p::n] = torch.tensor(c), torch.tensor(r)
+    return ref_c, ref_r
+
+
 def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     config.validate()
@@ -118,9 +135,8 @@ def run(config: DPOConfig) -> Path:
     if config.loss in REFERENCE_FREE:
         ref_c = ref_r = torch.zeros(len(pairs))
     else:
-        reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False)
-        ref_c, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [c for _, c, _ in pairs], pad_id)
-        ref_r, _ = sequence_logprobs(reference, [p for p, _, _ in pairs], [r for _, _, r in pairs], pad_id)
+        reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False).to(accelerator.device)
+        ref_c, ref_r = _reference_logprobs(reference, pairs, pad_id, accelerator)
         del reference
     # (prompt, chosen, rejected, reference log pi(chosen), reference log pi(rejected))
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
