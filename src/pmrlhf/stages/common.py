@@ -46,6 +46,13 @@ def stage_accelerator(trainable: ModelConfig, mixed_precision: str | None = None
     )
 
 
+def process_device() -> torch.device:
+    """This process's device (its own GPU under ``accelerate launch``), for models that no Accelerator prepares."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def load_precisions(model: ModelConfig, mixed_precision: str) -> tuple[ModelConfig, ModelConfig]:
     """(trainable, frozen) loading options under an accelerator's ``mixed_precision``: with a half type, float32
     master weights and copies held in that type; without, the model's own ``dtype`` for both."""

@@ -209,8 +209,8 @@ def run(config: DPOConfig) -> Path:
 
         reward_path = Path(config.run_dir) / "reward" / "model"
         if reward_path.is_dir() and init:
-            reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False)
-            rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False)
+            reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False).to(accelerator.device)
+            rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(accelerator.device)
             alpha = config.alpha if config.loss == "cpm" else 0.0
             summary["world"] = compare_with_closed_forms(
                 accelerator.unwrap_model(policy).eval(),

@@ -19,7 +19,14 @@ from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
 from pmrlhf.io import atomic_write_json
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from pmrlhf.stages.common import console, load_stage_records, seed_everything, stage_dir, world_dir
+from pmrlhf.stages.common import (
+    console,
+    load_stage_records,
+    process_device,
+    seed_everything,
+    stage_dir,
+    world_dir,
+)
 
 
 @dataclass
@@ -80,13 +87,21 @@ def discover_policies(run_dir: str | Path) -> dict[str, str]:
     return found
 
 
+def _frozen_models(model: ModelConfig, tokenizer, ref_path, reward_path):
+    """The reference and the reward model, frozen, on this process's device."""
+    device = process_device()
+    return (
+        load_causal_lm(model, tokenizer, ref_path, trainable=False).to(device),
+        load_reward_model(model, tokenizer, reward_path, trainable=False).to(device),
+    )
+
+
 def run_eval(config: EvalConfig) -> Path:
     """Write ``<name>/summary.json`` (one object per policy) and ``<name>/instances.json``; return the folder."""
     out = stage_dir(config.run_dir, config.name, config)
     ref_path, reward_path = _paths(config)
     tokenizer = load_tokenizer(ref_path)
-    reference = load_causal_lm(config.model, tokenizer, ref_path, trainable=False)
-    reward_model = load_reward_model(config.model, tokenizer, reward_path, trainable=False)
+    reference, reward_model = _frozen_models(config.model, tokenizer, ref_path, reward_path)
     prompts = _prompts(config, tokenizer)
     policies = config.policies or discover_policies(config.run_dir)
     if not policies:
@@ -98,7 +113,9 @@ def run_eval(config: EvalConfig) -> Path:
         beta = float(meta.get("beta", config.beta))
         seed_everything(config.seed)  # the same randomness for every model
         policy = (
-            reference if name == "reference (SFT)" else load_causal_lm(config.model, tokenizer, path, trainable=False)
+            reference
+            if name == "reference (SFT)"
+            else load_causal_lm(config.model, tokenizer, path, trainable=False).to(process_device())
         )
         with console.status(f"evaluating {name}"):
             samples = sample_pairs(
@@ -154,8 +171,7 @@ def run_probe(config: ProbeConfig) -> Path:
     seed_everything(config.seed)
     ref_path, reward_path = _paths(config)
     tokenizer = load_tokenizer(ref_path)
-    reference = load_causal_lm(config.model, tokenizer, ref_path, trainable=False)
-    reward_model = load_reward_model(config.model, tokenizer, reward_path, trainable=False)
+    reference, reward_model = _frozen_models(config.model, tokenizer, ref_path, reward_path)
     with console.status("sampling pairs from the reference"):
         samples = sample_pairs(
             reference,
