@@ -82,3 +82,14 @@ def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_con
     dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
     _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4")
     _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin"])
+
+
+def test_ppo_refuses_prompts_that_do_not_split_evenly(sft_run, tmp_path):
+    """Unequal shares can give processes unequal numbers of minibatches, and DDP would wait for ever."""
+    run = _copy(sft_run, tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd += ["-m", "pmrlhf", "ppo", "--config", str(run / "world.yaml"), "--run-dir", str(run)]
+    cmd += ["--set", "prompts_per_iteration=5"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "prompts_per_iteration=5 must be a multiple of the number of processes, 2" in result.stderr

@@ -234,6 +234,29 @@ def test_sampler_runs_one_forward_pass_per_new_token():
     assert len(calls) == 5
 
 
+def test_sampler_stops_when_told_every_process_is_done():
+    """Under sharded parameters every process must decode until all are done: the stop is the caller's."""
+    from pmrlhf.config import ModelConfig
+    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.models import load_causal_lm
+    from pmrlhf.stages.rollout import generate
+
+    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(), tok).eval()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    prompts = [[5, 3], [7, 9, 10, 3]]
+    first, _ = generate(model, prompts, tok, 5, 1.0, 1.0, all_done=lambda done: True)
+    assert len(calls) == 1 and [len(r) for r in first] == [1, 1]  # the prompt pass gave one token each
+    calls.clear()
+    torch.manual_seed(1)
+    waited, logps = generate(model, prompts, tok, 5, 1.0, 1.0, all_done=lambda done: False)
+    assert len(calls) == 5  # another process was still decoding
+    for r, lp in zip(waited, logps, strict=True):  # each response still ends at its own first end token
+        assert len(r) == len(lp) and tok.eos_token_id not in r[:-1]
+
+
 SMALL = [
     "--set",
     "prompts_per_iteration=6",

@@ -184,11 +184,22 @@ def run(config: PPOConfig) -> Path:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
+        from accelerate.utils import DistributedType
+
         self.config = c = config
-        self.accelerator = stage_accelerator(c.policy, c.mixed_precision)
-        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.accelerator.mixed_precision)
-        self.out = stage_dir(c.run_dir, c.name, c) if self.accelerator.is_main_process else Path(c.run_dir) / c.name
-        seed_everything(c.seed + self.accelerator.process_index)
+        self.accelerator = acc = stage_accelerator(c.policy, c.mixed_precision)
+        if c.prompts_per_iteration % acc.num_processes:
+            # unequal shares can mean unequal numbers of minibatches, and DDP would wait for the missing ones
+            raise ValueError(
+                f"prompts_per_iteration={c.prompts_per_iteration} must be a multiple of the number of processes, "
+                f"{acc.num_processes}"
+            )
+        self.sharded_parameters = acc.distributed_type == DistributedType.FSDP or (
+            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        )
+        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
+        self.out = stage_dir(c.run_dir, c.name, c) if acc.is_main_process else Path(c.run_dir) / c.name
+        seed_everything(c.seed + acc.process_index)
         run = Path(c.run_dir)
         policy_path = c.policy.name_or_path or str(run / "sft" / "model")
         reward_path = c.reward.name_or_path or str(run / "reward" / "model")
@@ -202,13 +213,12 @@ class PPOTrainer:
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
 
-        mixed = self.accelerator.mixed_precision
+        mixed = acc.mixed_precision
         (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
         actor = load_causal_lm(policy, self.tokenizer, path=policy_path)
         self.reference = load_causal_lm(reference, self.tokenizer, path=policy_path, trainable=False)
         self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=reward_path, trainable=False)
         critic = Critic(load_reward_model(reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
-        acc = self.accelerator
         actor_opt = adamw(actor.parameters(), acc, c.actor_lr)
         warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
         actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
@@ -293,7 +303,13 @@ class PPOTrainer:
         # 2. generate, with the actor's log-probabilities of the sampled tokens
         with self._autocast():
             responses, logps = generate(
-                acc.unwrap_model(self.actor), prompts, self.tokenizer, c.max_new_tokens, c.top_p, c.temperature
+                acc.unwrap_model(self.actor),
+                prompts,
+                self.tokenizer,
+                c.max_new_tokens,
+                c.top_p,
+                c.temperature,
+                all_done=self._all_done,
             )
         t1 = time.perf_counter()
         # 3. score: reference log-probabilities, critic values, reward-model scores
@@ -344,6 +360,13 @@ class PPOTrainer:
         }
 
     # --- pieces of the step ----------------------------------------------------------------------------------
+
+    def _all_done(self, done: torch.Tensor) -> bool:
+        """Whether sampling may stop. With parameters sharded (ZeRO-3, FSDP) each forward pass gathers them from
+        every process, so all decode until the last of them is done."""
+        if not self.sharded_parameters:
+            return bool(done.all())
+        return self.accelerator.reduce((~done).sum().float(), "sum").item() == 0
 
     def _normalized(self, scores: torch.Tensor) -> torch.Tensor:
         if not self.config.normalize_reward:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -61,6 +62,7 @@ def generate(
     top_p: float,
     temperature: float,
     batch_size: int = 64,
+    all_done: Callable[[torch.Tensor], bool] = lambda done: bool(done.all()),
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample one response per prompt, with the policy's log-probability of every sampled token.
 
@@ -68,6 +70,10 @@ def generate(
     come with the samples, so scoring needs no second actor pass. Each response ends at its first
     end-of-sequence token (kept) or at the limit; a response that is only that token is an empty text, kept
     and scored as written.
+
+    ``all_done(done)`` says when to stop decoding, given which of this batch's sequences have ended. Where
+    every forward pass is a collective (parameters sharded by ZeRO-3 or FSDP), it must answer for every
+    process at once, or a process that finished early would leave the others waiting.
     """
     device = next(model.parameters()).device
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -90,7 +96,7 @@ def generate(
             tokens.append(token)
             token_logp.append(torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
             done = done | (token == eos)
-            if len(tokens) == max_new_tokens or bool(done.all()):  # no forward pass whose logits go unused
+            if len(tokens) == max_new_tokens or all_done(done):  # no forward pass whose logits go unused
                 break
             out = model(
                 input_ids=token[:, None],
