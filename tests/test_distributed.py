@@ -1,34 +1,17 @@
 """Two processes (DDP over gloo) split each global batch of the reward and DPO stages: with half the batch per
 process they must train as one process does on the whole batch, and only one of them writes."""
 
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
+from helpers import model_weights, torchrun
 from pmrlhf.config import OptimConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import dpo, reward, sft
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +30,8 @@ def _copy(run: Path, to: Path) -> Path:
 
 
 def _two_processes(run: Path, stage: str, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    cmd += ["-m", "pmrlhf", stage, "--config", str(run / "world.yaml"), "--run-dir", str(run)]
-    for o in overrides:
-        cmd += ["--set", o]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    sets = [a for o in overrides for a in ("--set", o)]
+    result = torchrun(stage, "--config", str(run / "world.yaml"), "--run-dir", str(run), *sets)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -63,7 +41,7 @@ def _assert_same_training(one: Path, two: Path, stage: str, metrics: list[str]) 
     for ra, rb in zip(a, b, strict=True):
         for k in metrics:
             assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
-    wa, wb = _weights(one / stage / "model"), _weights(two / stage / "model")
+    wa, wb = model_weights(one / stage / "model"), model_weights(two / stage / "model")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
 
 
@@ -87,9 +65,8 @@ def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_con
 def test_ppo_refuses_prompts_that_do_not_split_evenly(sft_run, tmp_path):
     """Unequal shares can give processes unequal numbers of minibatches, and DDP would wait for ever."""
     run = _copy(sft_run, tmp_path / "run")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    cmd += ["-m", "pmrlhf", "ppo", "--config", str(run / "world.yaml"), "--run-dir", str(run)]
-    cmd += ["--set", "prompts_per_iteration=5"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = torchrun(
+        "ppo", "--config", str(run / "world.yaml"), "--run-dir", str(run), "--set", "prompts_per_iteration=5"
+    )
     assert result.returncode != 0
     assert "prompts_per_iteration=5 must be a multiple of the number of processes, 2" in result.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import model_weights, torchrun
 from pmrlhf.config import DataConfig, ModelConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import ppo, reward, sft
@@ -217,18 +218,25 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
     assert all(len(r) == len(lp) for r, lp in zip(responses, logps, strict=True))
 
 
-def test_sampler_runs_one_forward_pass_per_new_token():
-    """The prompt pass gives the first token and each later token one cached pass; none whose logits go unused."""
+def _counted_model():
+    """(tokenizer, tiny GPT-2, list that grows by one at every forward pass of the model)."""
     from pmrlhf.config import ModelConfig
     from pmrlhf.data.world import World, WorldConfig, build_tokenizer
     from pmrlhf.models import load_causal_lm
-    from pmrlhf.stages.rollout import generate
 
     tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
     torch.manual_seed(0)
     model = load_causal_lm(ModelConfig(), tok).eval()
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
+    return tok, model, calls
+
+
+def test_sampler_runs_one_forward_pass_per_new_token():
+    """The prompt pass gives the first token and each later token one cached pass; none whose logits go unused."""
+    from pmrlhf.stages.rollout import generate
+
+    tok, model, calls = _counted_model()
     responses, _ = generate(model, [[5, 3], [7, 9, 10, 3]], tok, max_new_tokens=5, top_p=1.0, temperature=1.0)
     assert max(len(r) for r in responses) == 5  # one response ran to the limit
     assert len(calls) == 5
@@ -236,16 +244,9 @@ def test_sampler_runs_one_forward_pass_per_new_token():
 
 def test_sampler_stops_when_told_every_process_is_done():
     """Under sharded parameters every process must decode until all are done: the stop is the caller's."""
-    from pmrlhf.config import ModelConfig
-    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
-    from pmrlhf.models import load_causal_lm
     from pmrlhf.stages.rollout import generate
 
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
-    torch.manual_seed(0)
-    model = load_causal_lm(ModelConfig(), tok).eval()
-    calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    tok, model, calls = _counted_model()
     prompts = [[5, 3], [7, 9, 10, 3]]
     first, _ = generate(model, prompts, tok, 5, 1.0, 1.0, all_done=lambda done: True)
     assert len(calls) == 1 and [len(r) for r in first] == [1, 1]  # the prompt pass gave one token each
@@ -278,12 +279,6 @@ def _launch(args, env=None) -> subprocess.Popen:
     )
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(path / "model" / "model.safetensors")
-
-
 def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path, tiny_world_config):
     args = ["ppo", "--set", "iterations=12", "--set", "checkpoint_every=3", *SMALL]
     env = {"OMP_NUM_THREADS": "1"}  # thread count fixes the order of float reductions
@@ -300,44 +295,15 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path
     proc.wait()
     assert not (killed / "ppo" / "model").exists()
     assert _launch([*args, "--run-dir", str(killed), "--resume"], env).wait() == 0
-    a, b = _weights(straight / "ppo"), _weights(killed / "ppo")
+    a, b = model_weights(straight / "ppo" / "model"), model_weights(killed / "ppo" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
     assert strip(read_jsonl(straight / "ppo" / "metrics.jsonl")) == strip(read_jsonl(killed / "ppo" / "metrics.jsonl"))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_train_with_torchrun(trained, tmp_path):
     run = copy_run(trained, tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "pmrlhf",
-        "ppo",
-        "--run-dir",
-        str(run),
-        "--set",
-        "iterations=4",
-        "--set",
-        "checkpoint_every=2",
-        *SMALL,
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = torchrun("ppo", "--run-dir", str(run), "--set", "iterations=4", "--set", "checkpoint_every=2", *SMALL)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]

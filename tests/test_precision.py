@@ -5,11 +5,10 @@ keeps that (its spacing there is 2e-9); a bf16 weight cannot (its spacing is 1.2
 bf16 weights would end exactly where it started.
 """
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import model_weights
 from pmrlhf.config import ModelConfig, OptimConfig
 from pmrlhf.data.world import World
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
@@ -17,12 +16,6 @@ from pmrlhf.stages import dpo, ppo, reward, sft
 
 BF16 = ModelConfig(dtype="bfloat16")
 SMALL_STEP = dict(lr=1e-6, batch_size=32, max_grad_norm=0.0)
-
-
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
 
 
 def _moved(after: dict[str, torch.Tensor], before: dict[str, torch.Tensor], name: str) -> float:
@@ -62,7 +55,7 @@ def run(tmp_path_factory, tiny_world_config):
     ],
 )
 def test_bf16_stages_train_float32_weights(run, stage, start, weight):
-    after, before = _weights(run / stage / "model"), _weights(run / start / "model")
+    after, before = model_weights(run / stage / "model"), model_weights(run / start / "model")
     assert _moved(after, before, weight) > 0.9
 
 

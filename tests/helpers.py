@@ -1,0 +1,31 @@
+"""What several test modules share: reading saved weights, and launching a stage on two CPU processes."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model folder written by ``save_model``."""
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m pmrlhf ARGS`` on two processes (gloo), one thread each, on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    return subprocess.run(
+        [*cmd, "-m", "pmrlhf", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
