@@ -16,16 +16,18 @@ def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
-    """``python -m pmrlhf ARGS`` on two processes (gloo), one thread each, on a free port."""
+def torchrun(*args: str, fsdp: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m pmrlhf ARGS`` on two processes (gloo), one thread each, on a free port; with ``fsdp``, the
+    training stages on FSDP2 (``fsdp_cpu.py``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    program = [str(Path(__file__).with_name("fsdp_cpu.py"))] if fsdp else ["-m", "pmrlhf"]
     return subprocess.run(
-        [*cmd, "-m", "pmrlhf", *args],
+        [*cmd, *program, *args],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )

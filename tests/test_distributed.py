@@ -1,5 +1,5 @@
-"""Two processes (DDP over gloo) split each global batch of the reward and DPO stages: with half the batch per
-process they must train as one process does on the whole batch, and only one of them writes."""
+"""Two processes (DDP, or FSDP2, over gloo) split each global batch of the reward and DPO stages: with half the
+batch per process they must train as one process does on the whole batch, and only one of them writes."""
 
 import shutil
 from dataclasses import asdict
@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from helpers import model_weights, torchrun
-from pmrlhf.config import OptimConfig
+from pmrlhf.config import ModelConfig, OptimConfig
 from pmrlhf.io import read_jsonl
-from pmrlhf.stages import dpo, reward, sft
+from pmrlhf.stages import dpo, pipeline, reward, sft
+from pmrlhf.stages.common import stage_accelerator
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +30,9 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
-def _two_processes(run: Path, stage: str, *overrides: str) -> None:
+def _two_processes(run: Path, stage: str, *overrides: str, fsdp: bool = False) -> None:
     sets = [a for o in overrides for a in ("--set", o)]
-    result = torchrun(stage, "--config", str(run / "world.yaml"), "--run-dir", str(run), *sets)
+    result = torchrun(stage, "--config", str(run / "world.yaml"), "--run-dir", str(run), *sets, fsdp=fsdp)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -45,20 +46,26 @@ def _assert_same_training(one: Path, two: Path, stage: str, metrics: list[str]) 
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
 
 
-def test_reward_model_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config):
+SHARDING = pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+
+
+@SHARDING
+def test_reward_model_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, fsdp):
+    """Under FSDP the saved model is gathered from both processes' shards, as is the best state it goes back to."""
     one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
     reward.run(
         reward.RewardConfig(run_dir=str(one), world=tiny_world_config, optim=OptimConfig(batch_size=16, epochs=1))
     )
-    _two_processes(two, "rm", "optim.batch_size=8", "optim.epochs=1")
+    _two_processes(two, "rm", "optim.batch_size=8", "optim.epochs=1", fsdp=fsdp)
     _assert_same_training(one, two, "reward", ["train/loss"])
 
 
-def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config):
+@SHARDING
+def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, fsdp):
     one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
     optim = OptimConfig(lr=1e-4, batch_size=16, epochs=0.3)
     dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
-    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4")
+    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4", fsdp=fsdp)
     _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin"])
 
 
@@ -70,3 +77,22 @@ def test_ppo_refuses_prompts_that_do_not_split_evenly(sft_run, tmp_path):
     )
     assert result.returncode != 0
     assert "prompts_per_iteration=5 must be a multiple of the number of processes, 2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "ZeRO-3 is not supported"),
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_CPU_RAM_EFFICIENT_LOADING": "true"}, "efficient_loading: true leaves"),
+    ],
+    ids=["zero3", "fsdp-rank0-loading"],
+)
+def test_launches_that_would_go_wrong_are_refused_before_any_work(env, message, monkeypatch, tmp_path):
+    """What ``accelerate launch`` sets for these configs; a whole run stops before its first stage."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        pipeline.run(pipeline.PipelineConfig(run_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=message):
+        stage_accelerator(ModelConfig())

@@ -308,8 +308,9 @@ def test_two_processes_train_with_torchrun(trained, tmp_path):
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (run / "ppo" / "model" / "model.safetensors").is_file()
-    state = torch.load(next((run / "ppo" / "checkpoints").glob("iter-*")) / "state.pt", weights_only=False)
-    assert len(state["rng"]) == 2  # both processes' RNG states are kept for an exact resume
+    checkpoint = next((run / "ppo" / "checkpoints").glob("iter-*"))
+    # both processes' RNG states are kept for an exact resume
+    assert {p.name for p in checkpoint.glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
 def test_prompt_stream_is_a_seeded_permutation_per_pass_and_resumes_from_its_position():
@@ -340,3 +341,38 @@ def test_gradient_clipping_matches_torch_bit_for_bit():
     unchanged = [x.clone() for x in small]
     clip_grad_norm(small, 1.0)
     assert all(torch.equal(a, b) for a, b in zip(small, unchanged, strict=True))
+
+
+def test_fsdp_saves_the_whole_models_and_resumes_exactly(trained, tmp_path):
+    """FSDP2 on two CPU processes: the saved actor, critic and EMA are gathered from both processes' shards, and a
+    checkpoint holds every shard of the models, optimisers and EMA, so resuming from it repeats the run bit for
+    bit."""
+    one = [*SMALL, "--set", "iterations=1", "--set", "ema_decay=0.5"]
+    sharded, replicated = copy_run(trained, tmp_path / "fsdp"), copy_run(trained, tmp_path / "ddp")
+    for run, fsdp in ((sharded, True), (replicated, False)):
+        result = torchrun("ppo", "--run-dir", str(run), *one, fsdp=fsdp)
+        assert result.returncode == 0, result.stderr[-3000:]
+    sft = model_weights(trained / "sft" / "model")
+    for part in ("model", "critic", "model-ema"):  # one update from the same samples (later ones differ: below)
+        a, b = model_weights(sharded / "ppo" / part), model_weights(replicated / "ppo" / part)
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    actor, ema = model_weights(sharded / "ppo" / "model"), model_weights(sharded / "ppo" / "model-ema")
+    for k in ("transformer.h.0.attn.c_attn.weight", "transformer.wte.weight"):  # halfway: decay 0.5, one step
+        torch.testing.assert_close(ema[k], (sft[k] + actor[k]) / 2, rtol=0, atol=1e-6)
+
+    # With sharded parameters every process decodes until all are done, which draws more random numbers than
+    # DDP, so longer runs are compared with themselves: straight through, then again from the checkpoint.
+    run = copy_run(trained, tmp_path / "resumed")
+    four = [*SMALL, "--set", "iterations=4", "--set", "checkpoint_every=2", "--set", "ema_decay=0.9"]
+    assert torchrun("ppo", "--run-dir", str(run), *four, fsdp=True).returncode == 0
+    straight = {p: model_weights(run / "ppo" / p) for p in ("model", "model-ema")}
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    result = torchrun("ppo", "--run-dir", str(run), *four, "--resume", fsdp=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed ppo at iteration 2" in result.stderr
+    for part, weights in straight.items():
+        again = model_weights(run / "ppo" / part)
+        assert all(torch.equal(weights[k], again[k]) for k in weights), part
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
+    assert strip(read_jsonl(run / "ppo" / "metrics.jsonl")) == strip(rows)

@@ -44,16 +44,23 @@ def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
         write(tmp)
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return path
+
+
+def replace_dir(tmp: Path, path: Path) -> Path:
+    """Put the finished folder ``tmp`` (on the same file system) at ``path``, replacing what was there."""
+    path = Path(path)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old.{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

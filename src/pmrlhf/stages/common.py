@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 from pathlib import Path
 
@@ -36,14 +37,71 @@ def stage_accelerator(trainable: ModelConfig, mixed_precision: str | None = None
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
 
+    check_launch()
     # An earlier stage in this process fixed the shared state's precision; the process group stays.
     AcceleratorState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision or HALF_TYPES.get(trainable.dtype),
         **kwargs,
     )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
+    return accelerator
+
+
+ZERO3_REFUSED = (
+    "DeepSpeed ZeRO-3 is not supported: under it transformers partitions every model it loads, the frozen "
+    "reference and reward models included, which no DeepSpeed engine then gathers. Shard parameters with FSDP "
+    "instead (configs/accelerate/fsdp.yaml), or use ZeRO-2"
+)
+
+
+def check_launch() -> None:
+    """Refuse, before any work, the ``accelerate launch`` settings under which the stages would go wrong.
+
+    * DeepSpeed ZeRO-3 (``ZERO3_REFUSED``).
+    * ``fsdp_cpu_ram_efficient_loading``: transformers then loads real weights on the first process of a node only,
+      leaving the others' uninitialised for FSDP to overwrite when it wraps the model. The stages also load models
+      that FSDP never wraps (the frozen reference and reward models, the copy a sharded model is gathered into),
+      which would keep arbitrary weights on every other process.
+    """
+    flag = lambda name: os.environ.get(name, "false").lower() in ("1", "true", "yes")  # noqa: E731
+    if flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ValueError(ZERO3_REFUSED)
+    if flag("ACCELERATE_USE_FSDP") and flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        raise ValueError(
+            "fsdp_cpu_ram_efficient_loading: true leaves every model that FSDP does not wrap (the frozen reference "
+            "and reward models) uninitialised on all processes but the first; set it to false in the accelerate "
+            "config"
+        )
+
+
+def parameters_sharded(accelerator) -> bool:
+    """Whether no process holds whole parameters (FSDP; ZeRO-3 is refused): every forward pass then gathers them
+    from all processes, so every process must make the same passes, and saving means gathering first."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def gathered_model(accelerator, model, rebuild):
+    """The trained model whole, as a plain module on the main process (None on the others), to save or evaluate.
+
+    Without sharded parameters this is the prepared model itself. With them, every process must call this: the
+    weights are gathered from all processes and loaded into ``rebuild()``, a fresh model of the same structure
+    built on the main process.
+    """
+    if not parameters_sharded(accelerator):
+        return accelerator.unwrap_model(model) if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    plain = rebuild()
+    plain.load_state_dict(state)
+    return plain
 
 
 def process_device() -> torch.device:
@@ -106,10 +164,18 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) ->
     """Backward, clip the gradient norm (when ``max_grad_norm`` > 0), step, clear the gradients.
 
     On one process without loss scaling or accumulation, accelerate's wrappers only add Python around the
-    same calls (a sixth of a tiny model's optimiser step), so they are bypassed there.
+    same calls (a sixth of a tiny model's optimiser step), so they are bypassed there. Under DeepSpeed the
+    model's own engine does all of it.
     """
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # The prepared model is its own engine. accelerator.backward would use the engine prepared last, which in
+        # PPO is the critic's: the actor's engine would never step. Clipping is the engine's (its config's
+        # gradient_clipping), as is accumulation.
+        model.backward(loss)
+        model.step()
+        return
     plain = (
         accelerator.distributed_type == DistributedType.NO
         and accelerator.scaler is None

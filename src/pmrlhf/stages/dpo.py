@@ -28,6 +28,7 @@ from pmrlhf.stages.common import (
     batches_per_pass,
     console,
     epoch_batches,
+    gathered_model,
     load_precisions,
     load_stage_records,
     optimizer_step,
@@ -189,9 +190,10 @@ def run(config: DPOConfig) -> Path:
     if log is not None:
         log.close()
     accelerator.wait_for_everyone()
+    final = gathered_model(accelerator, policy, lambda: load_causal_lm(trainable, tokenizer, path=init or None))
     if not main:
         return out / "model"
-    path = save_model(accelerator.unwrap_model(policy), tokenizer, out / "model")
+    path = save_model(final, tokenizer, out / "model")
     # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
     summary = {
         "loss": config.loss,
@@ -213,7 +215,7 @@ def run(config: DPOConfig) -> Path:
             rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(accelerator.device)
             alpha = config.alpha if config.loss == "cpm" else 0.0
             summary["world"] = compare_with_closed_forms(
-                accelerator.unwrap_model(policy).eval(),
+                final.eval(),
                 reference,
                 rm,
                 tokenizer,

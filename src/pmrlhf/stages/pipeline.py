@@ -18,7 +18,7 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.common import console, stage_dir
+from pmrlhf.stages.common import check_launch, console, stage_dir
 
 
 def default_variants() -> list[dict[str, Any]]:
@@ -128,6 +128,7 @@ def _done(run_dir: Path, name: str) -> bool:
 
 def run(config: PipelineConfig) -> Path:
     """Run every stage that is not finished yet; return the report's path."""
+    check_launch()  # before the first stage, not hours later at the stage that would go wrong
     configs = config.stage_configs()
     run_dir = Path(config.run_dir)
     stage_dir(run_dir, ".", config)  # the pipeline's resolved config.yaml at the top of the run folder

@@ -21,7 +21,6 @@ names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import random
@@ -35,7 +34,7 @@ import torch
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_dir, atomic_write_json, atomic_write_text, read_jsonl
+from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text, read_jsonl, replace_dir
 from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.objectives import rl
@@ -43,9 +42,11 @@ from pmrlhf.objectives.penalties import get_penalty
 from pmrlhf.stages.common import (
     adamw,
     console,
+    gathered_model,
     load_precisions,
     load_stage_records,
     optimizer_step,
+    parameters_sharded,
     seed_everything,
     stage_accelerator,
     stage_dir,
@@ -184,8 +185,6 @@ def run(config: PPOConfig) -> Path:
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
-        from accelerate.utils import DistributedType
-
         self.config = c = config
         self.accelerator = acc = stage_accelerator(c.policy, c.mixed_precision)
         if c.prompts_per_iteration % acc.num_processes:
@@ -194,9 +193,7 @@ class PPOTrainer:
                 f"prompts_per_iteration={c.prompts_per_iteration} must be a multiple of the number of processes, "
                 f"{acc.num_processes}"
             )
-        self.sharded_parameters = acc.distributed_type == DistributedType.FSDP or (
-            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
-        )
+        self.sharded_parameters = parameters_sharded(acc)
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.out = stage_dir(c.run_dir, c.name, c) if acc.is_main_process else Path(c.run_dir) / c.name
         seed_everything(c.seed + acc.process_index)
@@ -215,10 +212,12 @@ class PPOTrainer:
 
         mixed = acc.mixed_precision
         (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
-        actor = load_causal_lm(policy, self.tokenizer, path=policy_path)
+        self._fresh_actor = lambda: load_causal_lm(policy, self.tokenizer, path=policy_path)
+        self._fresh_critic = lambda: Critic(load_reward_model(reward, self.tokenizer, path=reward_path))
+        actor = self._fresh_actor()
         self.reference = load_causal_lm(reference, self.tokenizer, path=policy_path, trainable=False)
         self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=reward_path, trainable=False)
-        critic = Critic(load_reward_model(reward, self.tokenizer, path=reward_path)) if c.advantage == "gae" else None
+        critic = self._fresh_critic() if c.advantage == "gae" else None
         actor_opt = adamw(actor.parameters(), acc, c.actor_lr)
         warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
         actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
@@ -232,8 +231,8 @@ class PPOTrainer:
         self.reference.to(acc.device)
         self.reward_model.to(acc.device)
         self.ptx = self._ptx_data() if c.ptx_coef > 0 else None
-        self.ema = (
-            {k: v.detach().clone() for k, v in acc.unwrap_model(self.actor).state_dict().items()}
+        self.ema = (  # of this process's part of each weight where parameters are sharded
+            {k: _local(v).detach().clone() for k, v in acc.unwrap_model(self.actor).state_dict().items()}
             if c.ema_decay
             else None
         )
@@ -310,6 +309,7 @@ class PPOTrainer:
                 c.top_p,
                 c.temperature,
                 all_done=self._all_done,
+                inference_mode=not self.sharded_parameters,
             )
         t1 = time.perf_counter()
         # 3. score: reference log-probabilities, critic values, reward-model scores
@@ -455,7 +455,7 @@ class PPOTrainer:
         with torch.no_grad():
             for k, v in self.accelerator.unwrap_model(self.actor).state_dict().items():
                 if v.dtype.is_floating_point:
-                    self.ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+                    self.ema[k].mul_(d).add_(_local(v).detach(), alpha=1 - d)
 
     def _adapt_coef(self, kl: float) -> None:
         """Ziegler et al.'s proportional controller: move coef so the sequence KL approaches target_kl."""
@@ -479,34 +479,41 @@ class PPOTrainer:
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     def _checkpoint_state(self) -> dict:
-        acc = self.accelerator
+        """What accelerate's own checkpoint leaves out: the loop's position, the schedulers and the EMA (which
+        each process saves on its own where parameters are sharded)."""
         state = {
             "iteration": self.iteration,
             "position": self.stream.position,
             "coef": self.coef,
             "moments": self.moments.__dict__.copy(),
-            "actor": acc.unwrap_model(self.actor).state_dict(),
-            "actor_opt": self.actor_opt.state_dict(),
             "actor_sched": self.actor_sched.state_dict(),
-            "ema": self.ema,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "ema": None if self.sharded_parameters else self.ema,
         }
         if self.critic is not None:
-            state |= {
-                "critic": acc.unwrap_model(self.critic).state_dict(),
-                "critic_opt": self.critic_opt.state_dict(),
-                "critic_sched": self.critic_sched.state_dict(),
-            }
+            state["critic_sched"] = self.critic_sched.state_dict()
         return state
 
     def _save_checkpoint(self) -> None:
+        """``checkpoints/iter-N/``: the models, optimisers and every process's RNG states in accelerate's format
+        (each process writes its own shards where parameters or optimiser states are sharded), and ``state.pt``.
+        All of it goes into one hidden folder that is renamed into place once every process is done, so a crash
+        leaves at most an unfinished hidden folder that resuming ignores."""
         acc = self.accelerator
-        state = self._checkpoint_state()
-        rng = acc.gather_for_metrics([state.pop("rng")], use_gather_object=True)  # every process's RNG
+        root = self.out / "checkpoints"
+        path = root / f"iter-{self.iteration:06d}"
+        tmp = root / f".{path.name}.tmp"
         if acc.is_main_process:
-            state["rng"] = rng
-            root = self.out / "checkpoints"
-            atomic_dir(root / f"iter-{self.iteration:06d}", lambda tmp: torch.save(state, tmp / "state.pt"))
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if self.sharded_parameters and self.ema is not None:
+            torch.save(self.ema, tmp / f"ema_{acc.process_index}.pt")
+        if acc.is_main_process:
+            torch.save(self._checkpoint_state(), tmp / "state.pt")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            replace_dir(tmp, path)
             for old in sorted(root.glob("iter-*"))[: -self.config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -516,21 +523,18 @@ class PPOTrainer:
         if not found:
             console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
             return
-        state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
         acc = self.accelerator
-        acc.unwrap_model(self.actor).load_state_dict(state["actor"])
-        self.actor_opt.load_state_dict(state["actor_opt"])
+        acc.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
+        state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
         self.actor_sched.load_state_dict(state["actor_sched"])
         if self.critic is not None:
-            acc.unwrap_model(self.critic).load_state_dict(state["critic"])
-            self.critic_opt.load_state_dict(state["critic_opt"])
             self.critic_sched.load_state_dict(state["critic_sched"])
         self.iteration, self.stream.position, self.coef = state["iteration"], state["position"], state["coef"]
         self.moments.__dict__.update(state["moments"])
-        self.ema = state["ema"]
-        rng = state["rng"][acc.process_index]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        ema = state["ema"]
+        if self.sharded_parameters and self.config.ema_decay:
+            ema = torch.load(found[-1] / f"ema_{acc.process_index}.pt", map_location="cpu")
+        self.ema = {k: v.to(acc.device) for k, v in ema.items()} if ema is not None else None
         console.print(f"resumed {self.config.name} at iteration {self.iteration} from {found[-1]}")
 
     def _truncate_metrics(self) -> None:
@@ -545,40 +549,56 @@ class PPOTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = self.out / "model"
+        actor = gathered_model(acc, self.actor, self._fresh_actor)
+        critic = gathered_model(acc, self.critic, self._fresh_critic) if self.critic is not None else None
         if acc.is_main_process:
-            actor = acc.unwrap_model(self.actor)
             save_model(actor, self.tokenizer, path)
-            if self.critic is not None:
-                save_model(acc.unwrap_model(self.critic), self.tokenizer, self.out / "critic")
-            if self.ema is not None:
-                ema_model = copy.deepcopy(actor)
-                ema_model.load_state_dict(self.ema)
-                save_model(ema_model, self.tokenizer, self.out / "model-ema")
-            summary = {
-                "iterations": self.iteration,
-                "penalty": self.penalty_name,
-                "coef": self.coef,
-                "penalty_kwargs": self.penalty_kwargs,
-                "beta": self.config.beta,
-            }
-            if self.config.data.source == "world":
-                from pmrlhf.evaluation.exact import compare_with_closed_forms
-
-                summary["world"] = compare_with_closed_forms(
-                    actor,
-                    self.reference,
-                    self.reward_model,
-                    self.tokenizer,
-                    world_dir(self.config.run_dir),
-                    beta=self.config.beta,
-                    coef=self.coef,
-                    alpha=self.config.alpha_ctl,
-                    max_new_tokens=self.config.max_new_tokens,
-                )
-                console.print(_world_line(self.config.name, summary["world"]))
+            if critic is not None:
+                save_model(critic, self.tokenizer, self.out / "critic")
+            summary = self._summary(actor)
+        if self.ema is not None:  # last, as it overwrites the actor's weights with their average
+            with torch.no_grad():
+                for k, v in acc.unwrap_model(self.actor).state_dict().items():
+                    _local(v).copy_(self.ema[k])
+            ema = gathered_model(acc, self.actor, self._fresh_actor)
+            if acc.is_main_process:
+                save_model(ema, self.tokenizer, self.out / "model-ema")
+        if acc.is_main_process:
             atomic_write_json(self.out / "summary.json", summary)
         acc.wait_for_everyone()
         return path
+
+    def _summary(self, actor) -> dict:
+        summary = {
+            "iterations": self.iteration,
+            "penalty": self.penalty_name,
+            "coef": self.coef,
+            "penalty_kwargs": self.penalty_kwargs,
+            "beta": self.config.beta,
+        }
+        if self.config.data.source == "world":
+            from pmrlhf.evaluation.exact import compare_with_closed_forms
+
+            summary["world"] = compare_with_closed_forms(
+                actor,
+                self.reference,
+                self.reward_model,
+                self.tokenizer,
+                world_dir(self.config.run_dir),
+                beta=self.config.beta,
+                coef=self.coef,
+                alpha=self.config.alpha_ctl,
+                max_new_tokens=self.config.max_new_tokens,
+            )
+            console.print(_world_line(self.config.name, summary["world"]))
+        return summary
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of a weight: the local shard of FSDP's DTensor, the weight itself otherwise."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _world_line(name: str, w: dict) -> str:

@@ -30,6 +30,7 @@ from pmrlhf.stages.common import (
     batches_per_pass,
     console,
     epoch_batches,
+    gathered_model,
     load_precisions,
     load_stage_records,
     optimizer_step,
@@ -203,11 +204,11 @@ def run(config: RewardConfig) -> Path:
     if log is not None:
         log.close()
     accelerator.wait_for_everyone()
+    if best_state is not None:  # each process its own part, where parameters are sharded
+        accelerator.unwrap_model(model).load_state_dict(best_state)
+    final = gathered_model(accelerator, model, lambda: load_reward_model(trainable, tokenizer, path=init or None))
     if not main:
         return out / "model"
-    final = accelerator.unwrap_model(model)
-    if best_state is not None:
-        final.load_state_dict(best_state)
     summary = {
         "steps": step,
         "stopped_early": stopped_early,

@@ -53,7 +53,6 @@ def _decoding_mask(model, attn: torch.Tensor) -> torch.Tensor:
     ]
 
 
-@torch.inference_mode()  # fewer per-op checks than no_grad; only Python lists leave this function
 def generate(
     model,
     prompts: list[list[int]],
@@ -63,6 +62,7 @@ def generate(
     temperature: float,
     batch_size: int = 64,
     all_done: Callable[[torch.Tensor], bool] = lambda done: bool(done.all()),
+    inference_mode: bool = True,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Sample one response per prompt, with the policy's log-probability of every sampled token.
 
@@ -74,7 +74,16 @@ def generate(
     ``all_done(done)`` says when to stop decoding, given which of this batch's sequences have ended. Where
     every forward pass is a collective (parameters sharded by ZeRO-3 or FSDP), it must answer for every
     process at once, or a process that finished early would leave the others waiting.
+
+    Sampling runs under ``torch.inference_mode()``, which has fewer per-op checks than ``no_grad`` (only Python
+    lists leave this function). Sharded parameters need ``inference_mode=False``: FSDP gathers them into buffers
+    that it reuses in the training passes, and inference mode would mark those buffers read-only there.
     """
+    with torch.no_grad(), torch.inference_mode(inference_mode):
+        return _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, batch_size, all_done)
+
+
+def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, batch_size, all_done):
     device = next(model.parameters()).device
     eos, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     responses: list[list[int]] = []
