@@ -1,6 +1,7 @@
 """Two processes (DDP, or FSDP2, over gloo) split each global batch of the reward and DPO stages: with half the
 batch per process they must train as one process does on the whole batch, and only one of them writes."""
 
+import math
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +11,7 @@ import yaml
 
 from helpers import model_weights, torchrun
 from pmrlhf.config import ModelConfig, OptimConfig
+from pmrlhf.data.sources import holdout
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import dpo, pipeline, reward, sft
 from pmrlhf.stages.common import stage_accelerator
@@ -44,6 +46,20 @@ def _assert_same_training(one: Path, two: Path, stage: str, metrics: list[str]) 
             assert ra[k] == pytest.approx(rb[k], abs=1e-5), (ra["step"], k)
     wa, wb = model_weights(one / stage / "model"), model_weights(two / stage / "model")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
+
+
+def test_sft_on_two_processes_trains_on_shares_and_writes_once(tmp_path, tiny_world_config):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "world.yaml").write_text(yaml.safe_dump({"world": asdict(tiny_world_config)}))
+    _two_processes(run, "sft", "optim.epochs=2", "optim.batch_size=32")
+    rows = read_jsonl(run / "sft" / "metrics.jsonl")  # every line whole: one writer
+    evals = [r for r in rows if "eval_loss" in r and "train_runtime" not in r]
+    demonstrations = holdout(read_jsonl(run / "world" / "sft.jsonl"), 0.1)[0]
+    per_epoch = math.ceil(len(demonstrations) / 64)  # 32 examples on each process per step
+    assert sorted({r["step"] for r in evals}) == [per_epoch, 2 * per_epoch]  # each epoch's end, and the final
+    assert evals[-1]["eval_loss"] < 0.9 * evals[0]["eval_loss"]
+    assert model_weights(run / "sft" / "model")
 
 
 SHARDING = pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

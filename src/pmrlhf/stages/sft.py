@@ -17,6 +17,7 @@ from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.stages.common import (
     HALF_TYPES,
     console,
+    gathered_model,
     load_precisions,
     load_stage_records,
     seed_everything,
@@ -41,31 +42,39 @@ class SFTConfig:
 
 def run(config: SFTConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
+    from accelerate import PartialState
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    out = stage_dir(config.run_dir, config.name, config)
+    # under several processes every one trains and one writes (cpu= as the trainer will say, which it keeps)
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
     seed_everything(config.seed)
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
     train, held = holdout(records, config.data.eval_fraction, config.data.split_seed)
     to_ds = lambda rs: Dataset.from_list([{"prompt": r.prompt, "completion": r.response} for r in rs])  # noqa: E731
     mixed = HALF_TYPES.get(config.model.dtype, "no")  # a half dtype trains float32 weights under autocast
-    model = load_causal_lm(load_precisions(config.model, mixed)[0], tokenizer)
+    trainable = load_precisions(config.model, mixed)[0]
+    model = load_causal_lm(trainable, tokenizer)
 
-    log = MetricsLog(
-        out / "metrics.jsonl",
-        config.logging.tensorboard,
-        config.logging.wandb,
-        config.logging.wandb_project,
-        run_name=f"{Path(config.run_dir).name}-sft",
+    log = (
+        MetricsLog(
+            out / "metrics.jsonl",
+            config.logging.tensorboard,
+            config.logging.wandb,
+            config.logging.wandb_project,
+            run_name=f"{Path(config.run_dir).name}-sft",
+        )
+        if main
+        else None
     )
 
     from rich.progress import Progress
 
-    progress = Progress(console=console, transient=True)
+    progress = Progress(console=console, transient=True, disable=not main)
 
     class ToMetrics(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -85,7 +94,8 @@ def run(config: SFTConfig) -> Path:
             if "loss" in logs:
                 logs["train_perplexity"] = math.exp(min(logs["loss"], 50))
                 progress.update(self.task, description=f"SFT  loss {logs['loss']:.3f}")
-            log.log(state.global_step, logs)
+            if log is not None:
+                log.log(state.global_step, logs)
 
     with tempfile.TemporaryDirectory() as scratch:
         args = TRLSFTConfig(
@@ -123,8 +133,11 @@ def run(config: SFTConfig) -> Path:
         )
         trainer.train()
         final = trainer.evaluate() if held else {}
+        plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
+    if not main:
+        return out / "model"
     log.close()
-    path = save_model(trainer.model, tokenizer, out / "model")
+    path = save_model(plain, tokenizer, out / "model")
     summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
     if final:
         summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
