@@ -112,3 +112,16 @@ def test_launches_that_would_go_wrong_are_refused_before_any_work(env, message, 
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=message):
         stage_accelerator(ModelConfig())
+
+
+def test_the_quick_demo_runs_on_two_processes(tmp_path):
+    """Every stage in one launch: both processes build the world at once, each stage reads what the one before
+    wrote from the main process, and evaluation, probe and report run on the main process alone."""
+    run = tmp_path / "run"
+    result = torchrun("demo", "--quick", "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "report" / "report.md").is_file()
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no folder left half-written
+    for metrics in run.glob("*/metrics.jsonl"):
+        steps = [r["step"] for r in read_jsonl(metrics) if "train_runtime" not in r and "eval_loss" not in r]
+        assert steps == sorted(set(steps)), metrics  # one writer

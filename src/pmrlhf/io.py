@@ -34,17 +34,27 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
-def atomic_dir(path: Path, write: Callable[[Path], None]) -> Path:
+def atomic_dir(path: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
     """Fill a fresh temporary folder with ``write(tmp)`` and swap it in for ``path`` in one rename.
 
-    A crash half-way leaves the previous ``path`` (if any) untouched.
+    A crash half-way leaves the previous ``path`` (if any) untouched. With ``replace=False`` a ``path`` that
+    exists by then is kept and the new folder dropped: processes that all write the same folder at once leave
+    the first one finished, and none of them ever sees it swapped under it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
         write(tmp)
-        replace_dir(tmp, path)
+        if replace:
+            replace_dir(tmp, path)
+        else:
+            try:
+                os.rename(tmp, path)  # refused when another process has put a (non-empty) folder there
+            except OSError:
+                if not path.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

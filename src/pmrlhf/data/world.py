@@ -163,8 +163,9 @@ class World:
             + [f"w{i}" for i in range(self.config.vocab_words)]
         )
 
-    def write(self, path: Path) -> Path:
-        """Write every data file, the tokenizer and the truth into ``path`` (atomically)."""
+    def write(self, path: Path, replace: bool = True) -> Path:
+        """Write every data file, the tokenizer and the truth into ``path`` (atomically; with ``replace=False``
+        a world already there, or written there meanwhile, is kept)."""
         c = self.config
 
         def fill(tmp: Path) -> None:
@@ -178,7 +179,7 @@ class World:
             )
             build_tokenizer(self.vocabulary()).save_pretrained(tmp / "tokenizer")
 
-        return atomic_dir(Path(path), fill)
+        return atomic_dir(Path(path), fill, replace=replace)
 
     @classmethod
     def load(cls, path: Path) -> World:
@@ -195,10 +196,11 @@ FILES = {
 
 
 def ensure_world(path: Path, config: WorldConfig | None = None) -> Path:
-    """Generate and write the world into ``path`` unless a complete one is already there."""
+    """Generate and write the world into ``path`` unless a complete one is already there. Every process of a
+    distributed run may call this at once: the first world written stays (each generates the same one)."""
     path = Path(path)
     if not (path / "truth.json").is_file():
-        World.generate(config).write(path)
+        World.generate(config).write(path, replace=False)
     return path
 
 

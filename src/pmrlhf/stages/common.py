@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import random
 from pathlib import Path
@@ -104,11 +105,30 @@ def gathered_model(accelerator, model, rebuild):
     return plain
 
 
-def process_device() -> torch.device:
-    """This process's device (its own GPU under ``accelerate launch``), for models that no Accelerator prepares."""
+def process_state():
+    """accelerate's view of the processes, set up as the stages' Accelerators set it up (on CPU when no GPU)."""
     from accelerate import PartialState
 
-    return PartialState().device
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def process_device() -> torch.device:
+    """This process's device (its own GPU under ``accelerate launch``), for models that no Accelerator prepares."""
+    return process_state().device
+
+
+def on_the_main_process(fn):
+    """Run ``fn`` on the main process alone while the others wait for it, and return its result there (None
+    elsewhere). For work that trains nothing: every process would do the same work and write the same files."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        state = process_state()
+        result = fn(*args, **kwargs) if state.is_main_process else None
+        state.wait_for_everyone()
+        return result
+
+    return run
 
 
 def load_precisions(model: ModelConfig, mixed_precision: str) -> tuple[ModelConfig, ModelConfig]:

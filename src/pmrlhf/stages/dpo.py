@@ -191,39 +191,40 @@ def run(config: DPOConfig) -> Path:
         log.close()
     accelerator.wait_for_everyone()
     final = gathered_model(accelerator, policy, lambda: load_causal_lm(trainable, tokenizer, path=init or None))
-    if not main:
-        return out / "model"
-    path = save_model(final, tokenizer, out / "model")
-    # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
-    summary = {
-        "loss": config.loss,
-        "penalty": f"dpo:{config.loss}",
-        "beta": 1.0,
-        "coef": config.beta,
-        "penalty_kwargs": {"alpha": config.alpha} if config.loss == "cpm" else {},
-        "steps": step,
-        "train_examples": len(train),
-        "data": report.summary(),
-    }
-    if config.data.source == "world":
-        from pmrlhf.evaluation.exact import compare_with_closed_forms
-        from pmrlhf.models import load_reward_model
+    if main:
+        path = save_model(final, tokenizer, out / "model")
+        # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
+        summary = {
+            "loss": config.loss,
+            "penalty": f"dpo:{config.loss}",
+            "beta": 1.0,
+            "coef": config.beta,
+            "penalty_kwargs": {"alpha": config.alpha} if config.loss == "cpm" else {},
+            "steps": step,
+            "train_examples": len(train),
+            "data": report.summary(),
+        }
+        if config.data.source == "world":
+            from pmrlhf.evaluation.exact import compare_with_closed_forms
+            from pmrlhf.models import load_reward_model
 
-        reward_path = Path(config.run_dir) / "reward" / "model"
-        if reward_path.is_dir() and init:
-            reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False).to(accelerator.device)
-            rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(accelerator.device)
-            alpha = config.alpha if config.loss == "cpm" else 0.0
-            summary["world"] = compare_with_closed_forms(
-                final.eval(),
-                reference,
-                rm,
-                tokenizer,
-                world_dir(config.run_dir),
-                1.0,
-                config.beta,
-                alpha,
-            )
-    atomic_write_json(out / "summary.json", summary)
-    console.print(f"[green]{config.name} saved to {path}[/green]")
-    return path
+            reward_path = Path(config.run_dir) / "reward" / "model"
+            if reward_path.is_dir() and init:
+                device = accelerator.device
+                reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False).to(device)
+                rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(device)
+                alpha = config.alpha if config.loss == "cpm" else 0.0
+                summary["world"] = compare_with_closed_forms(
+                    final.eval(),
+                    reference,
+                    rm,
+                    tokenizer,
+                    world_dir(config.run_dir),
+                    1.0,
+                    config.beta,
+                    alpha,
+                )
+        atomic_write_json(out / "summary.json", summary)
+        console.print(f"[green]{config.name} saved to {path}[/green]")
+    accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
+    return out / "model"

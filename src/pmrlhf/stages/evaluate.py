@@ -22,6 +22,7 @@ from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from pmrlhf.stages.common import (
     console,
     load_stage_records,
+    on_the_main_process,
     process_device,
     seed_everything,
     stage_dir,
@@ -96,6 +97,7 @@ def _frozen_models(model: ModelConfig, tokenizer, ref_path, reward_path):
     )
 
 
+@on_the_main_process
 def run_eval(config: EvalConfig) -> Path:
     """Write ``<name>/summary.json`` (one object per policy) and ``<name>/instances.json``; return the folder."""
     out = stage_dir(config.run_dir, config.name, config)
@@ -165,6 +167,7 @@ def run_eval(config: EvalConfig) -> Path:
     return out
 
 
+@on_the_main_process
 def run_probe(config: ProbeConfig) -> Path:
     """Write ``<name>/summary.json`` and ``<name>/pairs.json``; return the folder."""
     out = stage_dir(config.run_dir, config.name, config)

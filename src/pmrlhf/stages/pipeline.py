@@ -18,7 +18,7 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.common import check_launch, console, stage_dir
+from pmrlhf.stages.common import check_launch, console, on_the_main_process, stage_dir
 
 
 def default_variants() -> list[dict[str, Any]]:
@@ -157,8 +157,14 @@ def run(config: PipelineConfig) -> Path:
         t = time.perf_counter()
         stage_run(configs[name])
         timings[name] = time.perf_counter() - t
+    report = _write_report(run_dir, timings, configs["eval"].name, configs["probe"].name)
+    return report or run_dir / "report" / "report.md"  # where the main process wrote it
+
+
+@on_the_main_process
+def _write_report(run_dir: Path, timings: dict[str, float], eval_name: str, probe_name: str) -> Path:
     atomic_write_json(run_dir / "timings.json", timings)
-    report = write_report(run_dir, configs["eval"].name, configs["probe"].name)
+    report = write_report(run_dir, eval_name, probe_name)
     console.rule("report")
     console.print(f"report: {report}")
     return report

@@ -207,23 +207,23 @@ def run(config: RewardConfig) -> Path:
     if best_state is not None:  # each process its own part, where parameters are sharded
         accelerator.unwrap_model(model).load_state_dict(best_state)
     final = gathered_model(accelerator, model, lambda: load_reward_model(trainable, tokenizer, path=init or None))
-    if not main:
-        return out / "model"
-    summary = {
-        "steps": step,
-        "stopped_early": stopped_early,
-        "best": best,
-        "train_examples": len(train),
-        "eval_examples": len(held),
-        "data": report.summary(),
-        "encoding": dict(encoder.counts),
-    }
-    if config.data.source == "world":
-        summary |= truth_distance(final, tokenizer, World.load(world_dir(config.run_dir)), held_items)
-    path = save_model(final, tokenizer, out / "model")
-    atomic_write_json(out / "summary.json", summary)
-    console.print(
-        f"[green]reward model saved to {path}[/green]  held-out accuracy {best['eval/accuracy']:.3f}"
-        + (f"  |p_theta - p*| {summary['truth/all_pairs_gap']:.3f}" if "truth/all_pairs_gap" in summary else "")
-    )
-    return path
+    if main:
+        summary = {
+            "steps": step,
+            "stopped_early": stopped_early,
+            "best": best,
+            "train_examples": len(train),
+            "eval_examples": len(held),
+            "data": report.summary(),
+            "encoding": dict(encoder.counts),
+        }
+        if config.data.source == "world":
+            summary |= truth_distance(final, tokenizer, World.load(world_dir(config.run_dir)), held_items)
+        path = save_model(final, tokenizer, out / "model")
+        atomic_write_json(out / "summary.json", summary)
+        console.print(
+            f"[green]reward model saved to {path}[/green]  held-out accuracy {best['eval/accuracy']:.3f}"
+            + (f"  |p_theta - p*| {summary['truth/all_pairs_gap']:.3f}" if "truth/all_pairs_gap" in summary else "")
+        )
+    accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
+    return out / "model"

@@ -20,6 +20,7 @@ from pmrlhf.stages.common import (
     gathered_model,
     load_precisions,
     load_stage_records,
+    process_state,
     seed_everything,
     stage_dir,
     tokenizer_source,
@@ -42,14 +43,12 @@ class SFTConfig:
 
 def run(config: SFTConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
-    from accelerate import PartialState
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    # under several processes every one trains and one writes (cpu= as the trainer will say, which it keeps)
-    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    main = process_state().is_main_process  # under several processes, every one trains and one writes
     out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
     seed_everything(config.seed)
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
@@ -134,16 +133,16 @@ def run(config: SFTConfig) -> Path:
         trainer.train()
         final = trainer.evaluate() if held else {}
         plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
-    if not main:
-        return out / "model"
-    log.close()
-    path = save_model(plain, tokenizer, out / "model")
-    summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
-    if final:
-        summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
-    atomic_write_json(out / "summary.json", summary)
-    console.print(
-        f"[green]SFT model saved to {path}[/green]"
-        + (f"  held-out perplexity {summary['eval_perplexity']:.3f}" if final else "")
-    )
-    return path
+    if main:
+        log.close()
+        path = save_model(plain, tokenizer, out / "model")
+        summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
+        if final:
+            summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
+        atomic_write_json(out / "summary.json", summary)
+        console.print(
+            f"[green]SFT model saved to {path}[/green]"
+            + (f"  held-out perplexity {summary['eval_perplexity']:.3f}" if final else "")
+        )
+    trainer.accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
+    return out / "model"
