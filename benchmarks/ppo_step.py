@@ -149,9 +149,13 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
     }
 
 
-def rloo_throughputs(run: Path, iterations: int, k: int, bf16: bool, our_kernels: bool) -> tuple[float, float]:
-    """Response tokens per second of (our stage with ``advantage=rloo``, TRL's ``RLOOTrainer``), one of our
-    iterations run right after each of TRL's steps, so that a machine whose speed drifts slows both alike.
+def rloo_throughputs(
+    run: Path, iterations: int, k: int, bf16: bool, our_kernels: bool, compiled: bool = False
+) -> tuple[dict[str, float], float]:
+    """Response tokens per second of our stage with ``advantage=rloo`` (``{"ours": ...}``, and with
+    ``compiled`` also ``"ours_compiled"``, the stage with ``compile_sampler``) and of TRL's ``RLOOTrainer``. One
+    iteration of each of ours runs right after each of TRL's steps, so that a machine whose speed drifts slows
+    all alike.
 
     TRL runs on its defaults, or (``our_kernels``) given the attention and activation kernels that
     ``pmrlhf.models`` loads with, so that what is left of the ratio is the trainer's own work."""
@@ -161,35 +165,37 @@ def rloo_throughputs(run: Path, iterations: int, k: int, bf16: bool, our_kernels
 
     from pmrlhf.models import load_tokenizer
 
-    ours = ppo.PPOTrainer(
-        config(
-            run,
-            name="bench-rloo",
-            mixed_precision="bf16" if bf16 else "no",
-            advantage="rloo",
-            samples_per_prompt=k,
-            kl_ctl=KL,
-            prompts_per_iteration=BATCH // k,
-            minibatch_size=BATCH,
-        )
+    rloo = dict(
+        mixed_precision="bf16" if bf16 else "no",
+        advantage="rloo",
+        samples_per_prompt=k,
+        kl_ctl=KL,
+        prompts_per_iteration=BATCH // k,
+        minibatch_size=BATCH,
     )
-    ours.step()  # warm-up
+    ours = {"ours": ppo.PPOTrainer(config(run, name="bench-rloo", **rloo))}
+    if compiled:
+        ours["ours_compiled"] = ppo.PPOTrainer(config(run, name="bench-rloo-c", compile_sampler=True, **rloo))
+    for trainer in ours.values():
+        trainer.step()  # warm-up (and the compile)
     tok = load_tokenizer(run / "sft" / "model")
     prompts = [row["prompt"] for row in read_jsonl(run / "world" / "prompts.jsonl")]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts] * 50)
     attention = {"attn_implementation": attention_implementation(ModelConfig())} if our_kernels else {}
     reward_model = AutoModelForSequenceClassification.from_pretrained(run / "reward" / "model", **attention)
     trl_lengths: list[float] = []
-    clock = {"trl_s": 0.0, "ours_s": 0.0, "ours_tokens": 0.0, "since": None}
+    clock = {"trl_s": 0.0, "since": None} | {f"{name}_s": 0.0 for name in ours} | {name: 0.0 for name in ours}
 
     class Interleave(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()
             if clock["since"] is not None:  # TRL's first step is its warm-up
                 clock["trl_s"] += now - clock["since"]
-                row = ours.step()
-                clock["ours_s"] += time.perf_counter() - now
-                clock["ours_tokens"] += row["env/response_length"] * BATCH
+                for name, trainer in ours.items():
+                    start = time.perf_counter()
+                    row = trainer.step()
+                    clock[f"{name}_s"] += time.perf_counter() - start
+                    clock[name] += row["env/response_length"] * BATCH  # response tokens
             clock["since"] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
@@ -230,7 +236,7 @@ def rloo_throughputs(run: Path, iterations: int, k: int, bf16: bool, our_kernels
         with contextlib.redirect_stdout(io.StringIO()):  # the Trainer prints every log line when tqdm is off
             trainer.train()
     # TRL's step i is timed from the end of our step i - 1 to its own end: it includes its logging of step i - 1
-    return clock["ours_tokens"] / clock["ours_s"], sum(trl_lengths[1:]) * BATCH / clock["trl_s"]
+    return {name: clock[name] / clock[f"{name}_s"] for name in ours}, sum(trl_lengths[1:]) * BATCH / clock["trl_s"]
 
 
 def main() -> None:
@@ -263,17 +269,21 @@ def main() -> None:
             print(f"    {'(HF model.generate)':<24} {r['hf_generate_s'] * 1e3:8.1f} ms")
             for precision in [] if args.skip_trl else args.precision:
                 bf16 = precision == "bf16"
-                ours, trl = rloo_throughputs(run, args.iterations, args.group, bf16, our_kernels=False)
-                ours_again, same = rloo_throughputs(run, args.iterations, args.group, bf16, our_kernels=True)
+                mine, trl = rloo_throughputs(run, args.iterations, args.group, bf16, False, compiled=True)
+                again, same = rloo_throughputs(run, args.iterations, args.group, bf16, our_kernels=True)
+                ours, ours_again, compiled = mine["ours"], again["ours"], mine["ours_compiled"]
                 r[f"ours_rloo_tokens_per_s/{precision}"] = ours
                 r[f"trl_rloo_tokens_per_s/{precision}"] = trl
                 r[f"throughput_ratio/{precision}"] = ours / trl
+                r[f"ours_compiled_sampler_rloo_tokens_per_s/{precision}"] = compiled
+                r[f"throughput_ratio_compiled_sampler/{precision}"] = compiled / trl
                 r[f"trl_our_kernels_rloo_tokens_per_s/{precision}"] = same
                 r[f"throughput_ratio_same_kernels/{precision}"] = ours_again / same
                 print(
                     f"[{size}] RLOO response tokens/s, {precision}: ours {ours:.0f}, TRL {trl:.0f}, "
-                    f"ratio {ours / trl:.2f} (target >= 1.5); ours {ours_again:.0f}, TRL on our kernels "
-                    f"{same:.0f}, ratio {ours_again / same:.2f}"
+                    f"ratio {ours / trl:.2f} (target >= 1.5); with compile_sampler {compiled:.0f}, ratio "
+                    f"{compiled / trl:.2f}; ours {ours_again:.0f}, TRL on our kernels {same:.0f}, ratio "
+                    f"{ours_again / same:.2f}"
                 )
             results[size] = r
     print(json.dumps(results))

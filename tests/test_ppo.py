@@ -67,8 +67,14 @@ def test_paper_flags_map_one_to_one():
         {"penalty": "pm", "ppo_epochs": 2, "minibatch_size": 3},
         {"penalty": "cpm_token", "alpha_ctl": 0.3, "ptx_coef": 0.5, "ema_decay": 0.9},
         {"penalty": "cpm_sequence", "alpha_ctl": 0.01, "advantage": "rloo", "samples_per_prompt": 2},
+        {"penalty": "kl", "compile_sampler": True, "mixed_precision": "bf16", "ppo_epochs": 2},
         {"penalty": "maxent", "maxent_tau": 0.5, "advantage": "group_mean", "samples_per_prompt": 3},
-        {"penalty": "kl", "policy": ModelConfig(lora_r=4, lora_target_modules=["c_attn"]), "actor_lr": 1e-2},
+        {
+            "penalty": "kl",
+            "policy": ModelConfig(lora_r=4, lora_target_modules=["c_attn"]),
+            "actor_lr": 1e-2,
+            "compile_sampler": True,
+        },
     ],
 )
 def test_every_penalty_and_option_trains(trained, tmp_path, tiny_world_config, kw):
@@ -256,6 +262,30 @@ def test_sampler_stops_when_told_every_process_is_done():
     assert len(calls) == 5  # another process was still decoding
     for r, lp in zip(waited, logps, strict=True):  # each response still ends at its own first end token
         assert len(r) == len(lp) and tok.eos_token_id not in r[:-1]
+
+
+def test_compiled_sampler_draws_what_the_eager_one_draws(trained, tiny_world_config):
+    """Same seed, same tokens; log-probabilities equal the teacher-forced ones; a second batch reuses the cache
+    from a clean start, and another batch size gets its own."""
+    from pmrlhf.models import load_causal_lm, load_tokenizer
+    from pmrlhf.models.scoring import join, token_logprobs
+    from pmrlhf.stages.rollout import CompiledDecoding, generate
+
+    tok = load_tokenizer(trained / "sft" / "model")
+    model = load_causal_lm(ModelConfig(), tok, path=trained / "sft" / "model", trainable=False)
+    prompts = [[5, 3], [7, 9, 10, 3], [4], [6, 8, 3]] * 2  # unequal lengths: left padding
+    decoding = CompiledDecoding(model, max_length=4 + 8)
+    for batch in (prompts, prompts, prompts[:3]):
+        torch.manual_seed(3)
+        eager = generate(model, batch, tok, 8, top_p=0.9, temperature=1.0)
+        torch.manual_seed(3)
+        compiled = generate(model, batch, tok, 8, top_p=0.9, temperature=1.0, decoding=decoding)
+        assert compiled[0] == eager[0]
+        ids, attn, resp = join(batch, compiled[0], tok.pad_token_id)
+        forced = token_logprobs(model, ids, attn)[resp.bool()]
+        torch.testing.assert_close(torch.tensor([x for r in compiled[1] for x in r]), forced, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exceed the 12 cache positions"):
+        generate(model, [[5, 3, 4, 6, 7]], tok, 8, 1.0, 1.0, decoding=decoding)
 
 
 SMALL = [

@@ -52,7 +52,7 @@ from pmrlhf.stages.common import (
     stage_dir,
     world_dir,
 )
-from pmrlhf.stages.rollout import Trajectory, critic_values, generate, score
+from pmrlhf.stages.rollout import CompiledDecoding, Trajectory, critic_values, generate, score
 
 
 @dataclass
@@ -101,6 +101,9 @@ class PPOConfig:
     max_new_tokens: int = 16  # generation limit
     top_p: float = 0.9  # nucleus sampling
     temperature: float = 1.0  # sampling temperature
+    # torch.compile the decoding step over a static KV cache: a one-time compile (seconds on CPU) for faster
+    # sampling; for long runs, not with sharded parameters
+    compile_sampler: bool = False
     # --- running ---
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
     keep_checkpoints: int = 2  # how many checkpoints to keep
@@ -194,6 +197,8 @@ class PPOTrainer:
                 f"{acc.num_processes}"
             )
         self.sharded_parameters = parameters_sharded(acc)
+        if c.compile_sampler and self.sharded_parameters:
+            raise ValueError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.out = stage_dir(c.run_dir, c.name, c) if acc.is_main_process else Path(c.run_dir) / c.name
         seed_everything(c.seed + acc.process_index)
@@ -234,6 +239,11 @@ class PPOTrainer:
         self.ema = (  # of this process's part of each weight where parameters are sharded
             {k: _local(v).detach().clone() for k, v in acc.unwrap_model(self.actor).state_dict().items()}
             if c.ema_decay
+            else None
+        )
+        self.decoding = (
+            CompiledDecoding(acc.unwrap_model(self.actor), max(map(len, self.prompts)) + c.max_new_tokens)
+            if c.compile_sampler
             else None
         )
         self.stream = PromptStream(len(self.prompts), c.seed)
@@ -310,6 +320,7 @@ class PPOTrainer:
                 c.temperature,
                 all_done=self._all_done,
                 inference_mode=not self.sharded_parameters,
+                decoding=self.decoding,
             )
         t1 = time.perf_counter()
         # 3. score: reference log-probabilities, critic values, reward-model scores
