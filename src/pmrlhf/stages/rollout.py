@@ -53,17 +53,42 @@ def _decoding_mask(model, attn: torch.Tensor) -> torch.Tensor:
     ]
 
 
+class _Decoding:
+    """Decoding steps of ``model`` with transformers' growing KV cache: ``start`` takes the left-padded prompts,
+    ``next`` one new token per sequence; both return the logits of the token to sample next."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
+        self.cache, self.prompt_length = out.past_key_values, ids.shape[1]
+        self.mask = _decoding_mask(self.model, torch.cat([attn, attn.new_ones(ids.shape[0], new_tokens)], -1))
+        return out.logits[:, -1]
+
+    def next(self, token: torch.Tensor, position: torch.Tensor, generated: int) -> torch.Tensor:
+        """Logits after feeding ``token``, the ``generated``-th new token, at ``position``."""
+        return self.model(
+            input_ids=token[:, None],
+            attention_mask=self.mask[..., : self.prompt_length + generated],
+            position_ids=position,
+            past_key_values=self.cache,
+            use_cache=True,
+        ).logits[:, -1]
+
+
 class CompiledDecoding:
     """Decoding steps compiled with ``torch.compile`` over a static KV cache of ``max_length`` positions.
 
-    Every step has the same shapes, so it compiles once per batch size (about 9 s for a 6-layer, 256-wide model on
-    2 CPU cores) and then runs as fused kernels without the Python of transformers' forward around them: 16 steps
-    of 16 sequences in 36 ms instead of 48 on that model. The prompt pass stays eager, as prompt lengths vary.
+    Every step has the same shapes, so it compiles once per batch size (2-9 s for a 6-layer, 256-wide model on 2
+    CPU cores) and then runs as fused kernels without the Python of transformers' forward around them: 16 tokens
+    for 16 sequences in 42 ms instead of 53 on that model. The prompt pass stays eager, as prompt lengths vary.
     """
 
     def __init__(self, model, max_length: int):
         self.model, self.max_length = model, max_length
         self.cache = self.mask = None
+        self.prompt_length = 0
         self._step = torch.compile(self._forward, dynamic=False)
 
     def _forward(self, ids, mask, position, cache_position):
@@ -118,7 +143,7 @@ def generate(
     and scored as written.
 
     ``all_done(done)`` says when to stop decoding, given which of this batch's sequences have ended. Where
-    every forward pass is a collective (parameters sharded by ZeRO-3 or FSDP), it must answer for every
+    every forward pass is a collective (parameters sharded by FSDP), it must answer for every
     process at once, or a process that finished early would leave the others waiting.
 
     Sampling runs under ``torch.inference_mode()``, which has fewer per-op checks than ``no_grad`` (only Python
@@ -139,27 +164,13 @@ def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, bat
     logps: list[list[float]] = []
     if decoding is not None:
         batch_size = len(prompts)
+    else:
+        decoding = _Decoding(model)
     for s in range(0, len(prompts), batch_size):
         ids, attn = (t.to(device) for t in pad(prompts[s : s + batch_size], pad_id, "left"))
-        B, P = ids.shape
+        B = ids.shape[0]
         position = (attn.cumsum(-1) - 1).clamp(min=0)
-        if decoding is not None:
-            step_logits = decoding.start(ids, attn, position, max_new_tokens)
-            advance = decoding.next
-        else:
-            out = model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
-            step_logits = out.logits[:, -1]
-            step_mask = _decoding_mask(model, torch.cat([attn, attn.new_ones(B, max_new_tokens)], -1))
-
-            def advance(token, next_position, generated, cache=out.past_key_values, mask=step_mask, P=P):
-                return model(
-                    input_ids=token[:, None],
-                    attention_mask=mask[..., : P + generated],
-                    position_ids=next_position,
-                    past_key_values=cache,
-                    use_cache=True,
-                ).logits[:, -1]
-
+        step_logits = decoding.start(ids, attn, position, max_new_tokens)
         next_position = position[:, -1:] + 1
         tokens, token_logp = [], []
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -173,7 +184,7 @@ def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, bat
             done = done | (token == eos)
             if len(tokens) == max_new_tokens or all_done(done):  # no forward pass whose logits go unused
                 break
-            step_logits = advance(token, next_position, len(tokens))
+            step_logits = decoding.next(token, next_position, len(tokens))
             next_position = next_position + 1
         for row, lp in zip(torch.stack(tokens, 1).tolist(), torch.stack(token_logp, 1).tolist(), strict=True):
             cut = row.index(eos) + 1 if eos in row else len(row)
