@@ -111,7 +111,7 @@ def test_launches_that_would_go_wrong_are_refused_before_any_work(env, message, 
         pipeline.run(pipeline.PipelineConfig(run_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=message):
-        stage_accelerator(ModelConfig())
+        stage_accelerator(ModelConfig(), micro_batch_size=8)
 
 
 def test_the_quick_demo_runs_on_two_processes(tmp_path):

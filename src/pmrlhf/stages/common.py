@@ -29,12 +29,16 @@ def seed_everything(seed: int) -> None:
 HALF_TYPES = {"bfloat16": "bf16", "float16": "fp16"}  # a ModelConfig.dtype -> accelerate's mixed precision
 
 
-def stage_accelerator(trainable: ModelConfig, mixed_precision: str | None = None, **kwargs):
+def stage_accelerator(trainable: ModelConfig, micro_batch_size: int, mixed_precision: str | None = None, **kwargs):
     """The stage's ``Accelerator``. Its precision is ``mixed_precision`` when given, else the half type that the
     trainable model's ``dtype`` names, else what ``accelerate launch`` was configured with (no outside it).
 
     A half ``dtype`` on a model that trains thus means mixed precision, never half weights: a bf16 weight rounds
     away every Adam update below 2^-8 of itself, which at the learning rates of fine-tuning is most of them.
+
+    ``micro_batch_size`` (examples per process in one backward pass) is what DeepSpeed's config needs when the
+    launch config leaves it to accelerate, which would otherwise read it off a prepared data loader; the stages
+    prepare none.
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -50,6 +54,10 @@ def stage_accelerator(trainable: ModelConfig, mixed_precision: str | None = None
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
         raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     return accelerator
 
 

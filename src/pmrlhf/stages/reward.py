@@ -140,7 +140,9 @@ def run(config: RewardConfig) -> Path:
     if config.data_kind not in ("comparison", "ranking"):
         raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {config.data_kind!r}")
     seed_everything(config.seed)
-    accelerator = stage_accelerator(config.model, gradient_accumulation_steps=config.optim.grad_accum)
+    accelerator = stage_accelerator(
+        config.model, config.optim.batch_size, gradient_accumulation_steps=config.optim.grad_accum
+    )
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
