@@ -406,3 +406,29 @@ def test_fsdp_saves_the_whole_models_and_resumes_exactly(trained, tmp_path):
         assert all(torch.equal(weights[k], again[k]) for k in weights), part
     strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
     assert strip(read_jsonl(run / "ppo" / "metrics.jsonl")) == strip(rows)
+
+
+def test_under_deepspeed_each_model_steps_its_own_engine():
+    """accelerator.backward would go to the engine prepared last (the critic's), leaving the actor's unstepped."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from pmrlhf.stages.common import optimizer_step
+
+    class Engine:
+        def __init__(self):
+            self.calls = []
+
+        def backward(self, loss):
+            self.calls.append(("backward", loss))
+
+        def step(self):
+            self.calls.append("step")
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
+    actor, critic = Engine(), Engine()
+    optimizer_step(accelerator, actor, None, "actor loss", max_grad_norm=1.0)
+    optimizer_step(accelerator, critic, None, "critic loss", max_grad_norm=1.0)
+    assert actor.calls == [("backward", "actor loss"), "step"]
+    assert critic.calls == [("backward", "critic loss"), "step"]
