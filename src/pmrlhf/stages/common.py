@@ -52,12 +52,12 @@ def stage_accelerator(trainable: ModelConfig, micro_batch_size: int, mixed_preci
         mixed_precision=mixed_precision or HALF_TYPES.get(trainable.dtype),
         **kwargs,
     )
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
-        raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            ds_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin.zero_stage == 3:
+            raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
+        if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
     return accelerator
 
 
