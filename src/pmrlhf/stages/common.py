@@ -235,10 +235,11 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
 
 def stage_dir(run_dir: str | Path, name: str, config) -> Path:
-    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first."""
+    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first, by the main process alone."""
     path = Path(run_dir) / name
-    path.mkdir(parents=True, exist_ok=True)
-    save_config(config, path / "config.yaml")
+    if process_state().is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        save_config(config, path / "config.yaml")
     return path
 
 

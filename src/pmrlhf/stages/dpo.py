@@ -119,7 +119,7 @@ def run(config: DPOConfig) -> Path:
     seed_everything(config.seed)
     accelerator = stage_accelerator(config.model, config.optim.batch_size)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
-    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
+    out = stage_dir(config.run_dir, config.name, config)
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
     sft = Path(config.run_dir) / "sft" / "model"
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")

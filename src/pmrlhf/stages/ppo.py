@@ -200,7 +200,7 @@ class PPOTrainer:
         if c.compile_sampler and self.sharded_parameters:
             raise ValueError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        self.out = stage_dir(c.run_dir, c.name, c) if acc.is_main_process else Path(c.run_dir) / c.name
+        self.out = stage_dir(c.run_dir, c.name, c)
         seed_everything(c.seed + acc.process_index)
         run = Path(c.run_dir)
         policy_path = c.policy.name_or_path or str(run / "sft" / "model")

@@ -144,7 +144,7 @@ def run(config: RewardConfig) -> Path:
         config.model, config.optim.batch_size, gradient_accumulation_steps=config.optim.grad_accum
     )
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
-    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
+    out = stage_dir(config.run_dir, config.name, config)
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
     sft = Path(config.run_dir) / "sft" / "model"
     init = "" if config.model.name_or_path else (str(sft) if config.init_from_sft and sft.is_dir() else "")

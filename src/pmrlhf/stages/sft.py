@@ -49,7 +49,7 @@ def run(config: SFTConfig) -> Path:
     from trl import SFTTrainer
 
     main = process_state().is_main_process  # under several processes, every one trains and one writes
-    out = stage_dir(config.run_dir, config.name, config) if main else Path(config.run_dir) / config.name
+    out = stage_dir(config.run_dir, config.name, config)
     seed_everything(config.seed)
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
