@@ -300,6 +300,11 @@ SMALL = [
 ]
 
 
+def _untimed(rows: list[dict]) -> list[dict]:
+    """Metrics rows without their wall-clock timings, which differ between runs of the same computation."""
+    return [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]
+
+
 def _launch(args, env=None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "pmrlhf", *args],
@@ -327,8 +332,9 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path
     assert _launch([*args, "--run-dir", str(killed), "--resume"], env).wait() == 0
     a, b = model_weights(straight / "ppo" / "model"), model_weights(killed / "ppo" / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rows]  # noqa: E731
-    assert strip(read_jsonl(straight / "ppo" / "metrics.jsonl")) == strip(read_jsonl(killed / "ppo" / "metrics.jsonl"))
+    assert _untimed(read_jsonl(straight / "ppo" / "metrics.jsonl")) == _untimed(
+        read_jsonl(killed / "ppo" / "metrics.jsonl")
+    )
 
 
 def test_two_processes_train_with_torchrun(trained, tmp_path):
@@ -404,8 +410,7 @@ def test_fsdp_saves_the_whole_models_and_resumes_exactly(trained, tmp_path):
     for part, weights in straight.items():
         again = model_weights(run / "ppo" / part)
         assert all(torch.equal(weights[k], again[k]) for k in weights), part
-    strip = lambda rs: [{k: v for k, v in r.items() if not k.startswith("time")} for r in rs]  # noqa: E731
-    assert strip(read_jsonl(run / "ppo" / "metrics.jsonl")) == strip(rows)
+    assert _untimed(read_jsonl(run / "ppo" / "metrics.jsonl")) == _untimed(rows)
 
 
 def test_under_deepspeed_each_model_steps_its_own_engine():
