@@ -211,7 +211,8 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) ->
     )
     if not plain:
         accelerator.backward(loss)
-        if max_grad_norm:
+        # within an accumulation window the gradients are partial (and under DDP not yet averaged): clip the whole
+        if max_grad_norm and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
