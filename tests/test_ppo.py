@@ -128,6 +128,27 @@ def test_bf16_mixed_precision_keeps_float32_masters_and_half_frozen_models(train
     assert 0 < (sampled - exact).abs().max() < 0.1  # bf16 rounding: present, and small
 
 
+def test_ema_of_bf16_weights_is_kept_in_float32(trained, tmp_path, tiny_world_config):
+    """With bf16 weights (as DeepSpeed's bf16 engine holds them) a bf16 average would round 0.99 w0 + 0.01 w1 back
+    to w0 for most weights; the EMA keeps it exactly, in float32."""
+    run = copy_run(trained, tmp_path)
+    policy = ModelConfig(dtype="bfloat16")
+    trainer = ppo.PPOTrainer(
+        ppo_config(run, tiny_world_config, policy=policy, mixed_precision="no", ema_decay=0.99, actor_lr=1e-3)
+    )
+    w0 = {k: v.clone() for k, v in trainer.actor.state_dict().items() if v.is_floating_point()}
+    assert {v.dtype for v in w0.values()} == {torch.bfloat16}
+    trainer.step()
+    w1 = trainer.actor.state_dict()
+    moved = [k for k in w0 if not torch.equal(w0[k], w1[k])]
+    assert moved
+    for k in moved:
+        assert trainer.ema[k].dtype == torch.float32
+        torch.testing.assert_close(trainer.ema[k], 0.99 * w0[k].float() + 0.01 * w1[k].float(), rtol=0, atol=1e-6)
+    rounded = [k for k in moved if not torch.equal(trainer.ema[k].bfloat16(), trainer.ema[k])]
+    assert len(rounded) == len(moved)  # a bf16 average could not have held them
+
+
 def test_empty_responses_are_scored_not_fatal(trained, tmp_path, tiny_world_config, monkeypatch):
     run = copy_run(trained, tmp_path)
     trainer = ppo.PPOTrainer(ppo_config(run, tiny_world_config))

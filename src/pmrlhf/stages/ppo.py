@@ -236,8 +236,11 @@ class PPOTrainer:
         self.reference.to(acc.device)
         self.reward_model.to(acc.device)
         self.ptx = self._ptx_data() if c.ptx_coef > 0 else None
-        self.ema = (  # of this process's part of each weight where parameters are sharded
-            {k: _local(v).detach().clone() for k, v in acc.unwrap_model(self.actor).state_dict().items()}
+        # of this process's part of each weight where parameters are sharded; in float32 whatever the weights'
+        # type, as a bf16 average would round away updates of (1 - decay) of a weight (DeepSpeed's bf16 engine
+        # holds bf16 weights)
+        self.ema = (
+            {k: _float32(_local(v).detach()) for k, v in acc.unwrap_model(self.actor).state_dict().items()}
             if c.ema_decay
             else None
         )
@@ -603,6 +606,11 @@ class PPOTrainer:
             )
             console.print(_world_line(self.config.name, summary["world"]))
         return summary
+
+
+def _float32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of a floating-point tensor; a copy of any other as it is."""
+    return t.to(torch.float32, copy=True) if t.is_floating_point() else t.clone()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
