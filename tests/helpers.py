@@ -16,14 +16,14 @@ def model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def torchrun(*args: str, fsdp: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python -m pmrlhf ARGS`` on two processes (gloo), one thread each, on a free port; with ``fsdp``, the
-    training stages on FSDP2 (``fsdp_cpu.py``)."""
+def torchrun(*args: str, backend: str = "ddp", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m pmrlhf ARGS`` on two processes (gloo), one thread each, on a free port; with ``backend`` fsdp or
+    deepspeed, the training stages on FSDP2 or DeepSpeed ZeRO-2 (``launch_cpu.py``)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    program = [str(Path(__file__).with_name("fsdp_cpu.py"))] if fsdp else ["-m", "pmrlhf"]
+    program = ["-m", "pmrlhf"] if backend == "ddp" else [str(Path(__file__).with_name("launch_cpu.py")), backend]
     return subprocess.run(
         [*cmd, *program, *args],
         capture_output=True,

@@ -1,5 +1,6 @@
-"""Two processes (DDP, or FSDP2, over gloo) split each global batch of the reward and DPO stages: with half the
-batch per process they must train as one process does on the whole batch, and only one of them writes."""
+"""Two processes (DDP, FSDP2 or DeepSpeed ZeRO-2, over gloo) split each global batch of the reward and DPO
+stages: with half the batch per process they must train as one process does on the whole batch, and only one of
+them writes."""
 
 import math
 import shutil
@@ -32,9 +33,9 @@ def _copy(run: Path, to: Path) -> Path:
     return to
 
 
-def _two_processes(run: Path, stage: str, *overrides: str, fsdp: bool = False) -> None:
+def _two_processes(run: Path, stage: str, *overrides: str, backend: str = "ddp") -> None:
     sets = [a for o in overrides for a in ("--set", o)]
-    result = torchrun(stage, "--config", str(run / "world.yaml"), "--run-dir", str(run), *sets, fsdp=fsdp)
+    result = torchrun(stage, "--config", str(run / "world.yaml"), "--run-dir", str(run), *sets, backend=backend)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -62,26 +63,46 @@ def test_sft_on_two_processes_trains_on_shares_and_writes_once(tmp_path, tiny_wo
     assert model_weights(run / "sft" / "model")
 
 
-SHARDING = pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+BACKENDS = pytest.mark.parametrize("backend", ["ddp", "fsdp", "deepspeed"])
 
 
-@SHARDING
-def test_reward_model_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, fsdp):
-    """Under FSDP the saved model is gathered from both processes' shards, as is the best state it goes back to."""
+@BACKENDS
+def test_reward_model_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, backend):
+    """With two micro-batches per optimiser step (under DeepSpeed its engine accumulates them). Under FSDP the
+    saved model is gathered from both processes' shards, as is the best state it goes back to."""
     one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
-    reward.run(
-        reward.RewardConfig(run_dir=str(one), world=tiny_world_config, optim=OptimConfig(batch_size=16, epochs=1))
-    )
-    _two_processes(two, "rm", "optim.batch_size=8", "optim.epochs=1", fsdp=fsdp)
+    optim = OptimConfig(batch_size=16, epochs=1, grad_accum=2)
+    reward.run(reward.RewardConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
+    _two_processes(two, "rm", "optim.batch_size=8", "optim.epochs=1", "optim.grad_accum=2", backend=backend)
     _assert_same_training(one, two, "reward", ["train/loss"])
 
 
-@SHARDING
-def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, fsdp):
+def test_deepspeed_settings_that_contradict_the_stage_are_refused(sft_run, tmp_path):
+    """DeepSpeed's engine clips and accumulates from its own config; accelerate would let it override the stage's
+    max_grad_norm without a word."""
+    run = _copy(sft_run, tmp_path / "run")
+    sets = ["--set", "optim.max_grad_norm=1.0"]
+    result = torchrun(
+        "rm",
+        "--config",
+        str(run / "world.yaml"),
+        "--run-dir",
+        str(run),
+        *sets,
+        backend="deepspeed",
+        env={"ACCELERATE_GRADIENT_CLIPPING": "0.5"},
+    )
+    assert result.returncode != 0
+    assert "the DeepSpeed config sets gradient_clipping: 0.5, but this stage's config asks for 1.0" in result.stderr
+    assert not (run / "reward" / "model").exists()
+
+
+@BACKENDS
+def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, backend):
     one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
     optim = OptimConfig(lr=1e-4, batch_size=16, epochs=0.3)
     dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
-    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4", fsdp=fsdp)
+    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4", backend=backend)
     _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin"])
 
 
@@ -111,7 +132,7 @@ def test_launches_that_would_go_wrong_are_refused_before_any_work(env, message, 
         pipeline.run(pipeline.PipelineConfig(run_dir=str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
     with pytest.raises(ValueError, match=message):
-        stage_accelerator(ModelConfig(), micro_batch_size=8)
+        stage_accelerator(ModelConfig(), micro_batch_size=8, max_grad_norm=1.0)
 
 
 def test_the_quick_demo_runs_on_two_processes(tmp_path):

@@ -400,15 +400,19 @@ def test_gradient_clipping_matches_torch_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(small, unchanged, strict=True))
 
 
-def test_fsdp_saves_the_whole_models_and_resumes_exactly(trained, tmp_path):
-    """FSDP2 on two CPU processes: the saved actor, critic and EMA are gathered from both processes' shards, and a
-    checkpoint holds every shard of the models, optimisers and EMA, so resuming from it repeats the run bit for
-    bit."""
+@pytest.mark.parametrize("backend", ["fsdp", "deepspeed"])
+def test_sharded_training_saves_the_whole_models_and_resumes_exactly(trained, tmp_path, backend):
+    """FSDP2 and DeepSpeed ZeRO-2 on two CPU processes: each model steps its own engine, the saved actor, critic and
+    EMA are whole (under FSDP gathered from both processes' shards), and a checkpoint holds every shard of the
+    models, optimisers and EMA, so resuming from it repeats the run bit for bit."""
     one = [*SMALL, "--set", "iterations=1", "--set", "ema_decay=0.5"]
-    sharded, replicated = copy_run(trained, tmp_path / "fsdp"), copy_run(trained, tmp_path / "ddp")
-    for run, fsdp in ((sharded, True), (replicated, False)):
-        result = torchrun("ppo", "--run-dir", str(run), *one, fsdp=fsdp)
+    sharded, replicated = copy_run(trained, tmp_path / backend), copy_run(trained, tmp_path / "ddp")
+    for run, how in ((sharded, backend), (replicated, "ddp")):
+        result = torchrun("ppo", "--run-dir", str(run), *one, backend=how)
         assert result.returncode == 0, result.stderr[-3000:]
+        if how == backend:  # the actor and the critic on each process
+            prepared = {"fsdp": "prepared FSDPCritic", "deepspeed": "prepared DeepSpeedEngine"}[backend]
+            assert result.stderr.count(prepared) == {"fsdp": 2, "deepspeed": 4}[backend], result.stderr[-3000:]
     sft = model_weights(trained / "sft" / "model")
     for part in ("model", "critic", "model-ema"):  # one update from the same samples (later ones differ: below)
         a, b = model_weights(sharded / "ppo" / part), model_weights(replicated / "ppo" / part)
@@ -422,10 +426,10 @@ def test_fsdp_saves_the_whole_models_and_resumes_exactly(trained, tmp_path):
     # DDP, so longer runs are compared with themselves: straight through, then again from the checkpoint.
     run = copy_run(trained, tmp_path / "resumed")
     four = [*SMALL, "--set", "iterations=4", "--set", "checkpoint_every=2", "--set", "ema_decay=0.9"]
-    assert torchrun("ppo", "--run-dir", str(run), *four, fsdp=True).returncode == 0
+    assert torchrun("ppo", "--run-dir", str(run), *four, backend=backend).returncode == 0
     straight = {p: model_weights(run / "ppo" / p) for p in ("model", "model-ema")}
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
-    result = torchrun("ppo", "--run-dir", str(run), *four, "--resume", fsdp=True)
+    result = torchrun("ppo", "--run-dir", str(run), *four, "--resume", backend=backend)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed ppo at iteration 2" in result.stderr
     for part, weights in straight.items():

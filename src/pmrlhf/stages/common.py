@@ -29,16 +29,23 @@ def seed_everything(seed: int) -> None:
 HALF_TYPES = {"bfloat16": "bf16", "float16": "fp16"}  # a ModelConfig.dtype -> accelerate's mixed precision
 
 
-def stage_accelerator(trainable: ModelConfig, micro_batch_size: int, mixed_precision: str | None = None, **kwargs):
+def stage_accelerator(
+    trainable: ModelConfig,
+    micro_batch_size: int,
+    max_grad_norm: float,
+    mixed_precision: str | None = None,
+    gradient_accumulation_steps: int = 1,
+):
     """The stage's ``Accelerator``. Its precision is ``mixed_precision`` when given, else the half type that the
     trainable model's ``dtype`` names, else what ``accelerate launch`` was configured with (no outside it).
 
     A half ``dtype`` on a model that trains thus means mixed precision, never half weights: a bf16 weight rounds
     away every Adam update below 2^-8 of itself, which at the learning rates of fine-tuning is most of them.
 
-    ``micro_batch_size`` (examples per process in one backward pass) is what DeepSpeed's config needs when the
-    launch config leaves it to accelerate, which would otherwise read it off a prepared data loader; the stages
-    prepare none.
+    Under DeepSpeed the engine, not the stage, cuts micro-batches, accumulates and clips, from its own config:
+    ``micro_batch_size`` (examples per process in one backward pass), ``gradient_accumulation_steps`` and
+    ``max_grad_norm`` fill it where the launch config leaves them to accelerate, and a launch config that sets
+    them otherwise is refused (accelerate would silently take its values over the stage's).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -50,14 +57,26 @@ def stage_accelerator(trainable: ModelConfig, micro_batch_size: int, mixed_preci
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=mixed_precision or HALF_TYPES.get(trainable.dtype),
-        **kwargs,
+        gradient_accumulation_steps=gradient_accumulation_steps,
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
         if plugin.zero_stage == 3:
             raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
-        if plugin.deepspeed_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-            plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        stage = {
+            "train_micro_batch_size_per_gpu": micro_batch_size,
+            "gradient_accumulation_steps": gradient_accumulation_steps,
+            "gradient_clipping": float(max_grad_norm),
+        }
+        for key, value in stage.items():
+            given = plugin.deepspeed_config.get(key, "auto")
+            if given == "auto":
+                plugin.deepspeed_config[key] = value
+            elif float(given) != value:
+                raise ValueError(
+                    f"the DeepSpeed config sets {key}: {given}, but this stage's config asks for {value}; leave it "
+                    "out of the accelerate config (or set it to auto) so that the stage's setting is used"
+                )
     return accelerator
 
 

@@ -117,7 +117,7 @@ def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     config.validate()
     seed_everything(config.seed)
-    accelerator = stage_accelerator(config.model, config.optim.batch_size)
+    accelerator = stage_accelerator(config.model, config.optim.batch_size, config.optim.max_grad_norm)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config)
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)

@@ -189,7 +189,7 @@ def run(config: PPOConfig) -> Path:
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
         self.config = c = config
-        self.accelerator = acc = stage_accelerator(c.policy, c.minibatch_size, c.mixed_precision)
+        self.accelerator = acc = stage_accelerator(c.policy, c.minibatch_size, c.max_grad_norm, c.mixed_precision)
         if c.prompts_per_iteration % acc.num_processes:
             # unequal shares can mean unequal numbers of minibatches, and DDP would wait for the missing ones
             raise ValueError(

@@ -141,7 +141,10 @@ def run(config: RewardConfig) -> Path:
         raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {config.data_kind!r}")
     seed_everything(config.seed)
     accelerator = stage_accelerator(
-        config.model, config.optim.batch_size, gradient_accumulation_steps=config.optim.grad_accum
+        config.model,
+        config.optim.batch_size,
+        config.optim.max_grad_norm,
+        gradient_accumulation_steps=config.optim.grad_accum,
     )
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config)
