@@ -99,11 +99,12 @@ def test_deepspeed_settings_that_contradict_the_stage_are_refused(sft_run, tmp_p
 
 @BACKENDS
 def test_dpo_on_two_processes_trains_as_on_one(sft_run, tmp_path, tiny_world_config, backend):
+    """With a warm-up and cosine schedule, which the scheduler sets on the optimiser that DeepSpeed and FSDP wrap."""
     one, two = _copy(sft_run, tmp_path / "one"), _copy(sft_run, tmp_path / "two")
-    optim = OptimConfig(lr=1e-4, batch_size=16, epochs=0.3)
-    dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=optim))
-    _two_processes(two, "dpo", "optim.batch_size=8", "optim.epochs=0.3", "optim.lr=1e-4", backend=backend)
-    _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin"])
+    schedule = dict(lr=3e-4, epochs=0.3, scheduler="cosine", warmup_ratio=0.2)
+    dpo.run(dpo.DPOConfig(run_dir=str(one), world=tiny_world_config, optim=OptimConfig(batch_size=16, **schedule)))
+    _two_processes(two, "dpo", "optim.batch_size=8", *(f"optim.{k}={v}" for k, v in schedule.items()), backend=backend)
+    _assert_same_training(one, two, "dpo", ["train/loss", "train/accuracy", "train/margin", "train/lr"])
 
 
 def test_ppo_refuses_prompts_that_do_not_split_evenly(sft_run, tmp_path):

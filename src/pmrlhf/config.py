@@ -54,7 +54,7 @@ class OptimConfig:
     warmup_ratio: float = 0.0  # share of steps with linear warm-up
     scheduler: str = "constant"  # constant | linear | cosine
     epochs: float = 1.0  # passes over the training data
-    batch_size: int = 16  # examples per optimiser step on each process
+    batch_size: int = 16  # examples per micro-batch on each process; an optimiser step takes grad_accum of them
     grad_accum: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import random
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pmrlhf.config import DataConfig, ModelConfig, save_config
+from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
 from pmrlhf.data.world import FILES, WorldConfig, ensure_world
 
@@ -193,6 +194,26 @@ def process_share(batch: list, accelerator) -> tuple[list, float]:
     n = accelerator.num_processes
     share = batch[accelerator.process_index :: n]
     return share, len(share) * n / len(batch)
+
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_schedule(optimizer, optim: OptimConfig, steps: int):
+    """The learning-rate schedule ``optim.scheduler`` names over ``steps`` optimiser steps, after a linear warm-up
+    over the first ``optim.warmup_ratio`` of them: transformers' schedules, as the SFT stage's Trainer runs them.
+
+    The stage steps it after each optimiser step. It is not given to ``accelerator.prepare``, which would step it
+    once per process at every call: there each process's data loader holds only its share of the steps, whereas
+    here every process takes every global batch.
+    """
+    from transformers import get_scheduler
+
+    if optim.scheduler not in SCHEDULES:
+        raise ValueError(f"unknown scheduler {optim.scheduler!r}; use one of {', '.join(SCHEDULES)}")
+    name = "constant_with_warmup" if optim.scheduler == "constant" else optim.scheduler
+    warmup = math.ceil(optim.warmup_ratio * steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
 def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:

@@ -31,6 +31,7 @@ from pmrlhf.stages.common import (
     gathered_model,
     load_precisions,
     load_stage_records,
+    lr_schedule,
     optimizer_step,
     process_share,
     seed_everything,
@@ -117,7 +118,12 @@ def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     config.validate()
     seed_everything(config.seed)
-    accelerator = stage_accelerator(config.model, config.optim.batch_size, config.optim.max_grad_norm)
+    accelerator = stage_accelerator(
+        config.model,
+        config.optim.batch_size,
+        config.optim.max_grad_norm,
+        gradient_accumulation_steps=config.optim.grad_accum,
+    )
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config)
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
@@ -162,9 +168,11 @@ def run(config: DPOConfig) -> Path:
         return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
     rng = random.Random(config.seed)
-    bs = config.optim.batch_size
-    total = max(1, int(batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs))
-    step = 0
+    bs, accum = config.optim.batch_size, config.optim.grad_accum
+    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
+    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
+    scheduler = lr_schedule(optimizer, config.optim, total)
+    step, window = 0, None
     from rich.progress import Progress
 
     with Progress(console=console, transient=True, disable=not main) as progress:
@@ -172,13 +180,20 @@ def run(config: DPOConfig) -> Path:
         while step < total:
             for indices in epoch_batches(len(train), bs, rng, accelerator.num_processes):
                 share, weight = process_share([train[i] for i in indices], accelerator)
-                loss, stats = step_loss(share)
-                optimizer_step(accelerator, policy, optimizer, loss * weight, config.optim.max_grad_norm)
+                with accelerator.accumulate(policy):
+                    loss, stats = step_loss(share)
+                    optimizer_step(accelerator, policy, optimizer, loss * weight, config.optim.max_grad_norm)
                 local = torch.tensor([loss.item(), *stats.values()], device=accelerator.device)
-                batch = accelerator.reduce(local * weight, "mean").tolist()  # the whole batch's loss and stats
+                batch = accelerator.reduce(local * weight, "mean") / accum  # the whole batch's loss and stats
+                window = batch if window is None else window + batch
+                if not accelerator.sync_gradients:  # within an accumulation window: no optimiser step yet
+                    continue
+                means, window = window.tolist(), None
+                row = {"train/loss": means[0], **{f"train/{k}": v for k, v in zip(stats, means[1:], strict=True)}}
+                row["train/lr"] = scheduler.get_last_lr()[0]
+                scheduler.step()
                 step += 1
-                progress.update(task, advance=1, description=f"{config.name}  loss {batch[0]:.4f}")
-                row = {"train/loss": batch[0], **{f"train/{k}": v for k, v in zip(stats, batch[1:], strict=True)}}
+                progress.update(task, advance=1, description=f"{config.name}  loss {means[0]:.4f}")
                 if held and (step % config.logging.log_every == 0 or step == total):
                     with torch.no_grad():
                         held_loss, held_stats = step_loss(held)

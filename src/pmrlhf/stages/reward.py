@@ -33,6 +33,7 @@ from pmrlhf.stages.common import (
     gathered_model,
     load_precisions,
     load_stage_records,
+    lr_schedule,
     optimizer_step,
     process_share,
     seed_everything,
@@ -171,10 +172,12 @@ def run(config: RewardConfig) -> Path:
     )
 
     rng = random.Random(config.seed)
-    bs = config.optim.batch_size
-    total = max(1, int(batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs))
+    bs, accum = config.optim.batch_size, config.optim.grad_accum
+    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
+    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
+    scheduler = lr_schedule(optimizer, config.optim, total)
     best = {"eval/accuracy": -1.0}
-    best_state, stale, step = None, 0, 0
+    best_state, stale, step, window_loss = None, 0, 0, 0.0
     stopped_early = False
     from rich.progress import Progress
 
@@ -188,11 +191,14 @@ def run(config: RewardConfig) -> Path:
                     scores, mask = score_batch(model, share, tokenizer.pad_token_id)
                     loss = loss_fn(scores, mask)
                     optimizer_step(accelerator, model, optimizer, loss * weight, config.optim.max_grad_norm)
-                batch_loss = accelerator.reduce(loss.detach() * weight, "mean").item()
-                step += 1
-                progress.update(task, advance=1, description=f"reward model  loss {batch_loss:.3f}")
-                row = {"train/loss": batch_loss}
-                end_of_epoch = b == len(batches) - 1
+                window_loss += accelerator.reduce(loss.detach() * weight, "mean").item() / accum
+                if not accelerator.sync_gradients:  # within an accumulation window: no optimiser step yet
+                    continue
+                row = {"train/loss": window_loss, "train/lr": scheduler.get_last_lr()[0]}
+                scheduler.step()
+                step, window_loss = step + 1, 0.0
+                progress.update(task, advance=1, description=f"reward model  loss {row['train/loss']:.3f}")
+                end_of_epoch = b >= len(batches) - accum  # the epoch's last optimiser step
                 if held and (step % config.eval_every == 0 or end_of_epoch or step >= total):
                     metrics = evaluate(model, held, tokenizer.pad_token_id, bs)
                     row |= metrics
