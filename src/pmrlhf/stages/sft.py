@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -96,8 +97,12 @@ def run(config: SFTConfig) -> Path:
             if log is not None:
                 log.log(state.global_step, logs)
 
+    # TRL turns activation checkpointing on by default; the model's config decides (transformers 5 renamed it)
+    names = {f.name for f in dataclasses.fields(TRLSFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     with tempfile.TemporaryDirectory() as scratch:
         args = TRLSFTConfig(
+            **{checkpointing: config.model.gradient_checkpointing},
             output_dir=scratch,
             num_train_epochs=config.optim.epochs,
             per_device_train_batch_size=config.optim.batch_size,
