@@ -18,6 +18,11 @@ from pmrlhf.data.world import FILES, WorldConfig, ensure_world
 
 console = Console(stderr=True)
 
+# accelerate imports DeepSpeed, where installed, whenever it unwraps a model; without CUDA, DeepSpeed's device
+# detection then warns on every process that it falls back to the CPU, which is the only device there is.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 
 def seed_everything(seed: int) -> None:
     import numpy as np

@@ -45,7 +45,7 @@ class SFTConfig:
 def run(config: SFTConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     from datasets import Dataset
-    from transformers import TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
@@ -135,6 +135,7 @@ def run(config: SFTConfig) -> Path:
             processing_class=tokenizer,
             callbacks=[ToMetrics()],
         )
+        trainer.remove_callback(PrinterCallback)  # which disable_tqdm puts in the bar's place: a line per log
         trainer.train()
         final = trainer.evaluate() if held else {}
         plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
