@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pmrlhf.stages import dpo, ppo, reward
+from pmrlhf.stages import dpo, ppo, reward, sft
 
 CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
 
@@ -67,10 +67,11 @@ def _switch(accelerator, backend: str) -> None:
     PartialState._shared_state["distributed_type"] = kind
 
 
-def _on(backend: str, make_accelerator):
-    """``stage_accelerator`` whose ``Accelerator`` is switched to ``backend`` as it is built, so that the stage's own
-    checks of the distributed type see it."""
+def _on(backend: str, run):
+    """A stage's ``run`` whose ``Accelerator`` (and under SFT the Trainer's) is switched to ``backend`` as it is
+    built, so that the stage's own checks of the distributed type see it."""
     import accelerate
+    import transformers.trainer
 
     class Switched(accelerate.Accelerator):
         def __init__(self, *args, **kwargs):
@@ -85,22 +86,23 @@ def _on(backend: str, make_accelerator):
                     print(f"prepared {type(obj).__name__}", file=sys.stderr)
             return prepared
 
-    @functools.wraps(make_accelerator)
-    def make(*args, **kwargs):
-        original, accelerate.Accelerator = accelerate.Accelerator, Switched
+    @functools.wraps(run)
+    def switched(*args, **kwargs):
+        original = accelerate.Accelerator, transformers.trainer.Accelerator
+        accelerate.Accelerator = transformers.trainer.Accelerator = Switched
         try:
-            return make_accelerator(*args, **kwargs)
+            return run(*args, **kwargs)
         finally:
-            accelerate.Accelerator = original
+            accelerate.Accelerator, transformers.trainer.Accelerator = original
 
-    return make
+    return switched
 
 
 if __name__ == "__main__":
     backend = sys.argv.pop(1)
     {"fsdp": _fsdp_environment, "deepspeed": _deepspeed_environment}[backend]()
-    for stage in (dpo, ppo, reward):
-        stage.stage_accelerator = _on(backend, stage.stage_accelerator)
+    for stage in (sft, reward, dpo, ppo):
+        stage.run = _on(backend, stage.run)
     from pmrlhf.cli import app
 
     sys.argv[0] = "pmrlhf"

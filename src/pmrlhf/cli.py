@@ -82,7 +82,7 @@ def sft(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir:
     """Stage 1: supervised fine-tuning on demonstrations (response tokens only)."""
     from pmrlhf.stages import sft as stage
 
-    typer.echo(f"wrote {_run(stage.run, _config(stage.SFTConfig, config, overrides, run_dir))}")
+    _wrote(_run(stage.run, _config(stage.SFTConfig, config, overrides, run_dir)))
 
 
 @app.command()
@@ -90,7 +90,7 @@ def rm(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: 
     """Stage 2: the reward model (pairwise, K-wise or listwise), with early stopping."""
     from pmrlhf.stages import reward as stage
 
-    typer.echo(f"wrote {_run(stage.run, _config(stage.RewardConfig, config, overrides, run_dir))}")
+    _wrote(_run(stage.run, _config(stage.RewardConfig, config, overrides, run_dir)))
 
 
 @app.command()
@@ -105,7 +105,7 @@ def ppo(
 
     cfg = _config(stage.PPOConfig, config, overrides, run_dir)
     cfg.resume = cfg.resume or resume
-    typer.echo(f"wrote {_run(stage.run, cfg)}")
+    _wrote(_run(stage.run, cfg))
 
 
 @app.command()
@@ -113,7 +113,7 @@ def dpo(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir:
     """The DPO family on comparisons: sigmoid (DPO / cDPO), robust, ipo, simpo, pm (PM-DPO), cpm (conditional)."""
     from pmrlhf.stages import dpo as stage
 
-    typer.echo(f"wrote {_run(stage.run, _config(stage.DPOConfig, config, overrides, run_dir))}")
+    _wrote(_run(stage.run, _config(stage.DPOConfig, config, overrides, run_dir)))
 
 
 @app.command("eval")
@@ -121,7 +121,7 @@ def eval_(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_di
     """Sec. 6.1 metrics (PM divergence, length, perplexity, entropy, KL) for every policy of a run."""
     from pmrlhf.stages import evaluate as stage
 
-    typer.echo(f"wrote {_run(stage.run_eval, _config(stage.EvalConfig, config, overrides, run_dir))}")
+    _wrote(_run(stage.run_eval, _config(stage.EvalConfig, config, overrides, run_dir)))
 
 
 @app.command()
@@ -129,7 +129,7 @@ def probe(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_di
     """Is preference collapse happening? Reference vs reward-model preferences on sampled pairs (Figs. 3-4)."""
     from pmrlhf.stages import evaluate as stage
 
-    typer.echo(f"wrote {_run(stage.run_probe, _config(stage.ProbeConfig, config, overrides, run_dir))}")
+    _wrote(_run(stage.run_probe, _config(stage.ProbeConfig, config, overrides, run_dir)))
 
 
 @app.command()
@@ -137,7 +137,7 @@ def report(run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder with
     """Write report/report.md with its figures from a run's eval and probe results."""
     from pmrlhf.evaluation.report import write_report
 
-    typer.echo(f"wrote {_run(write_report, run_dir)}")
+    _wrote(_run(write_report, run_dir))
 
 
 @app.command("run")
@@ -166,7 +166,21 @@ def demo(
     _print_report(_run(pipeline.run, cfg))
 
 
+def _main_process() -> bool:
+    """Under several processes every one finishes a stage; one of them says so."""
+    from pmrlhf.stages.common import process_state
+
+    return process_state().is_main_process
+
+
+def _wrote(path: Path) -> None:
+    if _main_process():
+        typer.echo(f"wrote {path}")
+
+
 def _print_report(path: Path) -> None:
+    if not _main_process():
+        return
     text = path.read_text()
     table = text.split("## Comparison", 1)[1].split("## Findings", 1)[0]
     findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
