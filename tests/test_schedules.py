@@ -39,6 +39,7 @@ def _steps(run, name):
     return [r for r in read_jsonl(run / name / "metrics.jsonl") if "train/lr" in r]
 
 
+@pytest.mark.filterwarnings("error:Detected call of `lr_scheduler.step()` before `optimizer.step()`")
 def test_reward_and_dpo_stages_follow_their_schedule_one_step_per_window(tmp_path, tiny_world_config):
     """No SFT model in the run folder: both stages start from a tiny model built from config."""
     data = DataConfig(portion="reward", limit=160)

@@ -149,6 +149,11 @@ def run(config: DPOConfig) -> Path:
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
     train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
     optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
+    bs, accum = config.optim.batch_size, config.optim.grad_accum
+    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
+    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
+    # on the optimiser itself, before accelerate or DeepSpeed wrap it: they step it, and the schedule sees that
+    scheduler = lr_schedule(optimizer, config.optim, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
     log = (
@@ -168,10 +173,6 @@ def run(config: DPOConfig) -> Path:
         return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
     rng = random.Random(config.seed)
-    bs, accum = config.optim.batch_size, config.optim.grad_accum
-    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
-    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
-    scheduler = lr_schedule(optimizer, config.optim, total)
     step, window = 0, None
     from rich.progress import Progress
 

@@ -161,6 +161,11 @@ def run(config: RewardConfig) -> Path:
     trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
     model = load_reward_model(trainable, tokenizer, path=init or None)
     optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
+    bs, accum = config.optim.batch_size, config.optim.grad_accum
+    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
+    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
+    # on the optimiser itself, before accelerate or DeepSpeed wrap it: they step it, and the schedule sees that
+    scheduler = lr_schedule(optimizer, config.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]
     log = (
@@ -172,10 +177,6 @@ def run(config: RewardConfig) -> Path:
     )
 
     rng = random.Random(config.seed)
-    bs, accum = config.optim.batch_size, config.optim.grad_accum
-    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
-    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
-    scheduler = lr_schedule(optimizer, config.optim, total)
     best = {"eval/accuracy": -1.0}
     best_state, stale, step, window_loss = None, 0, 0, 0.0
     stopped_early = False
