@@ -520,7 +520,7 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        acc.save_state(str(tmp), safe_serialization=False)  # torch's format keeps tied weights tied, unlike safetensors
         if self.sharded_parameters and self.ema is not None:
             torch.save(self.ema, tmp / f"ema_{acc.process_index}.pt")
         if acc.is_main_process:
