@@ -227,6 +227,8 @@ class PPOTrainer:
         warmup = lambda it: min(1.0, (it + 1) / c.warmup_iterations) if c.warmup_iterations else 1.0  # noqa: E731
         actor_sched = torch.optim.lr_scheduler.LambdaLR(actor_opt, warmup)
         self.actor, self.actor_opt = acc.prepare(actor, actor_opt)
+        # once: accelerate's unwrap_model looks for DeepSpeed on disk at every call (0.4 ms where it is installed)
+        self.actor_module = acc.unwrap_model(self.actor)
         self.actor_sched = actor_sched
         self.critic = self.critic_opt = self.critic_sched = None
         if critic is not None:
@@ -240,12 +242,12 @@ class PPOTrainer:
         # type, as a bf16 average would round away updates of (1 - decay) of a weight (DeepSpeed's bf16 engine
         # holds bf16 weights)
         self.ema = (
-            {k: _float32(_local(v).detach()) for k, v in acc.unwrap_model(self.actor).state_dict().items()}
+            {k: _float32(_local(v).detach()) for k, v in self.actor_module.state_dict().items()}
             if c.ema_decay
             else None
         )
         self.decoding = (
-            CompiledDecoding(acc.unwrap_model(self.actor), max(map(len, self.prompts)) + c.max_new_tokens)
+            CompiledDecoding(self.actor_module, max(map(len, self.prompts)) + c.max_new_tokens)
             if c.compile_sampler
             else None
         )
@@ -315,7 +317,7 @@ class PPOTrainer:
         # 2. generate, with the actor's log-probabilities of the sampled tokens
         with self._autocast():
             responses, logps = generate(
-                acc.unwrap_model(self.actor),
+                self.actor_module,
                 prompts,
                 self.tokenizer,
                 c.max_new_tokens,
@@ -467,7 +469,7 @@ class PPOTrainer:
             return
         d = self.config.ema_decay
         with torch.no_grad():
-            for k, v in self.accelerator.unwrap_model(self.actor).state_dict().items():
+            for k, v in self.actor_module.state_dict().items():
                 if v.dtype.is_floating_point:
                     self.ema[k].mul_(d).add_(_local(v).detach(), alpha=1 - d)
 
@@ -572,7 +574,7 @@ class PPOTrainer:
             summary = self._summary(actor)
         if self.ema is not None:  # last, as it overwrites the actor's weights with their average
             with torch.no_grad():
-                for k, v in acc.unwrap_model(self.actor).state_dict().items():
+                for k, v in self.actor_module.state_dict().items():
                     _local(v).copy_(self.ema[k])
             ema = gathered_model(acc, self.actor, self._fresh_actor)
             if acc.is_main_process:
