@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -53,16 +54,23 @@ def _decoding_mask(model, attn: torch.Tensor) -> torch.Tensor:
     ]
 
 
+def _cache_keyword(model) -> str:
+    """The name under which ``model``'s forward takes and returns its KV cache: ``cache`` since transformers 5.24,
+    where ``past_key_values`` warns (and goes in 5.40); ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 class _Decoding:
     """Decoding steps of ``model`` with transformers' growing KV cache: ``start`` takes the left-padded prompts,
     ``next`` one new token per sequence; both return the logits of the token to sample next."""
 
     def __init__(self, model):
-        self.model = model
+        self.model, self.keyword = model, _cache_keyword(model)
 
     def start(self, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, new_tokens: int) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
-        self.cache, self.prompt_length = out.past_key_values, ids.shape[1]
+        self.cache, self.prompt_length = out[self.keyword], ids.shape[1]
         self.mask = _decoding_mask(self.model, torch.cat([attn, attn.new_ones(ids.shape[0], new_tokens)], -1))
         return out.logits[:, -1]
 
@@ -72,8 +80,8 @@ class _Decoding:
             input_ids=token[:, None],
             attention_mask=self.mask[..., : self.prompt_length + generated],
             position_ids=position,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.keyword: self.cache},
         ).logits[:, -1]
 
 
@@ -86,7 +94,7 @@ class CompiledDecoding:
     """
 
     def __init__(self, model, max_length: int):
-        self.model, self.max_length = model, max_length
+        self.model, self.max_length, self.keyword = model, max_length, _cache_keyword(model)
         self.cache = self.mask = None
         self.prompt_length = 0
         self._step = torch.compile(self._forward, dynamic=False)
@@ -96,9 +104,9 @@ class CompiledDecoding:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position,
-            past_key_values=self.cache,
             cache_position=cache_position,
             use_cache=True,
+            **{self.keyword: self.cache},
         )
         return out.logits[:, -1]
 
