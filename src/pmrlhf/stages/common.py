@@ -221,6 +221,18 @@ def lr_schedule(optimizer, optim: OptimConfig, steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
 
+def stage_schedule(optimizer, optim: OptimConfig, examples: int, processes: int):
+    """``(optimiser steps, schedule)`` of a stage that makes ``optim.epochs`` passes over ``examples`` in global
+    batches (``epoch_batches``), ``optim.grad_accum`` of them to a step; a last window short of that is dropped.
+
+    Build it on the optimiser itself, before accelerate or DeepSpeed wrap it: they step it, and the schedule
+    sees that.
+    """
+    micro_batches = batches_per_pass(examples, optim.batch_size, processes) * optim.epochs
+    steps = max(1, int(micro_batches) // optim.grad_accum)
+    return steps, lr_schedule(optimizer, optim, steps)
+
+
 def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
     """AdamW over the trainable parameters, fused (one kernel for all of them) where the setup allows it.
 

@@ -25,18 +25,17 @@ from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
 from pmrlhf.stages.common import (
     adamw,
-    batches_per_pass,
     console,
     epoch_batches,
     gathered_model,
     load_precisions,
     load_stage_records,
-    lr_schedule,
     optimizer_step,
     process_share,
     seed_everything,
     stage_accelerator,
     stage_dir,
+    stage_schedule,
     tokenizer_source,
     world_dir,
 )
@@ -149,11 +148,8 @@ def run(config: DPOConfig) -> Path:
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
     train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
     optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
+    total, scheduler = stage_schedule(optimizer, config.optim, len(train), accelerator.num_processes)
     bs, accum = config.optim.batch_size, config.optim.grad_accum
-    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
-    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
-    # on the optimiser itself, before accelerate or DeepSpeed wrap it: they step it, and the schedule sees that
-    scheduler = lr_schedule(optimizer, config.optim, total)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
     log = (

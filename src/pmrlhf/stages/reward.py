@@ -27,18 +27,17 @@ from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.stages.common import (
     adamw,
-    batches_per_pass,
     console,
     epoch_batches,
     gathered_model,
     load_precisions,
     load_stage_records,
-    lr_schedule,
     optimizer_step,
     process_share,
     seed_everything,
     stage_accelerator,
     stage_dir,
+    stage_schedule,
     tokenizer_source,
     world_dir,
 )
@@ -161,11 +160,8 @@ def run(config: RewardConfig) -> Path:
     trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
     model = load_reward_model(trainable, tokenizer, path=init or None)
     optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
+    total, scheduler = stage_schedule(optimizer, config.optim, len(train), accelerator.num_processes)
     bs, accum = config.optim.batch_size, config.optim.grad_accum
-    micro_batches = batches_per_pass(len(train), bs, accelerator.num_processes) * config.optim.epochs
-    total = max(1, int(micro_batches) // accum)  # optimiser steps; a last window short of grad_accum is dropped
-    # on the optimiser itself, before accelerate or DeepSpeed wrap it: they step it, and the schedule sees that
-    scheduler = lr_schedule(optimizer, config.optim, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]
     log = (
