@@ -86,6 +86,13 @@ def stage_accelerator(
     return accelerator
 
 
+def optim_accelerator(trainable: ModelConfig, optim: OptimConfig):
+    """``stage_accelerator`` of a stage that trains by ``optim``: its micro-batch size, clipping and accumulation."""
+    return stage_accelerator(
+        trainable, optim.batch_size, optim.max_grad_norm, gradient_accumulation_steps=optim.grad_accum
+    )
+
+
 ZERO3_REFUSED = (
     "DeepSpeed ZeRO-3 is not supported: under it transformers partitions every model it loads, the frozen "
     "reference and reward models included, which no DeepSpeed engine then gathers. Shard parameters with FSDP "

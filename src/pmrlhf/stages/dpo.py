@@ -30,10 +30,10 @@ from pmrlhf.stages.common import (
     gathered_model,
     load_precisions,
     load_stage_records,
+    optim_accelerator,
     optimizer_step,
     process_share,
     seed_everything,
-    stage_accelerator,
     stage_dir,
     stage_schedule,
     tokenizer_source,
@@ -117,12 +117,7 @@ def run(config: DPOConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     config.validate()
     seed_everything(config.seed)
-    accelerator = stage_accelerator(
-        config.model,
-        config.optim.batch_size,
-        config.optim.max_grad_norm,
-        gradient_accumulation_steps=config.optim.grad_accum,
-    )
+    accelerator = optim_accelerator(config.model, config.optim)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config)
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)

@@ -32,10 +32,10 @@ from pmrlhf.stages.common import (
     gathered_model,
     load_precisions,
     load_stage_records,
+    optim_accelerator,
     optimizer_step,
     process_share,
     seed_everything,
-    stage_accelerator,
     stage_dir,
     stage_schedule,
     tokenizer_source,
@@ -140,12 +140,7 @@ def run(config: RewardConfig) -> Path:
     if config.data_kind not in ("comparison", "ranking"):
         raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {config.data_kind!r}")
     seed_everything(config.seed)
-    accelerator = stage_accelerator(
-        config.model,
-        config.optim.batch_size,
-        config.optim.max_grad_norm,
-        gradient_accumulation_steps=config.optim.grad_accum,
-    )
+    accelerator = optim_accelerator(config.model, config.optim)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config)
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
