@@ -244,3 +244,35 @@ def test_thm3_counterexample_by_hand():
 def test_generalized_pl_rejects_non_positive_g():
     with pytest.raises(ValueError, match="g\\(r\\) > 0"):
         O.generalized_pl(torch.tensor([[-1.0, 1.0]]), lambda u: u)
+
+
+def test_eq_5_3_is_not_the_f_divergence_optimum_the_paper_says_it_is():
+    """chi^2, r = (1, 0), uniform reference, beta = 1: the optimum pi_i = 0.5 (1 + (r_i - mu) / 2) sums to 1 at
+    mu = 0.5, so it prefers y1 with 0.625; eq. (5.3) gives 1.5 / (1.5 + 1) = 0.600. For reverse KL they agree."""
+    r = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    exact = O.f_divergence_rlhf(r, ref, 1.0, "chi2")
+    torch.testing.assert_close(exact[0, 0], torch.tensor(0.625, dtype=torch.float64))
+    torch.testing.assert_close(O.eq_5_3_binary(r, ref, 1.0, "chi2")[0], torch.tensor(0.6, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    # rewards where every generator's (f')^{-1}(r) is defined and positive, as eq. (5.3) needs
+    r = -0.1 - 0.8 * torch.rand(30, 2, generator=g, dtype=torch.float64)
+    ref = torch.softmax(torch.randn(30, 2, generator=g, dtype=torch.float64), -1)
+    for name in sorted(O.F_DIVERGENCES):
+        pi = O.f_divergence_rlhf(r, ref, 1.0, name)
+        preference = O.eq_5_3_binary(r, ref, 1.0, name)
+        assert ((preference > 0) & (preference < 1)).all()
+        gap = (pi[:, 0] / pi.sum(-1) - preference).abs().max().item()
+        assert gap < 1e-9 if name == "reverse_kl" else gap > 1e-3, name
+
+
+def test_generalized_pm_regularizer_for_g_bounded_away_from_zero():
+    """g = 1 + e^r on rewards of both signs: g^{-1}(u) = log(u - 1) exists above g_inf = 1 only. With g_inf the
+    regulariser matches the generalised PL model; without it, it refuses instead of returning NaN."""
+    g, g_inv = (lambda u: 1 + torch.exp(u)), (lambda p: torch.log(p - 1))
+    r = torch.randn(20, 4, generator=torch.Generator().manual_seed(10), dtype=torch.float64) * 1.5
+    scale = g(r).sum(-1, keepdim=True)
+    uniform = torch.full_like(r, 0.25)
+    assert_optimum(r, uniform, O.generalized_pm_regularizer(g_inv, scale, g_inf=1.0), O.generalized_pl(r, g))
+    with pytest.raises(ValueError, match="g_inf"):
+        O.solve(r, uniform, O.generalized_pm_regularizer(g_inv, scale))

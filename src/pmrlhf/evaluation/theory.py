@@ -66,20 +66,32 @@ def run_checks(seed: int = 0) -> list[Check]:
         ),
         Check(
             "Prop. 3.7",
-            "KL RLHF vs PM policy, beta = 1, uniform reference",
-            _gap(O.kl_rlhf(r, uniform, 1.0), pm),
+            "numeric optimum of KL RLHF, beta = 1, uniform reference, vs PM policy",
+            _gap(O.solve(r, uniform, O.kl_regularizer(1.0)), pm),
             True,
         ),
         Check(
-            "Prop. 3.7",
-            "KL RLHF vs PM policy, beta = 1, non-uniform reference (the bias)",
-            _gap(O.kl_rlhf(r, ref, 1.0), pm),
+            "Prop. 3.7 (only if)",
+            "numeric optimum of KL RLHF, beta = 1, non-uniform reference, vs PM policy (the bias)",
+            _gap(O.solve(r, ref, O.kl_regularizer(1.0)), pm),
             False,
         ),
         Check(
-            "Prop. 3.7",
-            "KL RLHF vs PM policy, beta = 0.1, uniform reference (the bias)",
-            _gap(O.kl_rlhf(r, uniform, 0.1), pm),
+            "Prop. 3.7 (only if)",
+            "numeric optimum of KL RLHF, beta = 0.1, uniform reference, vs PM policy (the bias)",
+            _gap(O.solve(r, uniform, O.kl_regularizer(0.1)), pm),
+            False,
+        ),
+        Check(
+            "Thm. 1 (only if)",
+            "PM policy vs numeric optimum of R = -2 log pi (entropy at another temperature)",
+            _gap(pm, O.solve(r, ref, O.max_entropy_regularizer(2.0))),
+            False,
+        ),
+        Check(
+            "Thm. 1 (only if)",
+            "PM policy vs numeric optimum of R = -log pi - pi (not of the form -log pi + C1 + C2/pi)",
+            _gap(pm, O.solve(r, ref, lambda pi, rf: -torch.log(pi) - pi)),
             False,
         ),
     ]
@@ -94,18 +106,21 @@ def run_checks(seed: int = 0) -> list[Check]:
             )
         )
         in_m = ref >= alpha
-        on_m = torch.where(in_m, closed, 0) / torch.where(in_m, closed, 0).sum(-1, keepdim=True).clamp(min=1e-300)
+        numeric = O.solve(r, ref, O.conditional_pm_regularizer(alpha))
+        on_m = torch.where(in_m, numeric, 0) / torch.where(in_m, numeric, 0).sum(-1, keepdim=True).clamp(min=1e-300)
         pl_m = torch.where(in_m, torch.exp(r), 0) / torch.where(in_m, torch.exp(r), 0).sum(-1, keepdim=True).clamp(
             min=1e-300
         )
         checks.append(
             Check(
                 "Thm. 4",
-                f"optimum conditional on M(x) = {{ref >= {alpha}}} vs PL over M(x)",
+                f"numeric optimum of (4.1) conditional on M(x) = {{ref >= {alpha}}} vs PL over M(x)",
                 _gap(on_m, pl_m),
                 True,
             )
         )
+    # rewards in (-0.9, -0.1), where every generator's (f')^{-1} that eq. (5.3) evaluates is defined and positive
+    r_53 = -0.1 - 0.8 * torch.rand(r[:, :2].shape, generator=torch.Generator().manual_seed(seed + 2), dtype=r.dtype)
     for name in sorted(O.F_DIVERGENCES):
         checks.append(
             Check(
@@ -120,34 +135,45 @@ def run_checks(seed: int = 0) -> list[Check]:
         )
         checks.append(
             Check(
-                "Sec. 5.1",
+                "Sec. 5.1" + ("" if name == "reverse_kl" else " (only if)"),
                 f"f-divergence RLHF ({name}) vs PM policy, beta = 1, uniform reference",
                 _gap(O.f_divergence_rlhf(r, uniform, 1.0, name), pm),
                 name == "reverse_kl",
             )
         )
-    rp = torch.rand(r.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) * 2 + 0.5
-    families: dict[str, tuple[Callable, Callable, Callable]] = {
-        "exp(r/2)": (lambda u: torch.exp(u / 2), lambda p: 2 * torch.log(p), lambda u: 2 * torch.exp(u / 2)),
-        "r": (lambda u: u, lambda p: p, lambda u: u**2 / 2),
-        "r^2": (lambda u: u**2, torch.sqrt, lambda u: u**3 / 3),
-    }
-    for gname, (g, g_inv, G) in families.items():
-        target = O.generalized_pl(rp, g)
+        pi2 = O.f_divergence_rlhf(r_53, ref[:, :2], 1.0, name)
         checks.append(
             Check(
-                "Thm. 3 (as stated)",
-                f"generalised PL, g = {gname}, vs optimum of eq. (3.14)",
-                _gap(target, O.solve(rp, uniform, O.thm3_regularizer(g_inv, G))),
-                gname.startswith("exp"),
+                "Eq. (5.3) (as stated)",
+                f"binary preference of the f-divergence optimum ({name}) vs eq. (5.3), beta = 1",
+                _gap(pi2[:, 0] / pi2.sum(-1), O.eq_5_3_binary(r_53, ref[:, :2], 1.0, name)),
+                name == "reverse_kl",
             )
         )
+    rp = torch.rand(r.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) * 2 + 0.5
+    families: dict[str, tuple[Callable, Callable, Callable, float]] = {
+        "exp(r/2)": (lambda u: torch.exp(u / 2), lambda p: 2 * torch.log(p), lambda u: 2 * torch.exp(u / 2), 0.0),
+        "r": (lambda u: u, lambda p: p, lambda u: u**2 / 2, 0.0),
+        "r^2": (lambda u: u**2, torch.sqrt, lambda u: u**3 / 3, 0.0),
+        "1 + e^r": (lambda u: 1 + torch.exp(u), lambda p: torch.log(p - 1), lambda u: u + torch.exp(u), 1.0),
+    }
+    for gname, (g, g_inv, G, g_inf) in families.items():
+        target = O.generalized_pl(rp, g)
+        if g_inf == 0:  # eq. (3.14) evaluates g^{-1}(pi), undefined for pi < g_inf
+            checks.append(
+                Check(
+                    "Thm. 3 (as stated)",
+                    f"generalised PL, g = {gname}, vs optimum of eq. (3.14)",
+                    _gap(target, O.solve(rp, uniform, O.thm3_regularizer(g_inv, G))),
+                    gname.startswith("exp"),
+                )
+            )
         scale = g(rp).sum(-1, keepdim=True)
         checks.append(
             Check(
                 "Thm. 3 (corrected)",
                 f"generalised PL, g = {gname}, vs optimum of the S(x)-aware regulariser",
-                _gap(target, O.solve(rp, uniform, O.generalized_pm_regularizer(g_inv, scale))),
+                _gap(target, O.solve(rp, uniform, O.generalized_pm_regularizer(g_inv, scale, g_inf))),
                 True,
             )
         )
@@ -238,7 +264,19 @@ negative statements, measured.
 **Thm. 3.** Eq. (3.14) is preference-matching only for exponential g (the PL model and its temperature
 scalings). Its derivation in App. B.1 writes `r_i = g^-1(pi_i) + c`, which needs `g^-1(pi S) = h(pi) + c(S)`.
 For other g a PM regulariser has to know the reward model's normaliser `S(x) = sum_y g(r(x, y))`:
-`R(pi) = -(1/pi) int_0^pi g^-1(S t) dt` (`optimal.generalized_pm_regularizer`).
+`R(pi) = -(1/pi) int_0^pi g^-1(S t) dt` (`optimal.generalized_pm_regularizer`; for g bounded below by
+`g_inf > 0`, such as `1 + e^r`, the integral starts at `g_inf / S`, and eq. (3.14), which evaluates `g^-1(pi)`,
+is not even defined).
+
+**Eq. (5.3).** The binary preference the paper gives for f-divergence RLHF is not that of the optimum for any f
+but reverse KL: the optimum `pi_i = ref_i (f')^-1((r_i - mu) / beta)` keeps the multiplier `mu`, which cancels
+from `pi_1 / pi_2` only when `(f')^-1` is exponential. For chi^2 with `r = (1, 0)`, a uniform reference and
+`beta = 1` the optimum prefers y1 with 0.625, eq. (5.3) says 0.600. The paper's conclusion, that such RLHF is
+not preference-matching unless f is the KL, holds for the true optimum (the "Sec. 5.1 (only if)" rows).
+
+Rows marked "(only if)" check the converse of a statement: that the property fails where the paper says it
+needs its condition. Every row compares two independently computed quantities (a closed form or a claim
+against the numeric maximiser `solve`), so each could fail.
 
 ![Fig. 2](fig2.png)
 

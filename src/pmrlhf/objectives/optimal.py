@@ -89,30 +89,48 @@ def thm3_regularizer(
     return R
 
 
-def generalized_pm_regularizer(g_inv: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor) -> Regularizer:
+def generalized_pm_regularizer(
+    g_inv: Callable[[torch.Tensor], torch.Tensor], scale: torch.Tensor, g_inf: float = 0.0
+) -> Regularizer:
     """A regulariser whose optimum *is* ``generalized_pl(r, g)``, for any positive increasing g.
 
     The first-order condition of (3.5) at ``pi_i = g(r_i) / S`` with ``S = sum_j g(r_j)`` is
-    ``(pi R(pi))' = -g^{-1}(S pi) + const``, so ``R(pi) = -(1/pi) int_0^pi g^{-1}(S t) dt``. Its ``pi R`` is
+    ``(pi R(pi))' = -g^{-1}(S pi) + const``, so ``R(pi) = -(1/pi) int_{t0}^pi g^{-1}(S t) dt``. Its ``pi R`` is
     strictly concave (g increasing), so that stationary point is the global maximum. Unlike eq. (3.14), R
     depends on the prompt through ``S(x) = sum_y g(r(x, y))`` (``scale``, shape ``[..., 1]``): a PM regulariser
     for a non-exponential g must know the reward model's normaliser. For ``g = exp`` it reduces to
     ``-log pi + 1 - log S``, i.e. Thm. 1 with ``C1 = 1 - log S``.
 
-    The integral is taken with 64-point Gauss-Legendre quadrature after ``t = pi s^2``, exact to rounding for
-    ``g^{-1}`` polynomial in ``sqrt(t)`` of degree < 127 (``g(r) = r``, ``r^2``) and accurate to ~1e-10 for
-    the smooth ones used in practice.
+    ``g_inf`` is the infimum of g (0 for ``e^r``, ``r``, ``r^2`` on positive rewards; 1 for ``1 + e^r``):
+    ``g^{-1}`` is defined above it only, so the integral starts at ``t0 = g_inf / S``, and no reward gives a
+    probability below ``t0``. There ``pi R`` continues as a line with the slope it has just above ``t0`` (very
+    steep, as ``g^{-1}`` falls to -inf at ``g_inf``), which keeps ``pi R`` concave and the optimum above ``t0``.
+
+    The integral is taken with 64-point Gauss-Legendre quadrature after ``t = t0 + (pi - t0) s^2``, exact to
+    rounding for ``g^{-1}`` polynomial in ``sqrt(t)`` of degree < 127 (``g(r) = r``, ``r^2``) and accurate to
+    ~1e-10 for the smooth ones used in practice.
     """
     nodes, weights = _gauss_legendre(64)
     s = (nodes + 1) / 2  # quadrature points on (0, 1)
 
     def R(pi: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        # int_0^pi h(t) dt = int_0^1 h(pi s^2) 2 pi s ds: the substitution smooths the t^(1/2)-type
-        # singularities at 0 that g^{-1} often has (g(r) = r^2 gives g^{-1} = sqrt).
+        # int_t0^u h(t) dt = int_0^1 h(t0 + (u - t0) s^2) 2 (u - t0) s ds: the substitution smooths the
+        # t^(1/2)-type singularities at t0 that g^{-1} often has (g(r) = r^2 gives g^{-1} = sqrt).
         s_ = s.to(pi)
-        t = pi.unsqueeze(-1) * s_**2  # [..., k, n]
-        integral = (g_inv(scale.unsqueeze(-1) * t) * 2 * s_ * weights.to(pi)).sum(-1) * pi / 2
-        return -integral / pi
+        S = scale.to(pi)
+        t0 = g_inf / S
+        edge = t0 * (1 + 1e-6) if g_inf > 0 else t0  # S * t near 1 + 1e-6 s^2 stays above g_inf in float64
+        u = torch.maximum(pi, edge)
+        t = t0.unsqueeze(-1) + (u - t0).unsqueeze(-1) * s_**2  # [..., k, n]
+        h = g_inv(S.unsqueeze(-1) * t)
+        if bool(torch.isnan(h).any()):
+            raise ValueError(
+                f"g_inv is undefined on part of (g_inf, S], g_inf = {g_inf}: pass g_inf, the infimum of g "
+                "(1 for g = 1 + e^r)"
+            )
+        integral = (h * 2 * s_ * weights.to(pi)).sum(-1) * (u - t0) / 2
+        below = (u - pi) * g_inv(S * edge) if g_inf > 0 else 0.0  # the line below t0
+        return (-integral + below) / pi
 
     return R
 
@@ -203,7 +221,8 @@ def f_divergence_rlhf(
     Stationarity gives ``pi_i = ref_i (f')^{-1}((r_i - mu) / beta)``, set to 0 where ``(r_i - mu)/beta`` is
     below ``f'(0+)`` (the KKT condition of ``pi_i >= 0``), with the multiplier ``mu`` chosen so the
     probabilities sum to one. The sum is decreasing in ``mu``; ``mu`` is found by bisection in float64.
-    For reverse KL this is eq. (5.1); for every other f the binary preferences follow eq. (5.3).
+    For reverse KL this is eq. (5.1). For any other f the binary preference it gives is *not* eq. (5.3)'s:
+    ``eq_5_3_binary`` keeps the paper's formula for the comparison.
     """
     gen = f_divergence(f) if isinstance(f, str) else f
     r64, ref64 = r.double(), ref.double()
@@ -226,6 +245,26 @@ def f_divergence_rlhf(
         lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
     pi = mass((lo + hi) / 2)
     return (pi / pi.sum(-1, keepdim=True)).to(r.dtype)
+
+
+def eq_5_3_binary(r: torch.Tensor, ref: torch.Tensor, beta: float, f: FDivergence | str) -> torch.Tensor:
+    """The paper's eq. (5.3) for two responses (``r``, ``ref``: ``[..., 2]``): ``p_rlhf^f(y1)`` as it states it,
+    ``p_ref(y1) p_reward^f(y1) / sum_i p_ref(y_i) p_reward^f(y_i)`` with
+    ``p_reward^f(y_i) ∝ (f')^{-1}(r_i / beta)``.
+
+    **This is not the optimum's preference for any f but reverse KL.** The optimum is
+    ``pi_i = ref_i (f')^{-1}((r_i - mu) / beta)`` (``f_divergence_rlhf``), and the multiplier ``mu`` cancels from
+    the ratio ``pi_1 / pi_2`` only when ``(f')^{-1}`` is exponential. For chi^2 with ``r = (1, 0)``, a uniform
+    reference and ``beta = 1``, the optimum prefers y1 with probability 0.625 (``mu = 0.5``), eq. (5.3) says
+    0.600. The paper's conclusion (the bias stays unless f is the KL) holds for the true optimum as well
+    (``tests/test_optimal.py``). Kept so that the statement can be checked, not for use.
+    """
+    gen = f_divergence(f) if isinstance(f, str) else f
+    w = gen.f_prime_inv(r.double() / beta)
+    p_reward = w / w.sum(-1, keepdim=True)
+    p_ref = ref.double() / ref.double().sum(-1, keepdim=True)
+    joint = p_ref * p_reward
+    return (joint[..., 0] / joint.sum(-1)).to(r.dtype)
 
 
 def _expand(mu: torch.Tensor, mass: Callable[[torch.Tensor], torch.Tensor], too_big: bool, step: float) -> torch.Tensor:
