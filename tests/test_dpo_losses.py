@@ -83,3 +83,67 @@ def test_minimising_on_btl_comparisons_reaches_the_closed_form(loss, beta, alpha
     # ...and not the other family's optimum: DPO keeps the reference's bias, PM-DPO does not.
     other = optimal.max_entropy(r_star, beta) if loss == "sigmoid" else optimal.kl_rlhf(r_star, ref, beta)
     assert (fitted - other).abs().sum(-1).max() / 2 > 0.1
+
+
+def _instance(seed=2, P=6, k=5):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(P, k, generator=g, dtype=torch.float64)
+    ref = torch.softmax(2 * torch.randn(P, k, generator=g, dtype=torch.float64), -1)
+    lengths = torch.randint(1, 12, (P, k), generator=g).double()
+    return r, ref, lengths
+
+
+@pytest.mark.parametrize("loss,kwargs", [("sigmoid", {}), ("pm", {}), ("cpm", {"alpha": 0.15})])
+def test_the_population_minimiser_finds_each_closed_form(loss, kwargs):
+    """The numeric minimiser that gives cDPO, robust DPO, IPO and SimPO their targets, checked where a closed form
+    exists; a prompt with fewer responses (the mask) is handled as the world's are."""
+    r, ref, _ = _instance()
+    mask = torch.ones_like(r, dtype=torch.bool)
+    mask[0, -1] = False
+    ref = torch.where(mask, ref, 0.0)
+    ref = ref / ref.sum(-1, keepdim=True)
+    found = dpo.population_minimiser(loss, r, ref, mask=mask, beta=0.6, **kwargs)
+    closed = dpo.implicit_target(loss, r.masked_fill(~mask, float("-inf")), ref, 0.6, kwargs.get("alpha", 0.0))
+    torch.testing.assert_close(found, closed, atol=1e-7, rtol=0)
+
+
+def test_cdpo_fits_the_smoothed_labels_and_stays_nearer_the_reference_than_dpo():
+    """On two responses cDPO's optimum has sigmoid(beta delta) = p + eps (1 - 2p): its preference between them is
+    the smoothed label, not the reward's."""
+    r = torch.tensor([[1.5, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
+    eps, beta = 0.1, 0.5
+    pi = dpo.implicit_target("sigmoid", r, ref, beta, label_smoothing=eps)
+    p = torch.sigmoid(torch.tensor(1.5, dtype=torch.float64))
+    delta = torch.log(pi[0, 0] / ref[0, 0]) - torch.log(pi[0, 1] / ref[0, 1])
+    torch.testing.assert_close(torch.sigmoid(beta * delta), p + eps * (1 - 2 * p), atol=1e-8, rtol=0)
+    r, ref, _ = _instance()
+    dpo_target = dpo.implicit_target("sigmoid", r, ref, 1.0)
+    cdpo = dpo.implicit_target("sigmoid", r, ref, 1.0, label_smoothing=0.1)
+    assert ((cdpo - dpo_target).abs().sum(-1) / 2).mean() > 0.05
+    # smoothed labels are less sure, so the implicit rewards are smaller and the optimum stays nearer the reference
+    kl_to_ref = lambda q: (q * (q / ref).log()).sum(-1)  # noqa: E731
+    assert (kl_to_ref(cdpo) < kl_to_ref(dpo_target)).all()
+
+
+def test_robust_dpo_on_clean_labels_is_unbounded_where_a_pair_is_surer_than_the_flip_rate():
+    """Robust DPO fits (p - eps) / (1 - 2 eps): in [0, 1] only while eps <= p <= 1 - eps. Beyond, its expected loss
+    has no minimum and the target is NaN; within, it is sharper than DPO's."""
+    ref = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    r = torch.tensor([[0.5, 0.0], [4.0, 0.0]], dtype=torch.float64)  # p = 0.62 and 0.98
+    pi = dpo.implicit_target("robust", r, ref, 1.0, label_smoothing=0.1)
+    assert torch.isnan(pi[1]).all()
+    p = torch.sigmoid(torch.tensor(0.5, dtype=torch.float64))
+    torch.testing.assert_close(pi[0, 0], (p - 0.1) / 0.8, atol=1e-7, rtol=0)
+
+
+def test_ipo_target_fits_the_per_token_margins():
+    """IPO's population optimum on two responses: per-token log-ratio margin (2p - 1) / (2 beta)."""
+    r = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.4, 0.6]], dtype=torch.float64)
+    lengths = torch.tensor([[3.0, 5.0]], dtype=torch.float64)
+    pi = dpo.implicit_target("ipo", r, ref, 0.5, lengths=lengths)
+    h = torch.log(pi / ref)[0] / lengths[0]
+    p = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(h[0] - h[1], (2 * p - 1) / (2 * 0.5), atol=1e-7, rtol=0)
+    assert pi.sum().item() == pytest.approx(1.0)

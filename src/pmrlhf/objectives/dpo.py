@@ -93,18 +93,96 @@ def cpm_dpo(chosen, rejected, ref_chosen, ref_rejected, beta: float = 1.0, alpha
     return -F.logsigmoid(beta * (h_w - h_l))
 
 
-def implicit_target(loss: str, reward: torch.Tensor, ref: torch.Tensor, beta: float, alpha: float = 0.0):
-    """The policy over a finite response set that a loss's population minimiser reaches when comparisons are
-    BTL with ``reward`` (``[..., k]``) and every pair is compared: the closed form it targets."""
+def implicit_target(
+    loss: str,
+    reward: torch.Tensor,
+    ref: torch.Tensor,
+    beta: float,
+    alpha: float = 0.0,
+    *,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 1.0,
+    lengths: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The policy over a finite response set (``[..., k]``) that a loss's population minimiser reaches when
+    comparisons are BTL with ``reward`` and every pair is compared equally often: the optimum it targets.
+
+    DPO (``sigmoid`` without label smoothing), PM-DPO and conditional PM-DPO have closed forms. The others are
+    minimised numerically (``population_minimiser``): cDPO (``label_smoothing`` > 0) fits the smoothed labels
+    ``p + eps (1 - 2 p)``, so its optimum is flatter than DPO's; robust DPO fits ``(p - eps) / (1 - 2 eps)``,
+    unbounded where a pair's ``p`` lies outside ``[eps, 1 - eps]`` (NaN rows there); IPO and SimPO
+    normalise log-probabilities by length, so their optimum depends on the policy's total mass on the set,
+    taken here as 1. ``lengths`` (``[..., k]`` tokens) are needed by IPO and SimPO; ``mask`` marks the entries
+    that exist (all by default).
+    """
     from pmrlhf.objectives import optimal
 
-    if loss == "sigmoid":
+    if loss == "sigmoid" and label_smoothing == 0:
         return optimal.kl_rlhf(reward, ref, beta)
     if loss == "pm":
         return optimal.max_entropy(reward, beta)
     if loss == "cpm":
         return optimal.conditional_pm(reward / beta, ref, alpha)
-    raise ValueError(f"no closed-form target for {loss!r}")
+    if loss not in DPO_LOSSES:
+        raise ValueError(f"no target for {loss!r}; known: {sorted(DPO_LOSSES)}")
+    kwargs = {"beta": beta}
+    if loss in ("sigmoid", "robust"):
+        kwargs["label_smoothing"] = label_smoothing
+    if loss == "simpo":
+        kwargs["gamma"] = simpo_gamma
+    if loss in ("ipo", "simpo") and lengths is None:
+        raise ValueError(f"the {loss} target needs the responses' lengths")
+    mask = torch.ones_like(reward, dtype=torch.bool) if mask is None else mask
+    unbounded = torch.zeros(reward.shape[:-1], dtype=torch.bool)
+    if loss == "robust":
+        p = torch.sigmoid(reward[..., :, None] - reward[..., None, :])
+        pair = mask[..., :, None] & mask[..., None, :]
+        unbounded = (pair & ((p < label_smoothing) | (p > 1 - label_smoothing))).flatten(-2).any(-1)
+    target = population_minimiser(loss, reward, ref, lengths, mask & ~unbounded[..., None], **kwargs)
+    return torch.where(unbounded[..., None], float("nan"), target)
+
+
+def population_minimiser(
+    loss: str,
+    reward: torch.Tensor,
+    ref: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    iters: int = 400,
+    **kwargs,
+) -> torch.Tensor:
+    """The policy over the set (softmax of free logits, so all its mass is on the set) that minimises the
+    expected loss over every ordered pair ``(i, j)``, ``i`` labelled the winner with probability
+    ``sigmoid(reward_i - reward_j)``. L-BFGS in float64 on the registry's own loss function."""
+    fn = DPO_LOSSES[loss]
+    r, ref64 = reward.double(), ref.double()
+    mask = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
+    pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(r.shape[-1], dtype=torch.bool)
+    p = torch.sigmoid(r[..., :, None] - r[..., None, :])  # [..., k, k]: P(i beats j)
+    ref_logp = torch.log(ref64.clamp(min=1e-300))
+    z = torch.zeros_like(r, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [z], lr=1, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def expected_loss():
+        opt.zero_grad()
+        logp = torch.log_softmax(z.masked_fill(~mask, float("-inf")), -1).masked_fill(~mask, 0.0)
+        c, rj = logp[..., :, None].expand_as(p), logp[..., None, :].expand_as(p)
+        rc, rr = ref_logp[..., :, None].expand_as(p), ref_logp[..., None, :].expand_as(p)
+        args = {"sigmoid": (c, rj, rc, rr), "robust": (c, rj, rc, rr), "pm": (c, rj), "cpm": (c, rj, rc, rr)}
+        if loss in ("ipo", "simpo"):
+            lc, lr = lengths.double()[..., :, None].expand_as(p), lengths.double()[..., None, :].expand_as(p)
+            args["ipo"], args["simpo"] = (c, rj, rc, rr, lc, lr), (c, rj, lc, lr)
+        value = torch.where(pair, p * fn(*args[loss], **kwargs), 0.0).sum()
+        value.backward()
+        return value
+
+    opt.step(expected_loss)
+    with torch.no_grad():
+        pi = torch.softmax(z.masked_fill(~mask, float("-inf")), -1)
+    return pi.to(reward.dtype)
 
 
 DPO_LOSSES = {"sigmoid": dpo_sigmoid, "robust": dpo_robust, "ipo": ipo, "simpo": simpo, "pm": pm_dpo, "cpm": cpm_dpo}
