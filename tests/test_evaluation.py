@@ -86,7 +86,8 @@ def test_quick_demo_writes_summary_report_and_figures(quick_demo):
     assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-pm", "ppo-cpm-0.3", "ppo-cpm-seq", "dpo", "dpo-pm"}
     for m in summary.values():
         assert {"pm_divergence", "length", "perplexity", "entropy", "kl"} <= set(m)
-        assert {"tv_to_truth", "mass_outside_m", "pm_divergence_over_m"} <= set(m["world"])
+        exact = {"tv_to_truth", "tv_to_own_target", "mass_outside_m"}
+        assert exact | {"pm_divergence_uniform_pairs", "pm_divergence_policy_pairs"} <= set(m["world"])
     report = (run / "report" / "report.md").read_text()
     for fig in ("pm_divergence.png", "probe.png", "over_m.png"):
         assert f"]({fig})" in report and (run / "report" / fig).read_bytes()[:4] == b"\x89PNG"

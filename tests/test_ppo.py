@@ -49,7 +49,7 @@ def ppo_config(run_dir, world, **kw) -> ppo.PPOConfig:
 
 def test_paper_flags_map_one_to_one():
     c = ppo.PPOConfig(penalty="kl", kl_ctl=0.1)
-    assert c.resolved_penalty() == ("kl", 0.1, {"estimator": "k1"})
+    assert c.resolved_penalty() == ("kl", 0.1, {})
     c = ppo.PPOConfig(penalty="entropy", ent_ctl=0.5, alpha_ctl=0.3)
     assert c.resolved_penalty() == ("cpm_token", 0.5, {"alpha": 0.3})
     c = ppo.PPOConfig(penalty="entropy", ent_ctl=1.0, alpha_ctl=0.0)
@@ -61,9 +61,27 @@ def test_paper_flags_map_one_to_one():
 
 
 @pytest.mark.parametrize(
+    "kw,message",
+    [
+        ({"kl_estimator": "k3"}, "as a reward is not a KL penalty"),
+        ({"kl_estimator": "k2"}, "as a reward is not a KL penalty"),
+        ({"kl_estimator": "k1", "kl_placement": "loss"}, "zero expected gradient"),
+        ({"penalty": "pm", "kl_placement": "loss"}, "for penalty kl"),
+        ({"kl_placement": "advantage"}, "unknown kl_placement"),
+        ({"kl_estimator": "k4"}, "unknown kl_estimator"),
+    ],
+)
+def test_combinations_that_optimise_no_stated_objective_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ppo.PPOConfig(**kw).validate()
+    ppo.PPOConfig(kl_estimator="k3", kl_placement="loss").validate()
+
+
+@pytest.mark.parametrize(
     "kw",
     [
-        {"penalty": "kl", "kl_estimator": "k3", "target_kl": 0.5, "normalize_reward": True},
+        {"penalty": "kl", "kl_estimator": "k3", "kl_placement": "loss", "target_kl": 0.5, "normalize_reward": True},
+        {"penalty": "kl", "kl_estimator": "k2", "kl_placement": "loss", "advantage": "rloo", "samples_per_prompt": 2},
         {"penalty": "pm", "ppo_epochs": 2, "minibatch_size": 3},
         {"penalty": "cpm_token", "alpha_ctl": 0.3, "ptx_coef": 0.5, "ema_decay": 0.9},
         {"penalty": "cpm_sequence", "alpha_ctl": 0.01, "advantage": "rloo", "samples_per_prompt": 2},
@@ -197,7 +215,7 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     # Conditional PM: near the reward model's Plackett-Luce distribution over M(x), and off M(x) near what its
     # optimum keeps there (PM without the condition leaves M(x) altogether: see the demo's report).
     assert cpm["tv_to_reward_model"] < min(0.2, kl["tv_to_reward_model"] - 0.15)
-    assert cpm["pm_divergence_over_m"] < kl["pm_divergence_over_m"] / 2
+    assert cpm["pm_divergence_uniform_pairs"] < kl["pm_divergence_uniform_pairs"] / 2
     assert cpm["mass_outside_m"] < cpm["cpm_target_mass_outside_m"] + 0.1
 
 
@@ -213,13 +231,16 @@ def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):
     reference = load_causal_lm(ModelConfig(), tok, run / "sft" / "model", trainable=False)
     flat = load_reward_model(ModelConfig(), tok, run / "reward" / "model", trainable=False)
     torch.nn.init.zeros_(flat.score.weight)
+    objective = {"method": "ppo", "penalty": "cpm_sequence", "coef": 1.0, "alpha": 0.01, "beta": 1.0}
     out = compare_with_closed_forms(
-        reference, reference, flat, tok, run / "world", 1.0, 1.0, 0.01, max_new_tokens=8, reference_samples=2048
+        reference, reference, flat, tok, run / "world", objective, max_new_tokens=8, reference_samples=2048
     )
     assert out["reference_mass_outside_m"] > 0.005  # something to estimate
     assert out["kl_target_mass_outside_m"] == pytest.approx(out["reference_mass_outside_m"], abs=0.005)
     # alpha 0 (the paper's switch to unconditional PM): every response is weighed by e^r alone
-    pm = compare_with_closed_forms(reference, reference, flat, tok, run / "world", 1.0, 1.0, 0.0, max_new_tokens=8)
+    pm = compare_with_closed_forms(
+        reference, reference, flat, tok, run / "world", objective | {"alpha": 0.0}, max_new_tokens=8
+    )
     assert out["reference_mass_outside_m"] < pm["cpm_target_mass_outside_m"] <= 1
 
 

@@ -99,11 +99,16 @@ def test_token_mean_losses_are_split_invariant():
     torch.testing.assert_close(sum(parts) / mask.sum(), full)
 
 
-def test_shape_rewards_puts_the_clipped_scaled_score_on_the_last_token():
+def test_shape_rewards_puts_the_clipped_score_over_beta_on_the_last_token():
+    """The clip applies to r_theta itself (the reference code's rule), then the score is divided by beta: 3 is
+    kept and halved to 6, -40 clipped to -5 and halved to -10."""
     penalty = torch.tensor([[0.0, 1.0, 2.0, 9.0], [0.0, 0.5, 0.0, 0.0]])
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
     rewards = rl.shape_rewards(torch.tensor([3.0, -40.0]), penalty, mask, coef=0.1, beta=0.5, clip=5.0)
-    expected = torch.tensor([[0.0, -0.1, -0.2 + 5.0, 0.0], [0.0, -0.05 - 5.0, 0.0, 0.0]])
+    expected = torch.tensor([[0.0, -0.1, -0.2 + 6.0, 0.0], [0.0, -0.05 - 10.0, 0.0, 0.0]])
     torch.testing.assert_close(rewards, expected)
     # Summed over tokens: the score minus coef times the sequence penalty.
-    torch.testing.assert_close(rewards.sum(-1), torch.tensor([5.0 - 0.3, -5.0 - 0.05]))
+    torch.testing.assert_close(rewards.sum(-1), torch.tensor([6.0 - 0.3, -10.0 - 0.05]))
+    # The reference code's form (beta 1, coefficient kl_ctl = 0.5) is the same reward scaled by beta.
+    code = rl.shape_rewards(torch.tensor([3.0, -40.0]), penalty, mask, coef=0.1 * 0.5, beta=1.0, clip=5.0)
+    torch.testing.assert_close(code, 0.5 * rewards)

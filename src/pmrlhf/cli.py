@@ -157,12 +157,13 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A smaller world and budget (about a minute)."),
     run_dir: Path | None = RunDirOpt,
     force: bool = typer.Option(False, "--force", help="Rerun stages whose outputs already exist."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every stage's training; the world stays the same."),
 ) -> None:
     """The synthetic world end to end: SFT, reward model, PPO (KL, PM, conditional PM), eval, probe, report."""
     from pmrlhf.stages import pipeline
 
     cfg = pipeline.demo_config(quick, str(run_dir) if run_dir else None)
-    cfg.force = force
+    cfg.force, cfg.seed = force, seed
     _print_report(_run(pipeline.run, cfg))
 
 

@@ -57,13 +57,22 @@ def _scatter(
     return out, mask
 
 
-def policy_over_m(model, tokenizer, world: World) -> OverM:
-    """The policy's exact log-probabilities of every response in M(x), for every prompt of the world."""
+def policy_over_m(model, tokenizer, world: World, below: float | None = None) -> OverM:
+    """The policy's exact log-probabilities of every response in M(x), for every prompt of the world. With
+    ``below``, only the tokens whose log-probability is below it are added up (per-token conditional PM)."""
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
     prompts, responses, where = _pairs(world, encoder)
-    logp, _ = sequence_logprobs(model, prompts, responses, tokenizer.pad_token_id)
+    logp, _ = sequence_logprobs(model, prompts, responses, tokenizer.pad_token_id, below=below)
     k = max(len(p.responses) for p in world.prompts)
     return OverM(*_scatter(logp, where, len(world.prompts), k, float("-inf")))
+
+
+def lengths_over_m(tokenizer, world: World) -> torch.Tensor:
+    """The number of tokens of every response in M(x), end-of-sequence included, ``[P, k]`` (0 where absent)."""
+    encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
+    _, responses, where = _pairs(world, encoder)
+    k = max(len(p.responses) for p in world.prompts)
+    return _scatter(torch.tensor([float(len(y)) for y in responses]), where, len(world.prompts), k, 0.0)[0]
 
 
 def rewards_over_m(reward_model, tokenizer, world: World) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,8 +106,9 @@ def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tenso
 
 
 def pairwise_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Exact PM divergence over M(x): the mean, over every pair of meaningful responses of every prompt, of
-    ``KL(p_llm(.|y1,y2,x) || p_reward(.|y1,y2,x))`` (Sec. 6.1 without sampling). ``reward`` already / beta."""
+    """Exact PM divergence over M(x), each pair of distinct meaningful responses weighted alike: the mean of
+    ``KL(p_llm(.|y1,y2,x) || p_reward(.|y1,y2,x))`` over every such pair of every prompt. ``reward`` already
+    / beta. It asks how well the policy's preferences match the reward model's, whatever it samples."""
     from pmrlhf.objectives.preference import instance_pm_divergence
 
     k = logp.shape[-1]
@@ -106,6 +116,84 @@ def pairwise_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch
     d = instance_pm_divergence(logp[:, i], logp[:, j], reward[:, i], reward[:, j])
     valid = mask[:, i] & mask[:, j]
     return d[valid].mean()
+
+
+def policy_pairs_pm_divergence(logp: torch.Tensor, reward: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sec. 6.1's population PM divergence without sampling, over M(x): the expectation of the instance
+    divergence over pairs drawn from ``pi (x) pi`` conditional on both lying in M(x), identical pairs (which
+    score 0) included, averaged over prompts. What the sampled column estimates, less the pairs outside M(x). A
+    policy that puts all its mass on one response scores 0 here, however wrong its preferences."""
+    from pmrlhf.objectives.preference import instance_pm_divergence
+
+    d = instance_pm_divergence(logp[:, :, None], logp[:, None, :], reward[:, :, None], reward[:, None, :])
+    pair = mask[:, :, None] & mask[:, None, :]
+    d = torch.where(pair, d, 0.0)
+    w = torch.softmax(logp.masked_fill(~mask, float("-inf")), -1)  # pi(y | M(x), x)
+    return (w[:, :, None] * w[:, None, :] * d).sum((-2, -1)).mean()
+
+
+def effective_reward(scores: torch.Tensor, objective: dict) -> torch.Tensor:
+    """The reward a run optimised, before its coefficient, from reward-model scores: for PPO the score
+    standardised as the run last did (``normalize_reward``), clipped to ``+-clip_reward_value`` and divided by
+    ``beta``, as ``rl.shape_rewards`` builds it; for DPO the score itself."""
+    if objective["method"] == "dpo":
+        return scores
+    norm = objective.get("reward_normalization")
+    if norm:
+        scores = (scores - norm["mean"]) / norm["std"]
+    clip = objective.get("clip_reward_value")
+    if clip is not None:
+        scores = torch.clamp(scores, -clip, clip)
+    return scores / objective["beta"]
+
+
+def objective_coef(objective: dict) -> float:
+    """The temperature of a run's optimum: PPO's penalty coefficient (as it ended), DPO's beta."""
+    return objective["beta"] if objective["method"] == "dpo" else objective["coef"]
+
+
+def own_target(
+    objective: dict,
+    r: torch.Tensor,
+    ref: torch.Tensor,
+    mask: torch.Tensor,
+    ref_below_alpha: torch.Tensor | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The optimum over M(x) of the objective the run optimised, ``[P, k]``, conditional on M(x); None where
+    it is not determined by M(x) alone (the forward KL's normaliser runs over every response).
+
+    ``r``: ``effective_reward`` (-inf off the mask); ``ref``: the reference's sequence probabilities;
+    ``ref_below_alpha``: per response, the sum of its tokens' reference log-probabilities below log alpha
+    (``cpm_token``); ``lengths``: tokens per response (IPO, SimPO).
+    """
+    from pmrlhf.objectives import dpo, optimal
+
+    coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
+    if objective["method"] == "dpo":
+        return dpo.implicit_target(
+            objective["loss"],
+            torch.where(mask, r, 0.0),
+            ref,
+            coef,
+            alpha,
+            label_smoothing=objective.get("label_smoothing", 0.0),
+            simpo_gamma=objective.get("simpo_gamma", 1.0),
+            lengths=lengths,
+            mask=mask,
+        )
+    penalty = objective["penalty"]
+    if penalty == "kl":
+        return None if objective.get("kl_estimator") == "k3" else optimal.kl_rlhf(r, ref, coef)
+    if penalty == "pm":
+        return optimal.max_entropy(r, coef)
+    if penalty == "maxent":
+        return optimal.max_entropy(r, coef * objective["tau"])
+    if penalty == "cpm_sequence":
+        return optimal.conditional_pm(r / coef, ref, alpha)
+    if penalty in ("cpm_token", "cpm"):
+        return torch.softmax(r / coef + ref_below_alpha, -1)
+    raise ValueError(f"no optimum known for penalty {penalty!r}")
 
 
 @torch.no_grad()
@@ -117,16 +205,15 @@ def targets_mass_outside_m(
     ref: OverM,
     r: torch.Tensor,
     mask: torch.Tensor,
-    beta: float,
-    coef: float,
-    alpha: float,
+    objective: dict,
     max_new_tokens: int,
     samples: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """How much mass the KL RLHF and conditional PM optima put outside M(x), averaged over prompts.
+    """How much mass the KL RLHF and conditional PM (Def. 4.1) optima of the run's reward and coefficient put
+    outside M(x), averaged over prompts.
 
-    Over M(x) both optima are exact (``r`` is ``r_theta / beta`` there). Off it they weigh each response by
+    Over M(x) both optima are exact (``r`` is ``effective_reward`` there). Off it they weigh each response by
     ``ref(y) e^{r(y)/coef}`` (KL; conditional PM where ``ref(y) < alpha``) or ``e^{r(y)/coef}`` (conditional
     PM where ``ref(y) >= alpha``). Their sums over every response the reference can write within
     ``max_new_tokens`` are estimated without bias from ``samples`` responses of the reference per prompt:
@@ -135,6 +222,7 @@ def targets_mass_outside_m(
     """
     from pmrlhf.stages.rollout import generate
 
+    coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
     prompts = [encoder.prompt(p.prompt) for p in world.prompts]
     in_m = [{tuple(encoder.response(y)) for y in p.responses} for p in world.prompts]
@@ -142,7 +230,8 @@ def targets_mass_outside_m(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         responses, logps = generate(reference, repeated, tokenizer, max_new_tokens, 1.0, 1.0, batch_size=256)
-    scores = reward_scores(reward_model, repeated, responses, tokenizer.pad_token_id).double() / beta / coef
+    raw = reward_scores(reward_model, repeated, responses, tokenizer.pad_token_id).double()
+    scores = effective_reward(raw, objective) / coef
     ref_logp = torch.tensor([sum(lp) for lp in logps], dtype=torch.float64)
     off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
     # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact below
@@ -169,22 +258,24 @@ def compare_with_closed_forms(
     reward_model,
     tokenizer,
     world_path,
-    beta: float,
-    coef: float,
-    alpha: float,
+    objective: dict,
     policy_dist: OverM | None = None,
     max_new_tokens: int = 0,
     reference_samples: int = 256,
 ) -> dict[str, float]:
     """Where a trained policy sits among the closed forms of ``objectives.optimal``, exactly, over M(x).
 
-    With ``r = r_theta / beta`` from the reward model and the reference's sequence probabilities, the optima
-    of the penalised objectives restricted to M(x) are: KL RLHF ``ref * e^{r / coef}`` (eq. (5.1)), PM
-    ``e^{r / coef}`` (eq. (3.2) when coef = 1) and conditional PM ``e^{r / coef}`` on {ref >= alpha},
-    ``ref * e^{r / coef}`` off it (Thm. 4). Distances are total variation between the policy's conditional
-    distribution over M(x) and each target, averaged over prompts. ``policy_dist``: the policy's
-    ``policy_over_m``, when the caller already has it. With ``max_new_tokens`` > 0, the optima's mass outside
-    M(x) is estimated too (``targets_mass_outside_m``), from ``reference_samples`` samples per prompt.
+    ``objective`` is what the run optimised, as its stage recorded it (``summary.json``'s ``objective``:
+    method, penalty or loss, coefficient, alpha, beta, clipping, normalisation). With ``r`` the reward the run
+    optimised (``effective_reward``) and ``coef`` its temperature, the optima restricted to M(x) are: KL RLHF
+    ``ref * e^{r / coef}`` (eq. (5.1)), PM ``e^{r / coef}`` (eq. (3.2) when coef = 1), conditional PM
+    (Def. 4.1) ``e^{r / coef}`` on {ref >= alpha}, ``ref * e^{r / coef}`` off it (Thm. 4), and the run's own
+    (``own_target``; ``tv_to_own_target`` asks whether training converged). ``reward_model`` is the reward
+    model's Plackett-Luce distribution ``e^{r_theta / beta}`` unclipped (does the method match preferences?).
+    Distances are total variation between the policy's conditional distribution over M(x) and each target,
+    averaged over prompts. ``policy_dist``: the policy's ``policy_over_m``, when the caller already has it.
+    With ``max_new_tokens`` > 0, the KL and conditional PM optima's mass outside M(x) is estimated too
+    (``targets_mass_outside_m``), from ``reference_samples`` samples per prompt.
     """
     from pmrlhf.objectives import optimal
 
@@ -193,24 +284,39 @@ def compare_with_closed_forms(
     ref = policy_over_m(reference, tokenizer, world)
     scores, mask = rewards_over_m(reward_model, tokenizer, world)
     truth = truth_over_m(world)
-    r = (scores / beta).masked_fill(~mask, float("-inf"))
+    coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
+    r = effective_reward(scores, objective).masked_fill(~mask, float("-inf"))
     ref_seq = torch.where(mask, ref.logp.exp(), 0)
+    beta = 1.0 if objective["method"] == "dpo" else objective["beta"]
+    below = None
+    if objective.get("penalty") in ("cpm_token", "cpm"):
+        below = policy_over_m(reference, tokenizer, world, below=math.log(alpha)).logp
+    lengths = lengths_over_m(tokenizer, world) if objective.get("loss") in ("ipo", "simpo") else None
     targets = {
         "kl_target": optimal.kl_rlhf(r, ref_seq, coef),
         "pm_target": optimal.max_entropy(r, coef),
         "cpm_target": optimal.conditional_pm(r / coef, ref_seq, alpha),
-        "reward_model": optimal.preference_matching(r),
+        "reward_model": optimal.preference_matching((scores / beta).masked_fill(~mask, float("-inf"))),
         "truth": truth["truth"],
     }
+    own = own_target(objective, r, ref_seq, mask, below, lengths)
     out: dict[str, float] = {}
     for model_name, dist in (("", pol), ("reference_", ref)):
         for target_name, target in targets.items():
             out[f"{model_name}tv_to_{target_name}"] = tv_rows(dist.conditional, target, mask).mean().item()
+        out[f"{model_name}tv_to_own_target"] = (
+            tv_rows(dist.conditional, own, mask).mean().item() if own is not None else float("nan")
+        )
         out[f"{model_name}mass_outside_m"] = (1 - dist.mass).mean().item()
-        out[f"{model_name}pm_divergence_over_m"] = pairwise_pm_divergence(
-            dist.logp, torch.where(mask, scores / beta, 0.0), mask
-        ).item()
+        rm = torch.where(mask, scores / beta, 0.0)
+        out[f"{model_name}pm_divergence_uniform_pairs"] = pairwise_pm_divergence(dist.logp, rm, mask).item()
+        out[f"{model_name}pm_divergence_policy_pairs"] = policy_pairs_pm_divergence(dist.logp, rm, mask).item()
     out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
+    if objective["method"] == "ppo" and objective.get("clip_reward_value") is not None:
+        clip = objective["clip_reward_value"]
+        norm = objective.get("reward_normalization") or {"mean": 0.0, "std": 1.0}
+        clipped = ((scores - norm["mean"]).abs() > clip * norm["std"]) & mask
+        out["clipped_share_over_m"] = (clipped.sum() / mask.sum()).item()
     if max_new_tokens > 0:
         out |= targets_mass_outside_m(
             reference,
@@ -220,9 +326,7 @@ def compare_with_closed_forms(
             ref,
             r,
             mask,
-            beta,
-            coef,
-            alpha,
+            objective,
             max_new_tokens,
             reference_samples,
         )

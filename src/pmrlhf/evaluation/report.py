@@ -39,8 +39,11 @@ def comparison_table(summary: dict) -> str:
     head = "| method | beta | PM divergence | length | perplexity | entropy | KL |"
     rule = "|---|---|---|---|---|---|---|"
     if world:
-        head += " exact PM div. over M(x) | TV to reward model | TV to truth | mass outside M(x) |"
-        rule += "---|---|---|---|"
+        head += (
+            " exact PM div., uniform pairs | exact PM div., π⊗π pairs | TV to own optimum | TV to reward model |"
+            " TV to truth | mass outside M(x) |"
+        )
+        rule += "---|---|---|---|---|---|"
     lines = [head, rule]
     for name, m in summary.items():
         row = (
@@ -49,9 +52,11 @@ def comparison_table(summary: dict) -> str:
         )
         if world:
             w = m["world"]
+            own = w["tv_to_own_target"]
             row += (
-                f" {w['pm_divergence_over_m']:.4f} | {w['tv_to_reward_model']:.3f} | {w['tv_to_truth']:.3f} | "
-                f"{w['mass_outside_m']:.3f} |"
+                f" {w['pm_divergence_uniform_pairs']:.4f} | {w['pm_divergence_policy_pairs']:.4f} | "
+                f"{'n/a' if math.isnan(own) else f'{own:.3f}'} | {w['tv_to_reward_model']:.3f} | "
+                f"{w['tv_to_truth']:.3f} | {w['mass_outside_m']:.3f} |"
             )
         lines.append(row)
     return "\n".join(lines)
@@ -96,8 +101,9 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
         if "world" in m and "world" in kl:
             w, wk = m["world"], kl["world"]
             text += (
-                f"; exact PM divergence over M(x) {w['pm_divergence_over_m']:.4f} vs {wk['pm_divergence_over_m']:.4f} "
-                f"({_change(w['pm_divergence_over_m'], wk['pm_divergence_over_m'])}); TV to the truth "
+                f"; exact PM divergence over M(x) {w['pm_divergence_uniform_pairs']:.4f} vs "
+                f"{wk['pm_divergence_uniform_pairs']:.4f} "
+                f"({_change(w['pm_divergence_uniform_pairs'], wk['pm_divergence_uniform_pairs'])}); TV to the truth "
                 f"{w['tv_to_truth']:.3f} vs {wk['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f} "
                 f"vs {wk['mass_outside_m']:.3f}"
             )
@@ -116,14 +122,21 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
                 else "Not reproduced: conditional PM leaks as much."
             )
         )
+    own = {n: m["world"]["tv_to_own_target"] for n, m in summary.items() if n != REFERENCE and "world" in m}
+    if own:
+        parts = ", ".join(f"{n} {v:.3f}" if not math.isnan(v) else f"{n} n/a" for n, v in own.items())
+        out.append(
+            f"**Convergence** (TV over M(x) to each run's own optimum): {parts}. A run far from its own optimum "
+            "has not finished optimising its objective, and its distance to the reward model says little about "
+            "the objective itself."
+        )
     ties = [n for n, m in summary.items() if "pm_divergence" in m]
     if ties:
         out.append(
             "A note on the sampled PM divergence: when a policy samples the same response twice the "
             "instance divergence is "
-            "0, so a collapsed policy scores well on it. The exact divergence over every pair of M(x) has "
-            "no such blind "
-            "spot; where the two disagree, trust the exact one."
+            "0, so a collapsed policy scores well on it, as it does on the exact one over π⊗π pairs. The exact "
+            "divergence over uniform pairs of M(x) has no such blind spot; where they disagree, trust that one."
         )
     if probe is not None:
         by = probe["collapse_rate_by_length_difference"]
@@ -220,9 +233,15 @@ def write_report(
         f"`{probe_name}/summary.json`.",
         "## Comparison (layout of the paper's Table 3)",
         "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy. "
-        "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities: the "
-        "pairwise PM divergence over all pairs, the total variation from the reward model's and the truth's "
-        "distributions over M(x), and the probability of leaving M(x) (unnatural text).",
+        "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities. Two "
+        "exact PM divergences: over *uniform pairs*, every pair of distinct responses in M(x) weighs the same, so it "
+        "asks whether the policy's preferences match the reward model's whatever it samples; over *π⊗π pairs*, pairs "
+        "are weighed by the policy's own probabilities within M(x), identical pairs included (they score 0), which is "
+        "Sec. 6.1's population value without sampling and without the pairs outside M(x). A policy collapsed onto "
+        "one answer scores near 0 on the second and high on the first. *TV to own optimum* is the total variation "
+        "over M(x) from the optimum of the objective the run optimised, with its own coefficient, clip and rule "
+        "(did training converge?); *TV to reward model* from the reward model's Plackett-Luce distribution (does "
+        "the method match preferences?); *mass outside M(x)* is the probability of unnatural text.",
         comparison_table(summary),
         "## Findings",
         "\n".join(f"- {f}" for f in findings(summary, probe)),

@@ -26,9 +26,15 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def sequence_logprobs(
-    model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int = 64
+    model,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    batch_size: int = 64,
+    below: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log pi(y|x) [B], number of response tokens [B])`` for every pair, teacher-forced."""
+    """``(log pi(y|x) [B], number of response tokens [B])`` for every pair, teacher-forced. With ``below``, the
+    sum is over the response tokens whose log-probability is below it only."""
     device = next(model.parameters()).device
     totals, lengths = [], []
     for s in range(0, len(prompts), batch_size):
@@ -36,7 +42,8 @@ def sequence_logprobs(
             t.to(device) for t in join(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id)
         )
         logp = token_logprobs(model, ids, attn)
-        totals.append((logp * resp).sum(-1).cpu())
+        counted = resp if below is None else resp * (logp < below)
+        totals.append((logp * counted).sum(-1).cpu())
         lengths.append(resp.sum(-1).cpu())
     return torch.cat(totals), torch.cat(lengths)
 

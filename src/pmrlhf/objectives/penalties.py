@@ -3,16 +3,25 @@
 Every penalty takes per-token log-probabilities of the sampled tokens under the policy (``logp``) and
 the reference (``ref_logp``), and the response mask, all ``[B, T]``, and returns the per-token penalty
 ``[B, T]`` (0 where the mask is 0), before the coefficient. A stage shapes its rewards as
-``reward_t = -coef * penalty_t`` plus the score at the last token, so summing a penalty over the tokens of
-a response gives the sequence-level regulariser of the paper:
+``reward_t = -coef * penalty_t`` plus the score at the last token. With reward-to-go credit (GAE with
+``gamma = 1``, RLOO, group mean) the expected policy-gradient update is then the exact gradient of
 
-* ``kl``  -> ``log pi(y|x) - log pi_ref(y|x)``, the KL term of eq. (2.3) (k1 estimator);
+    E_{y ~ pi}[ r(x, y) ] - coef * E_{y ~ pi}[ regulariser(y) ]
+
+with the sequence-level regulariser each penalty names (``REGULARIZERS`` states each as a formula;
+``tests/test_objectives_exact.py`` checks the claim by enumeration for every penalty and estimator):
+
+* ``kl``  -> ``log pi(y|x) - log pi_ref(y|x)``, the KL term of eq. (2.3);
 * ``pm``  -> ``log pi(y|x)``, the PM regulariser of eq. (3.10);
-* ``cpm_sequence`` -> Def. 4.1 literally;
-* ``cpm_token``    -> the reference code's per-token reading of Def. 4.1.
+* ``cpm_sequence`` -> Def. 4.1: ``log pi(y|x) - 1[pi_ref(y|x) < alpha] log pi_ref(y|x)``;
+* ``cpm_token``    -> the reference code's rule: ``sum_t log pi(T_t) - 1[pi_ref(T_t) < alpha] log pi_ref(T_t)``;
+* ``maxent`` -> ``tau log pi(y|x)``.
 
-Look penalties up by name in ``PENALTIES``; extra parameters (``alpha``, ``estimator``, ``tau``) are
-keyword arguments.
+That needs each token's penalty to be fixed by the tokens up to it: reward-to-go credits token t with the
+penalties from t on only. A penalty that depends on tokens after t (as Def. 4.1's condition on the whole
+response does) must sit on the last token, where every token is already chosen.
+
+Look penalties up by name in ``PENALTIES``; extra parameters (``alpha``, ``tau``) are keyword arguments.
 """
 
 from __future__ import annotations
@@ -29,24 +38,21 @@ def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), x, torch.zeros_like(x))
 
 
-def kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token estimators of KL(pi || pi_ref) on tokens sampled from pi (Schulman, "Approximating KL").
+def _last_token(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` booleans, True at the last response token of each row (the response tokens contiguous)."""
+    T = mask.shape[-1]
+    last = (torch.arange(T, device=mask.device) * mask.long()).argmax(-1, keepdim=True)  # [B, 1]
+    return (torch.arange(T, device=mask.device) == last) & mask.bool()
 
-    With ``log_ratio = logp - ref_logp``:
-    ``k1 = log_ratio`` (unbiased, its sum is the sequence log-ratio of eq. (2.3));
-    ``k2 = log_ratio**2 / 2`` (biased, low variance, never negative);
-    ``k3 = exp(-log_ratio) - 1 + log_ratio`` (unbiased, never negative).
+
+def kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log pi(T_t) - log pi_ref(T_t)`` (Schulman's k1): summed over a response, the log-ratio of eq. (2.3).
+
+    The other estimators of KL(pi || pi_ref), k2 and k3, are not KL penalties when used as a reward: a reward
+    ``-coef * k3`` has the policy gradient of ``E r - coef KL(pi || pi_ref) + coef KL(pi_ref || pi)``. They
+    belong in the loss, differentiated (``rl.kl_loss``).
     """
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        value = log_ratio
-    elif estimator == "k2":
-        value = log_ratio.pow(2) / 2
-    elif estimator == "k3":
-        value = torch.expm1(-log_ratio) + log_ratio
-    else:
-        raise ValueError(f"unknown KL estimator {estimator!r}; use 'k1', 'k2' or 'k3'")
-    return _masked(value, mask)
+    return _masked(logp - ref_logp, mask)
 
 
 def pm(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -58,7 +64,8 @@ def cpm_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, al
     """Conditional PM, per token, as the paper's reference code applies it.
 
     ``log pi(T_t)`` where ``pi_ref(T_t) >= alpha``, else ``log pi(T_t) - log pi_ref(T_t)``: the condition of
-    Def. 4.1 tested on each token's reference probability instead of on the whole response's.
+    Def. 4.1 tested on each token's reference probability instead of on the whole response's. Each token's
+    penalty depends on that token alone, so it can stay where it is.
     """
     _check_alpha(alpha)
     in_m = ref_logp >= math.log(alpha)
@@ -68,14 +75,17 @@ def cpm_token(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, al
 def cpm_sequence(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """Conditional PM as Def. 4.1 states it: the condition ``pi_ref(y|x) >= alpha`` on the whole response.
 
-    Every token of a response with ``pi_ref(y|x) >= alpha`` gets ``log pi(T_t)``; every token of any other
-    response gets ``log pi(T_t) - log pi_ref(T_t)``. Summed over the response this is exactly the
-    regulariser of Def. 4.1.
+    ``log pi(T_t)`` on every token, and on the last token also ``-log pi_ref(y|x)`` when ``pi_ref(y|x) < alpha``.
+    Summed over the response this is Def. 4.1's regulariser. The condition depends on every token of the
+    response, so its term sits on the last one: spread over the tokens (``log pi - log pi_ref`` on each token
+    of a response off M(x)), token t would be credited with a term that tokens after it decide, and
+    reward-to-go credit would follow another objective (0.1 in total variation off Def. 4.1's optimum on a
+    two-token example, ``tests/test_objectives_exact.py``).
     """
     _check_alpha(alpha)
     seq_ref = _masked(ref_logp, mask).sum(-1, keepdim=True)  # [B, 1]
-    in_m = seq_ref >= math.log(alpha)
-    return _masked(torch.where(in_m, logp, logp - ref_logp), mask)
+    correction = torch.where(seq_ref < math.log(alpha), -seq_ref, torch.zeros_like(seq_ref))
+    return _masked(logp, mask) + torch.where(_last_token(mask), correction, torch.zeros_like(logp))
 
 
 def maxent(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -104,3 +114,24 @@ def get_penalty(name: str) -> Penalty:
         return PENALTIES[name]
     except KeyError:
         raise ValueError(f"unknown penalty {name!r}; known: {sorted(PENALTIES)}") from None
+
+
+# The sequence-level regulariser each penalty optimises, written out from its definition rather than by summing
+# the penalty: ``(logp, ref_logp, mask, **kwargs) -> [B]``. A penalty without an entry here has no stated
+# objective, and the enumeration test refuses it.
+def _seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _masked(x, mask).sum(-1)
+
+
+REGULARIZERS: dict[str, Callable[..., torch.Tensor]] = {
+    "kl": lambda logp, ref_logp, mask: _seq(logp, mask) - _seq(ref_logp, mask),
+    "pm": lambda logp, ref_logp, mask: _seq(logp, mask),
+    "cpm_sequence": lambda logp, ref_logp, mask, alpha: (
+        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < math.log(alpha), _seq(ref_logp, mask), 0.0)
+    ),
+    "cpm_token": lambda logp, ref_logp, mask, alpha: (
+        _seq(logp, mask) - _seq(torch.where(ref_logp < math.log(alpha), ref_logp, 0.0), mask)
+    ),
+    "maxent": lambda logp, ref_logp, mask, tau=1.0: tau * _seq(logp, mask),
+}
+REGULARIZERS["cpm"] = REGULARIZERS["cpm_token"]

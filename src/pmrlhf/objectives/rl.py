@@ -33,14 +33,27 @@ def whiten(
     the statistics are those of the whole batch, so the split does not change the result. Entries outside the
     mask are returned as 0.
     """
+    mean, inv_std = whitening(x, mask, eps, sum_over_workers)
+    out = (x - mean) * inv_std
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(x.dtype)
+
+
+def whitening(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float = 1e-8,
+    sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, 1 / sqrt(var + eps))`` of ``x`` over the masked entries of every worker's part: what ``whiten``
+    shifts and scales by. A loss term that must keep its weight against whitened advantages is scaled by the
+    second."""
     m = mask.to(x.dtype)
     n = sum_over_workers(m.sum()).clamp(min=1)
     mean = sum_over_workers((x * m).sum()) / n
     var = sum_over_workers((((x - mean) * m) ** 2).sum()) / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
+    return mean, torch.rsqrt(var + eps)
 
 
 def gae(
@@ -86,7 +99,11 @@ def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def group_mean(scores: torch.Tensor, group_size: int, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """Score minus the mean score of its prompt's group; divided by the group's std if ``scale`` (GRPO)."""
+    """Score minus the mean score of its prompt's group; divided by the group's std if ``scale`` (GRPO).
+
+    The mean includes the sample itself, so the expected update is ``(group_size - 1) / group_size`` times the
+    exact gradient (RLOO's leave-one-out baseline has no such factor): the same direction, a smaller step.
+    """
     s = _grouped(scores, group_size)
     out = s - s.mean(-1, keepdim=True)
     if scale:
@@ -105,6 +122,27 @@ def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 def sequence_advantages_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Broadcast one advantage per sequence ``[B]`` to its response tokens ``[B, T]`` (critic-free runs)."""
     return advantages[:, None] * mask.to(advantages.dtype)
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """A KL estimator of each whole response, to be differentiated in the loss (not used as a reward): ``[B]``.
+
+    With ``d = log pi(y|x) - log pi_ref(y|x)`` summed over the response's tokens:
+    ``k2 = d**2 / 2``, whose expected gradient on responses sampled from pi is exactly ``grad KL(pi || pi_ref)``
+    (``E[d grad log pi(y)]``); ``k3 = exp(-d) - 1 + d``, whose expected gradient is exactly
+    ``grad KL(pi_ref || pi)`` (``-sum_y pi_ref(y) grad log pi(y)``), the forward KL. Per-token versions of
+    either (GRPO's) drop the KL of the tokens after each one and are the gradient of no objective.
+    ``k1 = d`` is refused: its expected gradient is ``E[grad log pi(y)] = 0``.
+    """
+    d = ((logp - ref_logp) * mask.to(logp.dtype)).sum(-1)
+    if estimator == "k2":
+        return d.pow(2) / 2
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    raise ValueError(
+        f"kl_loss takes estimator 'k2' or 'k3', got {estimator!r} (k1 in the loss has zero expected gradient: "
+        "use it as a reward)"
+    )
 
 
 SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"rloo": rloo, "group_mean": group_mean}
@@ -160,8 +198,12 @@ def shape_rewards(
     scores: torch.Tensor, penalty: torch.Tensor, mask: torch.Tensor, coef: float, beta: float = 1.0, clip: float = 5.0
 ) -> torch.Tensor:
     """Per-token RL rewards: ``-coef * penalty_t`` on every response token, plus the reward-model score
-    ``clip(r_theta / beta, -clip, clip)`` on the last one (Sec. 6: the paper uses ``r = r_theta / beta``;
-    DeepSpeed-Chat clips the score to +-5).
+    ``clip(r_theta, -clip, clip) / beta`` on the last one.
+
+    The clip applies to the score itself, as in the paper's reference code (DeepSpeed-Chat's
+    ``compute_rewards`` clips ``r_theta`` to +-5), so the two ways of writing the paper's objective optimise the
+    same thing: its code's ``clip(r_theta) - kl_ctl * penalty`` (``beta = 1``, ``coef = kl_ctl``) and Sec. 6's
+    ``r_theta / beta - penalty`` (``coef = 1``) both have the optimum ``pi_ref e^{clip(r_theta) / kl_ctl}``.
 
     ``scores``: ``[B]``; ``penalty``, ``mask``: ``[B, T]`` (response tokens contiguous). Returns ``[B, T]``.
     Naive equivalent::
@@ -169,13 +211,13 @@ def shape_rewards(
         for b in range(B):
             for t in response_positions(b):
                 rewards[b, t] = -coef * penalty[b, t]
-            rewards[b, last(b)] += clamp(scores[b] / beta, -clip, clip)
+            rewards[b, last(b)] += clamp(scores[b], -clip, clip) / beta
     """
     m = mask.to(penalty.dtype)
     rewards = -coef * penalty * m
     T = mask.shape[1]
     last = (torch.arange(T, device=mask.device)[None] * mask.long()).argmax(-1)  # [B]
-    score = torch.clamp(scores / beta, -clip, clip).to(rewards.dtype)
+    score = (torch.clamp(scores, -clip, clip) / beta).to(rewards.dtype)
     has_tokens = mask.sum(-1) > 0
     bonus = torch.zeros_like(rewards).scatter(1, last[:, None], torch.where(has_tokens, score, 0)[:, None])
     return rewards + bonus

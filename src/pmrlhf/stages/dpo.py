@@ -201,12 +201,21 @@ def run(config: DPOConfig) -> Path:
     if main:
         path = save_model(final, tokenizer, out / "model")
         # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
+        objective = {
+            "method": "dpo",
+            "loss": config.loss,
+            "beta": config.beta,
+            "alpha": config.alpha if config.loss == "cpm" else None,
+            "label_smoothing": config.label_smoothing if config.loss in ("sigmoid", "robust") else 0.0,
+            "simpo_gamma": config.simpo_gamma if config.loss == "simpo" else None,
+        }
         summary = {
             "loss": config.loss,
             "penalty": f"dpo:{config.loss}",
             "beta": 1.0,
             "coef": config.beta,
             "penalty_kwargs": {"alpha": config.alpha} if config.loss == "cpm" else {},
+            "objective": objective,
             "steps": step,
             "train_examples": len(train),
             "data": report.summary(),
@@ -220,16 +229,8 @@ def run(config: DPOConfig) -> Path:
                 device = accelerator.device
                 reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False).to(device)
                 rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(device)
-                alpha = config.alpha if config.loss == "cpm" else 0.0
                 summary["world"] = compare_with_closed_forms(
-                    final.eval(),
-                    reference,
-                    rm,
-                    tokenizer,
-                    world_dir(config.run_dir),
-                    1.0,
-                    config.beta,
-                    alpha,
+                    final.eval(), reference, rm, tokenizer, world_dir(config.run_dir), objective
                 )
         atomic_write_json(out / "summary.json", summary)
         console.print(f"[green]{config.name} saved to {path}[/green]")

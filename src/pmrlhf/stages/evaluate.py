@@ -97,6 +97,13 @@ def _frozen_models(model: ModelConfig, tokenizer, ref_path, reward_path):
     )
 
 
+def _reference_objective(beta: float) -> dict:
+    """A model no stage of this run trained (the reference, or a path given in ``policies``) is placed against
+    KL RLHF at coefficient 1 on the unclipped reward: its distance to that optimum is how far such training
+    would have to move it."""
+    return {"method": "ppo", "penalty": "kl", "coef": 1.0, "beta": beta, "clip_reward_value": None}
+
+
 @on_the_main_process
 def run_eval(config: EvalConfig) -> Path:
     """Write ``<name>/summary.json`` (one object per policy) and ``<name>/instances.json``; return the folder."""
@@ -141,12 +148,12 @@ def run_eval(config: EvalConfig) -> Path:
                 from pmrlhf.data.world import World
                 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m
 
-                coef = float(meta.get("coef", 1.0))
-                alpha = float(meta.get("penalty_kwargs", {}).get("alpha", 0.0) or 0.0)
+                objective = meta.get("objective") or _reference_objective(beta)
                 dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
-                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), beta, coef, alpha, dist
+                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), objective, dist
                 )
+                metrics["objective"] = objective
                 over_m[name] = dist.conditional.tolist()
         summary[name], instances[name] = metrics, inst
         console.print(

@@ -9,13 +9,16 @@ One iteration, in the order of the algorithm:
 1. take the next prompts (each process its share);
 2. generate one or more responses per prompt (top-p, temperature);
 3. score: actor and reference log-probabilities, critic values, reward-model scores;
-4. shape per-token rewards: ``-coef * penalty_t`` plus ``clip(r_theta / beta)`` on the last token;
+4. shape per-token rewards: ``-coef * penalty_t`` plus ``clip(r_theta) / beta`` on the last token;
 5. advantages: GAE with the critic, or RLOO / group-mean baselines without one;
-6. PPO epochs over minibatches: clipped policy loss (+ PPO-ptx), clipped value loss;
+6. PPO epochs over minibatches: clipped policy loss (+ a KL estimator in the loss, + PPO-ptx), clipped value
+   loss;
 7. EMA, adaptive KL coefficient, log, checkpoint.
 
 The paper's flags map one to one: ``penalty`` (``kl``, or ``entropy`` for (conditional) PM as its code
-names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``clip_reward_value``.
+names it), ``kl_ctl`` / ``ent_ctl`` (the coefficient), ``alpha_ctl`` (alpha), ``clip_reward_value`` (the clip
+of ``r_theta``); with ``beta: 1`` the reward is its code's ``clip(r_theta) - kl_ctl * penalty``. Sec. 6's form,
+``r_theta / beta`` with coefficient 1, has the same optimum (``rl.shape_rewards``).
 """
 
 from __future__ import annotations
@@ -71,10 +74,13 @@ class PPOConfig:
     kl_ctl: float = 0.1  # coefficient of the penalty when penalty is kl
     ent_ctl: float = 1.0  # coefficient of the penalty for pm / cpm / maxent / entropy
     alpha_ctl: float = 0.3  # alpha of conditional PM; with penalty "entropy", 0 means unconditional PM
-    kl_estimator: str = "k1"  # k1 | k2 | k3, for penalty kl
+    kl_estimator: str = "k1"  # k1 | k2 | k3, for penalty kl (k1 in the reward; k2, k3 only with kl_placement loss)
+    # where the kl penalty goes: "reward" (k1 per token, eq. (2.3)) or "loss" (k2 of the whole response, the
+    # same objective; k3, the forward KL(pi_ref || pi)), differentiated as in GRPO but per response
+    kl_placement: str = "reward"
     maxent_tau: float = 1.0  # tau of the maxent penalty
-    beta: float = 1.0  # the reward is r_theta / beta (Sec. 6)
-    clip_reward_value: float = 5.0  # the scaled score is clipped to +-this
+    beta: float = 1.0  # the reward is clip(r_theta) / beta (Sec. 6's form; 1 gives the reference code's)
+    clip_reward_value: float = 5.0  # the reward model's score r_theta is clipped to +-this (before / beta)
     normalize_reward: bool = False  # standardise scores with running mean and std before scaling
     target_kl: float = 0.0  # adaptive KL coefficient (Ziegler et al.) towards this sequence KL; 0 keeps it fixed
     # --- advantages ---
@@ -117,7 +123,7 @@ class PPOConfig:
     def resolved_penalty(self) -> tuple[str, float, dict]:
         """(registry name, coefficient, keyword arguments) of the penalty this config asks for."""
         if self.penalty == "kl":
-            return "kl", self.kl_ctl, {"estimator": self.kl_estimator}
+            return "kl", self.kl_ctl, {}
         if self.penalty == "entropy":  # the reference code's switch: PM, conditional on alpha_ctl > 0
             return (
                 ("cpm_token", self.ent_ctl, {"alpha": self.alpha_ctl})
@@ -130,8 +136,29 @@ class PPOConfig:
             return "maxent", self.ent_ctl, {"tau": self.maxent_tau}
         return self.penalty, self.ent_ctl, {}
 
+    def kl_in_loss(self) -> str | None:
+        """The KL estimator that goes into the loss instead of the reward, or None."""
+        return self.kl_estimator if self.penalty == "kl" and self.kl_placement == "loss" else None
+
     def validate(self) -> None:
         get_penalty(self.resolved_penalty()[0])
+        if self.kl_placement not in ("reward", "loss"):
+            raise ValueError(f"unknown kl_placement {self.kl_placement!r}; use reward or loss")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; use k1, k2 or k3")
+        if self.penalty == "kl" and self.kl_placement == "reward" and self.kl_estimator != "k1":
+            raise ValueError(
+                f"kl_estimator {self.kl_estimator} as a reward is not a KL penalty (a reward -coef * k3 follows "
+                "E r - coef KL(pi || pi_ref) + coef KL(pi_ref || pi); k2 collapses onto one answer): use k1, or "
+                "set kl_placement: loss, where k2 gives the gradient of KL(pi || pi_ref) and k3 of KL(pi_ref || pi)"
+            )
+        if self.penalty == "kl" and self.kl_placement == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator k1 in the loss has zero expected gradient: use k2 or k3 there, or k1 as a reward"
+            )
+        if self.kl_placement == "loss" and self.penalty != "kl":
+            raise ValueError(f"kl_placement: loss is for penalty kl, not {self.penalty!r}")
+
         if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
             raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
         if self.advantage != "gae" and self.samples_per_prompt < 2:
@@ -214,6 +241,7 @@ class PPOTrainer:
         self.prompts = self.encoder.prompts(r.prompt for r in records)
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
+        self.kl_in_loss = c.kl_in_loss()
 
         mixed = acc.mixed_precision
         (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
@@ -344,11 +372,12 @@ class PPOTrainer:
         # 4. shape rewards
         scores = self._normalized(traj.scores)
         penalty = self.penalty(traj.logp, traj.ref_logp, traj.response_mask, **self.penalty_kwargs)
-        rewards = rl.shape_rewards(scores, penalty, traj.response_mask, self.coef, c.beta, c.clip_reward_value)
+        in_reward = torch.zeros_like(penalty) if self.kl_in_loss else penalty
+        rewards = rl.shape_rewards(scores, in_reward, traj.response_mask, self.coef, c.beta, c.clip_reward_value)
         # 5. advantages
-        advantages, returns = self._advantages(traj, rewards)
+        advantages, returns, advantage_scale = self._advantages(traj, rewards)
         # 6. PPO epochs over minibatches
-        stats = self._optimize(traj, advantages, returns)
+        stats = self._optimize(traj, advantages, returns, advantage_scale)
         t3 = time.perf_counter()
         # 7. EMA, adaptive coefficient, metrics
         self._update_ema()
@@ -359,6 +388,7 @@ class PPOTrainer:
             "env/reward_shaped": rewards.sum(-1).mean(),
             "env/response_length": m.sum(-1).float().mean(),
             "env/empty_responses": (m.sum(-1) <= 1).float().mean(),
+            "env/reward_clipped": (scores.abs() > c.clip_reward_value).float().mean(),
             "objective/penalty": (penalty * m).sum(-1).mean(),
             "objective/kl": seq_kl.mean(),
             "objective/entropy": -(traj.logp * m).sum(-1).mean(),
@@ -390,19 +420,25 @@ class PPOTrainer:
         self.moments.update(self.accelerator.gather(scores))
         return self.moments.normalize(scores)
 
-    def _advantages(self, traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _advantages(self, traj: Trajectory, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(advantages, returns, scale)``: ``scale`` is what whitening multiplied the advantages by (1 without
+        it), which a KL term in the loss takes too, so that its weight against the reward stays ``coef``."""
         c, m = self.config, traj.response_mask
         if c.advantage == "gae":
             advantages, returns = rl.gae(rewards, traj.values, m, c.gamma, c.lam)
         else:
             per_sequence = rl.SEQUENCE_ADVANTAGES[c.advantage](rewards.sum(-1), c.samples_per_prompt)
             advantages, returns = rl.sequence_advantages_to_tokens(per_sequence, m), torch.zeros_like(rewards)
+        scale = torch.ones((), device=advantages.device)
         if c.whiten_advantages:
             # every process's tokens count, so splitting the batch does not change the result
-            advantages = rl.whiten(advantages, m, sum_over_workers=lambda t: self.accelerator.reduce(t, "sum"))
-        return advantages, returns
+            mean, scale = rl.whitening(advantages, m, sum_over_workers=lambda t: self.accelerator.reduce(t, "sum"))
+            advantages = (advantages - mean) * scale * m
+        return advantages, returns, scale
 
-    def _optimize(self, traj: Trajectory, advantages: torch.Tensor, returns: torch.Tensor) -> dict[str, float]:
+    def _optimize(
+        self, traj: Trajectory, advantages: torch.Tensor, returns: torch.Tensor, advantage_scale: torch.Tensor
+    ) -> dict[str, float]:
         c, acc = self.config, self.accelerator
         B = traj.ids.shape[0]
         sums: dict[str, float] = {}
@@ -415,7 +451,13 @@ class PPOTrainer:
                 scale = self._split_scale(mask)
                 logp = token_logprobs(self.actor, ids, attn)
                 pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages[idx], mask, c.clip)
-                actor_loss = pg_loss * scale
+                actor_loss = pg_loss
+                if self.kl_in_loss:
+                    # summed over responses and divided like the policy loss, whose token mean it joins
+                    kl = rl.kl_loss(logp, traj.ref_logp[idx], mask, self.kl_in_loss).sum() / mask.sum().clamp(min=1)
+                    actor_loss = actor_loss + self.coef * advantage_scale * kl
+                    sums["losses/kl"] = sums.get("losses/kl", 0.0) + kl.item()
+                actor_loss = actor_loss * scale
                 if self.ptx is not None:
                     ptx_loss = self._ptx_loss()
                     actor_loss = actor_loss + c.ptx_coef * ptx_loss
@@ -584,13 +626,38 @@ class PPOTrainer:
         acc.wait_for_everyone()
         return path
 
+    def objective(self) -> dict:
+        """What this run optimised, for ``pmrlhf eval`` to find its optimum: the penalty and its arguments, the
+        coefficient as it ended (``target_kl`` moves it) and as it started, and how the score was turned into
+        the reward (beta, clip, and the standardisation ``normalize_reward`` ended with, which sets the
+        optimum's temperature too)."""
+        c = self.config
+        return {
+            "method": "ppo",
+            "penalty": self.penalty_name,
+            "coef": self.coef,
+            "initial_coef": self.config.resolved_penalty()[1],
+            "adaptive_coef": c.target_kl > 0,
+            "alpha": self.penalty_kwargs.get("alpha"),
+            "tau": self.penalty_kwargs.get("tau"),
+            "kl_estimator": c.kl_estimator if self.penalty_name == "kl" else None,
+            "kl_placement": c.kl_placement if self.penalty_name == "kl" else None,
+            "beta": c.beta,
+            "clip_reward_value": c.clip_reward_value,
+            "reward_normalization": (
+                {"mean": self.moments.mean, "std": math.sqrt(self.moments.var + 1e-8)} if c.normalize_reward else None
+            ),
+        }
+
     def _summary(self, actor) -> dict:
+        objective = self.objective()
         summary = {
             "iterations": self.iteration,
             "penalty": self.penalty_name,
             "coef": self.coef,
             "penalty_kwargs": self.penalty_kwargs,
             "beta": self.config.beta,
+            "objective": objective,
         }
         if self.config.data.source == "world":
             from pmrlhf.evaluation.exact import compare_with_closed_forms
@@ -601,9 +668,7 @@ class PPOTrainer:
                 self.reward_model,
                 self.tokenizer,
                 world_dir(self.config.run_dir),
-                beta=self.config.beta,
-                coef=self.coef,
-                alpha=self.config.alpha_ctl,
+                objective,
                 max_new_tokens=self.config.max_new_tokens,
             )
             console.print(_world_line(self.config.name, summary["world"]))
@@ -624,6 +689,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _world_line(name: str, w: dict) -> str:
     return (
-        f"[green]{name}[/green]: TV to the KL closed form {w['tv_to_kl_target']:.3f}, to the PM closed form "
-        f"{w['tv_to_pm_target']:.3f}, to the truth {w['tv_to_truth']:.3f}; mass outside M(x) {w['mass_outside_m']:.3f}"
+        f"[green]{name}[/green]: TV to its own optimum {w['tv_to_own_target']:.3f}, to the reward model "
+        f"{w['tv_to_reward_model']:.3f}, to the truth {w['tv_to_truth']:.3f}; "
+        f"mass outside M(x) {w['mass_outside_m']:.3f}"
     )

@@ -1,0 +1,223 @@
+"""Every penalty optimises the objective it states: the expected PPO update, computed exactly by enumerating
+every response of a small tabular MDP, equals the exact gradient of that objective to 1e-8 in float64.
+
+The MDP: responses are ``L`` tokens from a vocabulary of ``V``; the policy is a table of logits per prefix, the
+reference a fixed table of probabilities, the reward a fixed number per response. The update is the gradient
+of the stage's own loss (``rl.ppo_policy_loss`` on advantages from ``rl.shape_rewards`` and ``rl.gae`` or the
+sequence baselines, plus ``rl.kl_loss`` where the KL sits in the loss), each sample weighted by its exact
+probability: no sampling anywhere.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from pmrlhf.objectives import penalties as PEN
+from pmrlhf.objectives import rl
+
+V, L = 3, 2
+COEF = 0.7
+# (penalty, kwargs): every registered penalty with each option that changes what it computes. The alphas put
+# some responses (cpm_sequence) or tokens (cpm_token) on each side of the threshold in this MDP.
+CASES = [
+    ("kl", {}),
+    ("pm", {}),
+    ("maxent", {"tau": 0.4}),
+    ("cpm_sequence", {"alpha": 0.08}),
+    ("cpm_sequence", {"alpha": 0.2}),
+    ("cpm_token", {"alpha": 0.3}),
+    ("cpm_token", {"alpha": 0.45}),
+    ("cpm", {"alpha": 0.3}),
+]
+
+
+def mdp(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    theta = [torch.randn(V, generator=g, dtype=torch.float64), torch.randn(V, V, generator=g, dtype=torch.float64)]
+    ref = [
+        torch.softmax(torch.randn(V, generator=g, dtype=torch.float64) * 1.5, -1),
+        torch.softmax(torch.randn(V, V, generator=g, dtype=torch.float64) * 1.5, -1),
+    ]
+    reward = torch.randn(V, V, generator=g, dtype=torch.float64)
+    return [t.requires_grad_(True) for t in theta], ref, reward
+
+
+def responses():
+    return torch.tensor(list(itertools.product(range(V), repeat=L)))  # [V**L, L]
+
+
+def token_logprobs(theta, ys):
+    """``[N, L]`` log-probabilities of each token of each response under the tabular policy ``theta``."""
+    first = torch.log_softmax(theta[0], -1)[ys[:, 0]]
+    second = torch.log_softmax(theta[1], -1)[ys[:, 0], ys[:, 1]]
+    return torch.stack([first, second], -1)
+
+
+def ref_logprobs(ref, ys):
+    return torch.stack([ref[0][ys[:, 0]].log(), ref[1][ys[:, 0], ys[:, 1]].log()], -1)
+
+
+def exact_gradient(theta, ref, reward, regularizer):
+    """``grad_theta sum_y pi(y) (r(y) - coef * regularizer(y))``, from the enumerated objective."""
+    ys = responses()
+    logp = token_logprobs(theta, ys)
+    mask = torch.ones_like(logp)
+    pi = logp.sum(-1).exp()
+    objective = (pi * (reward[ys[:, 0], ys[:, 1]] - COEF * regularizer(logp, ref_logprobs(ref, ys), mask))).sum()
+    return torch.autograd.grad(objective, theta)
+
+
+def samples(group):
+    """Every ordered tuple of ``group`` responses (one tuple per prompt's group) and its exact probability's
+    index rows: ``[N * group, L]`` responses, with ``tuple_of[i]`` the tuple row i belongs to."""
+    ys = responses()
+    tuples = list(itertools.product(range(len(ys)), repeat=group))
+    rows = torch.tensor([i for t in tuples for i in t])
+    return ys[rows], torch.arange(len(tuples)).repeat_interleave(group)
+
+
+def expected_update(theta, ref, reward, penalty, advantage="gae", group=1, kl_in_loss=None):
+    """``-grad`` of the stage's policy loss in expectation over the samples, times ``L`` (the token mean's
+    normaliser), so that it is comparable with ``exact_gradient``."""
+    ys, tuple_of = samples(group)
+    logp = token_logprobs(theta, ys)  # new log-probabilities, differentiated
+    old = logp.detach()  # the sampler's
+    ref_lp = ref_logprobs(ref, ys)
+    mask = torch.ones_like(old)
+    weight = old.sum(-1).exp().reshape(-1, group).prod(-1)[tuple_of]  # the tuple's probability, per row
+    scores = reward[ys[:, 0], ys[:, 1]]
+    rewards = rl.shape_rewards(scores, penalty(old, ref_lp, mask), mask, COEF, beta=1.0, clip=math.inf)
+    if advantage == "gae":
+        advantages, _ = rl.gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=1.0)
+    else:
+        per_sequence = rl.SEQUENCE_ADVANTAGES[advantage](rewards.sum(-1), group)
+        advantages = rl.sequence_advantages_to_tokens(per_sequence, mask)
+    n_rows = len(ys)
+    # masked_mean divides by n_rows * L; weighting row i by n_rows * weight_i / group turns the batch mean into
+    # the expectation over tuples of the mean over a tuple's rows.
+    scale = (weight * n_rows / group)[:, None]
+    loss, _ = rl.ppo_policy_loss(logp, old, advantages * scale, mask)
+    if kl_in_loss is not None:
+        loss = loss + COEF * (rl.kl_loss(logp, ref_lp, mask, kl_in_loss) * scale[:, 0]).sum() / mask.sum()
+    return [-L * g for g in torch.autograd.grad(loss, theta)]
+
+
+def assert_equal(update, gradient, factor=1.0, atol=1e-8):
+    for u, g in zip(update, gradient, strict=True):
+        torch.testing.assert_close(u, factor * g, atol=atol, rtol=0)
+
+
+def test_every_registered_penalty_states_its_objective():
+    assert set(PEN.PENALTIES) <= set(PEN.REGULARIZERS), "a penalty without a stated sequence-level objective"
+    assert {name for name, _ in CASES} == set(PEN.PENALTIES), "a penalty the enumeration below does not cover"
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+@pytest.mark.parametrize("advantage,group,factor", [("gae", 1, 1.0), ("rloo", 2, 1.0), ("group_mean", 3, 2 / 3)])
+def test_expected_update_is_the_exact_gradient_of_the_stated_objective(name, kwargs, advantage, group, factor):
+    """GAE at lambda = 1 with zero values (reward to go), RLOO, and the group mean, whose baseline includes the
+    sample itself and so shrinks the update by (group - 1) / group."""
+    theta, ref, reward = mdp()
+    penalty = lambda lp, rl_, m: PEN.get_penalty(name)(lp, rl_, m, **kwargs)  # noqa: E731
+    regularizer = lambda lp, rl_, m: PEN.REGULARIZERS[name](lp, rl_, m, **kwargs)  # noqa: E731
+    update = expected_update(theta, ref, reward, penalty, advantage, group)
+    assert_equal(update, exact_gradient(theta, ref, reward, regularizer), factor)
+
+
+def test_the_thresholds_split_this_mdp():
+    """Each alpha above has responses (or tokens) on both sides, so both branches of each rule are exercised."""
+    _, ref, _ = mdp()
+    ref_lp = ref_logprobs(ref, responses())
+    seq = ref_lp.sum(-1).exp()
+    for name, kwargs in CASES:
+        if name == "cpm_sequence":
+            assert (seq >= kwargs["alpha"]).any() and (seq < kwargs["alpha"]).any()
+        elif "alpha" in kwargs:
+            tok = ref_lp.exp()
+            assert (tok >= kwargs["alpha"]).any() and (tok < kwargs["alpha"]).any()
+
+
+def test_def_4_1_spread_over_the_tokens_is_biased_under_reward_to_go():
+    """The rule cpm_sequence replaced: ``log pi - log pi_ref`` on every token of a response off M(x). Its sum is
+    Def. 4.1's regulariser, but token 1's penalty depends on token 2, so reward-to-go credit misses the
+    gradient of Def. 4.1 (RLOO, which credits whole responses, does not)."""
+    theta, ref, reward = mdp()
+    alpha = 0.08
+
+    def spread(lp, ref_lp, m):
+        off = (ref_lp * m).sum(-1, keepdim=True) < math.log(alpha)
+        return torch.where(off, lp - ref_lp, lp) * m
+
+    gradient = exact_gradient(theta, ref, reward, lambda lp, r_, m: PEN.REGULARIZERS["cpm_sequence"](lp, r_, m, alpha))
+    gap = max(
+        (u - g).abs().max().item() for u, g in zip(expected_update(theta, ref, reward, spread), gradient, strict=True)
+    )
+    assert gap > 1e-3  # five orders of magnitude above the tolerance the exact rules meet
+    assert_equal(expected_update(theta, ref, reward, spread, "rloo", 2), gradient)
+
+
+@pytest.mark.parametrize("estimator", ["k2", "k3"])
+def test_k2_k3_as_rewards_are_not_kl_penalties(estimator):
+    """Used as a reward, ``-coef * k3`` follows ``E r - coef KL(pi || ref) + coef KL(ref || pi)``; neither k2
+    nor k3 gives the gradient of the KL objective (2.3)."""
+    theta, ref, reward = mdp()
+
+    def as_reward(lp, ref_lp, m):
+        d = lp - ref_lp
+        return (d.pow(2) / 2 if estimator == "k2" else torch.expm1(-d) + d) * m
+
+    gradient = exact_gradient(theta, ref, reward, PEN.REGULARIZERS["kl"])
+    gap = max(
+        (u - g).abs().max().item()
+        for u, g in zip(expected_update(theta, ref, reward, as_reward), gradient, strict=True)
+    )
+    assert gap > 1e-2
+
+
+def _forward_kl(theta, ref):
+    """``KL(pi_ref || pi)`` over the enumerated responses, as a function of ``theta``."""
+    ys = responses()
+    ref_seq = ref_logprobs(ref, ys).sum(-1)
+    return (ref_seq.exp() * (ref_seq - token_logprobs(theta, ys).sum(-1))).sum()
+
+
+@pytest.mark.parametrize("advantage,group,factor", [("gae", 1, 1.0), ("rloo", 2, 1.0)])
+def test_k2_in_the_loss_is_the_gradient_of_kl_rlhf(advantage, group, factor):
+    """No penalty in the reward, k2 of the whole response in the loss: the exact gradient of eq. (2.3)."""
+    theta, ref, reward = mdp()
+    none = lambda lp, r_, m: torch.zeros_like(lp)  # noqa: E731
+    update = expected_update(theta, ref, reward, none, advantage, group, kl_in_loss="k2")
+    assert_equal(update, exact_gradient(theta, ref, reward, PEN.REGULARIZERS["kl"]), factor)
+
+
+def test_k3_in_the_loss_is_the_gradient_of_forward_kl_rlhf():
+    """k3 of the whole response in the loss: the exact gradient of ``E r - coef KL(pi_ref || pi)``."""
+    theta, ref, reward = mdp()
+    none = lambda lp, r_, m: torch.zeros_like(lp)  # noqa: E731
+    update = expected_update(theta, ref, reward, none, kl_in_loss="k3")
+    zero = lambda lp, r_, m: torch.zeros(lp.shape[0], dtype=lp.dtype)  # noqa: E731
+    reward_part = exact_gradient(theta, ref, reward, zero)
+    kl_part = torch.autograd.grad(_forward_kl(theta, ref), theta)
+    assert_equal(update, [g - COEF * k for g, k in zip(reward_part, kl_part, strict=True)])
+
+
+def test_per_token_k3_in_the_loss_is_not_the_forward_kl_gradient():
+    """GRPO's per-token k3: the KL of the tokens after each one is lost, and the update misses the gradient."""
+    theta, ref, reward = mdp()
+    ys = responses()
+    logp = token_logprobs(theta, ys)
+    ref_lp = ref_logprobs(ref, ys)
+    weight = logp.detach().sum(-1).exp()
+    d = logp - ref_lp
+    per_token = (weight[:, None] * (torch.expm1(-d) + d)).sum()
+    update = torch.autograd.grad(per_token, theta)
+    exact = torch.autograd.grad(_forward_kl(theta, ref), theta)
+    assert max((u - g).abs().max().item() for u, g in zip(update, exact, strict=True)) > 1e-2
+
+
+def test_kl_loss_refuses_k1():
+    x = torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="zero expected gradient"):
+        rl.kl_loss(x, x, torch.ones(1, 2), "k1")
