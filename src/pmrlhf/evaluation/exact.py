@@ -210,8 +210,8 @@ def targets_mass_outside_m(
     samples: int,
     seed: int = 0,
 ) -> dict[str, float]:
-    """How much mass the KL RLHF and conditional PM (Def. 4.1) optima of the run's reward and coefficient put
-    outside M(x), averaged over prompts.
+    """How much mass the KL RLHF optimum of the run's reward and coefficient puts outside M(x), and for a
+    ``cpm_sequence`` run its own (Def. 4.1) optimum, averaged over prompts.
 
     Over M(x) both optima are exact (``r`` is ``effective_reward`` there). Off it they weigh each response by
     ``ref(y) e^{r(y)/coef}`` (KL; conditional PM where ``ref(y) < alpha``) or ``e^{r(y)/coef}`` (conditional
@@ -245,7 +245,10 @@ def targets_mass_outside_m(
     kl_in = torch.logsumexp(ref_logp_m + r_c, -1)
     cpm_in = torch.logsumexp(torch.where(ref_logp_m >= log_alpha, r_c, ref_logp_m + r_c), -1)
     out = {}
-    for name, inside, terms in (("kl_target", kl_in, kl_terms), ("cpm_target", cpm_in, cpm_terms)):
+    estimates = [("kl_target", kl_in, kl_terms)]
+    if objective.get("penalty") == "cpm_sequence":  # Def. 4.1's optimum at the run's own alpha
+        estimates.append(("cpm_target", cpm_in, cpm_terms))
+    for name, inside, terms in estimates:
         outside = torch.logsumexp(terms, -1) - log_n
         out[f"{name}_mass_outside_m"] = torch.sigmoid(outside - inside).mean().item()
     return out
@@ -270,7 +273,8 @@ def compare_with_closed_forms(
     optimised (``effective_reward``) and ``coef`` its temperature, the optima restricted to M(x) are: KL RLHF
     ``ref * e^{r / coef}`` (eq. (5.1)), PM ``e^{r / coef}`` (eq. (3.2) when coef = 1), conditional PM
     (Def. 4.1) ``e^{r / coef}`` on {ref >= alpha}, ``ref * e^{r / coef}`` off it (Thm. 4), and the run's own
-    (``own_target``; ``tv_to_own_target`` asks whether training converged). ``reward_model`` is the reward
+    (``own_target``, for DPO at the true reward that labelled its comparisons; ``tv_to_own_target`` asks
+    whether training converged). ``reward_model`` is the reward
     model's Plackett-Luce distribution ``e^{r_theta / beta}`` unclipped (does the method match preferences?).
     Distances are total variation between the policy's conditional distribution over M(x) and each target,
     averaged over prompts. ``policy_dist``: the policy's ``policy_over_m``, when the caller already has it.
@@ -299,7 +303,10 @@ def compare_with_closed_forms(
         "reward_model": optimal.preference_matching((scores / beta).masked_fill(~mask, float("-inf"))),
         "truth": truth["truth"],
     }
-    own = own_target(objective, r, ref_seq, mask, below, lengths)
+    # DPO never sees the reward model: its losses are driven by the comparisons' labels, drawn in the world as BTL
+    # with the true reward r*, so its optimum is taken at r*
+    own_r = truth["reward"].masked_fill(~mask, float("-inf")) if objective["method"] == "dpo" else r
+    own = own_target(objective, own_r, ref_seq, mask, below, lengths)
     out: dict[str, float] = {}
     for model_name, dist in (("", pol), ("reference_", ref)):
         for target_name, target in targets.items():
