@@ -153,14 +153,38 @@ def _is_int(s: str) -> bool:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build ``cls`` from a (nested) mapping, coercing types and rejecting unknown keys."""
+    """Build ``cls`` from a (nested) mapping, coercing types and rejecting unknown keys.
+
+    A section given in part changes only the keys it names: the rest keep the defaults of the field that holds
+    the section (``PPOConfig.data`` defaults to the RL portion and 16 response tokens, not to a bare
+    ``DataConfig``), so ``--set data.source=x.jsonl`` leaves the portion and the lengths as they were.
+    """
     hints = _hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; known: {sorted(fields)}")
+    kwargs = {}
+    for k, v in data.items():
+        default = _field_default(fields[k])
+        if dataclasses.is_dataclass(default) and isinstance(v, dict):
+            v = _merged(dataclasses.asdict(default), v)
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
     return cls(**kwargs)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` written over it, nested mappings merged key by key."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -60,7 +60,9 @@ class PipelineConfig:
     reward: dict[str, Any] = field(default_factory=dict)  # overrides of the reward stage's config
     ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "actor_lr": 3e-4, "top_p": 1.0})
     variants: list[dict[str, Any]] = field(default_factory=default_variants)  # one PPO run each; "name" required
-    dpo: dict[str, Any] = field(default_factory=lambda: {"optim": {"lr": 3e-4, "epochs": 3}})  # base DPO overrides
+    dpo: dict[str, Any] = field(  # base DPO overrides
+        default_factory=lambda: {"optim": {"lr": 3e-4, "epochs": 3, "batch_size": 16}}
+    )
     dpo_variants: list[dict[str, Any]] = field(default_factory=default_dpo_variants)  # one DPO run each
     eval: dict[str, Any] = field(default_factory=dict)  # overrides of the eval config
     probe: dict[str, Any] = field(default_factory=dict)  # overrides of the probe config
