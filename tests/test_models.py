@@ -142,3 +142,21 @@ def test_gradient_checkpointing_saves_fewer_activations_and_gives_the_same_gradi
         grads.append(model.transformer.h[0].mlp.c_fc.weight.grad.clone())
     assert saved[1] < saved[0] / 2  # the blocks keep only their inputs for the backward pass
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_model_folder_of_the_wrong_kind_is_refused_not_filled_with_random_weights(tmp_path, tok, arch):
+    """A frozen reward model from a language model's folder would score with a random head, and a policy from a
+    reward model's folder would hold a score head it never uses (Llama's LM head would be random too)."""
+    cfg = ModelConfig(tiny_arch=arch)
+    save_model(load_causal_lm(cfg, tok), tok, tmp_path / "lm")
+    save_model(load_reward_model(cfg, tok), tok, tmp_path / "rm")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'lm'} cannot be loaded as a reward model .*without a reward"):
+        load_reward_model(cfg, tok, tmp_path / "lm", trainable=False)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'rm'} .*not a language model"):
+        load_causal_lm(cfg, tok, tmp_path / "rm", trainable=False)
+    # the reward stage starts from the SFT model and trains a fresh head: allowed
+    assert load_reward_model(cfg, tok, tmp_path / "lm").score.weight.requires_grad
+    frozen = load_reward_model(cfg, tok, tmp_path / "rm", trainable=False)
+    again = load_reward_model(cfg, tok, tmp_path / "rm", trainable=False)
+    assert torch.equal(frozen.score.weight, again.score.weight)

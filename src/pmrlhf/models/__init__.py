@@ -118,7 +118,10 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     source = str(path or cfg.name_or_path)
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
-        model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kw)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **kw
+        )
+        _check_loaded(source, info, "a language model", refuse_unexpected="score")
     else:
         model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), **kw)
     fuse_activations(model)
@@ -137,17 +140,19 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
 def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
     """A reward model: ``AutoModelForSequenceClassification`` with one label, scoring the last non-pad token.
 
-    Built from ``path`` or ``cfg.name_or_path`` (a causal LM checkpoint such as the SFT model gets a fresh
-    score head) or as a tiny model from config.
+    Built from ``path`` or ``cfg.name_or_path`` or as a tiny model from config. A causal LM checkpoint such as
+    the SFT model gets a fresh score head when the model is to be trained (the reward stage); a frozen one
+    (``trainable=False``: scoring in PPO and evaluation) must have its head, or it would score at random.
     """
     from transformers import AutoModelForSequenceClassification
 
     source = str(path or cfg.name_or_path)
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, trust_remote_code=cfg.trust_remote_code, **kw
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **kw
         )
+        _check_loaded(source, info, "a reward model", allow_missing="score" if trainable else None)
     else:
         c = _tiny_from(cfg, tokenizer)
         c.num_labels = 1
@@ -158,6 +163,28 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
         model.requires_grad_(False).eval()
         return model
     return _finish(model, cfg, "SEQ_CLS")
+
+
+def _check_loaded(
+    source: str, info: dict, role: str, allow_missing: str | None = None, refuse_unexpected: str | None = None
+) -> None:
+    """Refuse a checkpoint that lacks weights the model needs (transformers would initialise them at random and
+    say so only in a log line) or that holds a head of another kind, naming the folder and what it holds."""
+    missing = sorted(k for k in info["missing_keys"] if not (allow_missing and k.startswith(allow_missing)))
+    unexpected = sorted(k for k in info["unexpected_keys"] if refuse_unexpected and k.startswith(refuse_unexpected))
+    if unexpected:
+        raise ValueError(
+            f"{source} holds a reward model ({', '.join(unexpected)}), not {role}"
+            + (f"; it lacks {', '.join(missing[:5])}, which would be random" if missing else "")
+        )
+    if missing:
+        hint = (
+            " (it holds a language model without a reward head)" if any(k.startswith("score") for k in missing) else ""
+        )
+        raise ValueError(
+            f"{source} cannot be loaded as {role}{hint}: it lacks {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}, which would be random"
+        )
 
 
 class Critic(nn.Module):
