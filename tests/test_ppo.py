@@ -337,8 +337,6 @@ SMALL = [
     "minibatch_size=3",
     "--set",
     "max_new_tokens=8",
-    "--set",
-    "world.n_prompts=6",
 ]
 
 
@@ -479,7 +477,8 @@ def test_under_deepspeed_each_model_steps_its_own_engine():
 
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED)
     actor, critic = Engine(), Engine()
-    optimizer_step(accelerator, actor, None, "actor loss", max_grad_norm=1.0)
-    optimizer_step(accelerator, critic, None, "critic loss", max_grad_norm=1.0)
-    assert actor.calls == [("backward", "actor loss"), "step"]
-    assert critic.calls == [("backward", "critic loss"), "step"]
+    actor_loss, critic_loss = torch.tensor(1.0), torch.tensor(2.0)
+    optimizer_step(accelerator, actor, None, actor_loss, max_grad_norm=1.0)
+    optimizer_step(accelerator, critic, None, critic_loss, max_grad_norm=1.0)
+    assert actor.calls == [("backward", actor_loss), "step"]
+    assert critic.calls == [("backward", critic_loss), "step"]

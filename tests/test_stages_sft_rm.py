@@ -70,14 +70,6 @@ def test_kwise_listwise_reward_model(pipeline):
             "loss=listwise",
             "--set",
             "name=reward-listwise",
-            "--set",
-            f"world.n_prompts={6}",
-            "--set",
-            "world.responses_per_prompt=3",
-            "--set",
-            "world.max_words=4",
-            "--set",
-            "world.vocab_words=12",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -111,7 +103,7 @@ def test_reward_model_is_deterministic_given_the_seed(pipeline, tmp_path):
 
     shutil.copytree(pipeline / "world", tmp_path / "world")
     shutil.copytree(pipeline / "sft", tmp_path / "sft")
-    args = ["rm", "--run-dir", str(tmp_path), "--set", "optim.epochs=0.3", "--set", "world.n_prompts=6"]
+    args = ["rm", "--run-dir", str(tmp_path), "--set", "optim.epochs=0.3"]
     assert CliRunner().invoke(app, [*args, "--set", "name=r1"]).exit_code == 0
     assert CliRunner().invoke(app, [*args, "--set", "name=r2"]).exit_code == 0
     rows1 = read_jsonl(tmp_path / "r1" / "metrics.jsonl")

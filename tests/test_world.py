@@ -1,6 +1,7 @@
 import itertools
 import math
 
+import pytest
 import torch
 
 from pmrlhf.data.world import World, WorldConfig
@@ -93,3 +94,35 @@ def test_write_load_and_tokenizer_round_trip(tmp_path):
 def test_same_seed_same_world():
     assert small_world(seed=5).prompts == small_world(seed=5).prompts
     assert small_world(seed=5).prompts != small_world(seed=6).prompts
+
+
+def test_a_world_made_with_other_settings_is_refused_not_reused(tmp_path):
+    """A run asking for 12 prompts and seed 5 trained on the 3-prompt world already in its folder, while its
+    config.yaml recorded 12 and 5. Settings left at their defaults take the folder's world."""
+    from pmrlhf.data.world import ensure_world, resolve_world
+
+    small = WorldConfig(n_prompts=3)
+    ensure_world(tmp_path / "world", small)
+    assert ensure_world(tmp_path / "world", small) == tmp_path / "world"  # the same settings: reused
+    assert resolve_world(tmp_path / "world", WorldConfig()) == small  # no settings of its own: the folder's world
+    with pytest.raises(ValueError, match=r"n_prompts = 3 \(asked: 12\), seed = 0 \(asked: 5\)"):
+        ensure_world(tmp_path / "world", WorldConfig(n_prompts=12, seed=5))
+    assert len(World.load(tmp_path / "world").prompts) == 3
+
+
+def test_a_stage_records_the_world_it_used_and_refuses_another_before_writing(tmp_path):
+    from typer.testing import CliRunner
+
+    from pmrlhf.cli import app
+    from pmrlhf.data.world import ensure_world
+
+    ensure_world(tmp_path / "world", WorldConfig(n_prompts=3, n_comparisons=60, n_rankings=10))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["rm", "--run-dir", str(tmp_path), "--set", "world.n_prompts=12"])
+    assert refused.exit_code == 1 and "n_prompts = 3 (asked: 12)" in refused.output
+    assert not (tmp_path / "reward").exists()
+    import yaml
+
+    done = runner.invoke(app, ["rm", "--run-dir", str(tmp_path), "--set", "optim.epochs=1"])
+    assert done.exit_code == 0, done.output
+    assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["world"]["n_prompts"] == 3

@@ -197,11 +197,33 @@ FILES = {
 
 def ensure_world(path: Path, config: WorldConfig | None = None) -> Path:
     """Generate and write the world into ``path`` unless a complete one is already there. Every process of a
-    distributed run may call this at once: the first world written stays (each generates the same one)."""
+    distributed run may call this at once: the first world written stays (each generates the same one). A world
+    already there must be the one ``config`` asks for (``resolve_world``)."""
     path = Path(path)
     if not (path / "truth.json").is_file():
         World.generate(config).write(path, replace=False)
+    elif config is not None:
+        resolve_world(path, config)
     return path
+
+
+def resolve_world(path: Path, config: WorldConfig) -> WorldConfig:
+    """The settings of the world a run at ``path`` uses: ``config`` where no world is there yet, else the settings
+    of the world already there, when ``config`` asks for them or leaves every setting at its default (a stage
+    run later in a folder uses the folder's world). Settings of its own that differ from the world there are
+    refused, naming each: training on the old world would contradict the run's recorded config."""
+    path = Path(path)
+    if not (path / "truth.json").is_file():
+        return config
+    held = World.load(path).config
+    if config in (held, WorldConfig()):
+        return held
+    old, new = asdict(held), asdict(config)
+    what = ", ".join(f"{k} = {old[k]} (asked: {v})" for k, v in new.items() if old[k] != v)
+    raise ValueError(
+        f"{path} holds a world made with {what}: use another run folder, or delete {path} to make the world this "
+        "config asks for"
+    )
 
 
 def _responses(k: int, config: WorldConfig, g: torch.Generator) -> tuple[list[str], list[int]]:

@@ -14,7 +14,8 @@ from rich.console import Console
 
 from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
-from pmrlhf.data.world import FILES, WorldConfig, ensure_world
+from pmrlhf.data.world import FILES, WorldConfig, ensure_world, resolve_world
+from pmrlhf.stages.guards import check_finite
 
 console = Console(stderr=True)
 
@@ -252,15 +253,17 @@ def adamw(params, accelerator, lr: float, weight_decay: float = 0.0) -> torch.op
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay, fused=simple)
 
 
-def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) -> None:
+def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float, where: str = "training") -> None:
     """Backward, clip the gradient norm (when ``max_grad_norm`` > 0), step, clear the gradients.
 
-    On one process without loss scaling or accumulation, accelerate's wrappers only add Python around the
-    same calls (a sixth of a tiny model's optimiser step), so they are bypassed there. Under DeepSpeed the
-    model's own engine does all of it.
+    A non-finite loss, or gradient norm, stops the run before the step (``guards``); ``where`` names the stage
+    and step in that message. On one process without loss scaling or accumulation, accelerate's wrappers only
+    add Python around the same calls (a sixth of a tiny model's optimiser step), so they are bypassed there.
+    Under DeepSpeed the model's own engine does all of it.
     """
     from accelerate.utils import DistributedType
 
+    check_finite(where, "the loss", loss)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # The prepared model is its own engine. accelerator.backward would use the engine prepared last, which in
         # PPO is the critic's: the actor's engine would never step. Clipping is the engine's (its config's
@@ -277,13 +280,17 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float) ->
         accelerator.backward(loss)
         # within an accumulation window the gradients are partial (and under DDP not yet averaged): clip the whole
         if max_grad_norm and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            # fp16's loss scaler skips steps with inf gradients itself; any other non-finite norm is a real one
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            if accelerator.scaler is None:
+                check_finite(where, "the gradient norm", norm)
         optimizer.step()
         optimizer.zero_grad()
         return
     loss.backward()
     if max_grad_norm:
-        clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], max_grad_norm)
+        norm = clip_grad_norm([p.grad for p in model.parameters() if p.grad is not None], max_grad_norm)
+        check_finite(where, "the gradient norm", norm)
     inner = getattr(optimizer, "optimizer", optimizer)
     inner.step()
     inner.zero_grad()
@@ -299,8 +306,27 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
+def require_examples(stage: str, kept: int, loaded: int, encoder) -> None:
+    """Refuse to train on nothing (a loop over no batches would never reach its step count), saying how many
+    records were loaded and why they were dropped."""
+    if kept:
+        return
+    dropped = ", ".join(f"{n} {why}" for why, n in encoder.counts.items() if n) or "none dropped while encoding"
+    hint = (
+        "; raise data.max_prompt_tokens or set data.prompt_overflow: truncate_left"
+        if encoder.counts.get("prompts skipped (too long)")
+        else ""
+    )
+    raise ValueError(f"{stage}: no examples left to train on: {loaded} records loaded ({dropped}){hint}")
+
+
 def stage_dir(run_dir: str | Path, name: str, config) -> Path:
-    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first, by the main process alone."""
+    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first, by the main process alone. Where the
+    stage takes its data from the run's world and one is there already, ``config.world`` becomes that world's
+    settings (or the stage is refused before it writes anything, if it asked for others)."""
+    data = getattr(config, "data", None)
+    if isinstance(getattr(config, "world", None), WorldConfig) and getattr(data, "source", None) == "world":
+        config.world = resolve_world(world_dir(run_dir), config.world)
     path = Path(run_dir) / name
     if process_state().is_main_process:
         path.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ from pmrlhf.stages.common import (
     optim_accelerator,
     optimizer_step,
     process_share,
+    require_examples,
     seed_everything,
     stage_dir,
     stage_schedule,
@@ -142,6 +143,7 @@ def run(config: DPOConfig) -> Path:
     # (prompt, chosen, rejected, reference log pi(chosen), reference log pi(rejected))
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
     train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
+    require_examples(config.name, len(train), len(records), enc)
     optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
     total, scheduler = stage_schedule(optimizer, config.optim, len(train), accelerator.num_processes)
     bs, accum = config.optim.batch_size, config.optim.grad_accum
@@ -174,7 +176,14 @@ def run(config: DPOConfig) -> Path:
                 share, weight = process_share([train[i] for i in indices], accelerator)
                 with accelerator.accumulate(policy):
                     loss, stats = step_loss(share)
-                    optimizer_step(accelerator, policy, optimizer, loss * weight, config.optim.max_grad_norm)
+                    optimizer_step(
+                        accelerator,
+                        policy,
+                        optimizer,
+                        loss * weight,
+                        config.optim.max_grad_norm,
+                        f"{config.name}: step {step + 1}",
+                    )
                 local = torch.tensor([loss.item(), *stats.values()], device=accelerator.device)
                 batch = accelerator.reduce(local * weight, "mean") / accum  # the whole batch's loss and stats
                 window = batch if window is None else window + batch

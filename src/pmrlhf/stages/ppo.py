@@ -50,11 +50,13 @@ from pmrlhf.stages.common import (
     load_stage_records,
     optimizer_step,
     parameters_sharded,
+    require_examples,
     seed_everything,
     stage_accelerator,
     stage_dir,
     world_dir,
 )
+from pmrlhf.stages.guards import check_finite
 from pmrlhf.stages.rollout import CompiledDecoding, Trajectory, critic_values, generate, score
 
 
@@ -239,6 +241,7 @@ class PPOTrainer:
         self.encoder = Encoder.from_data(self.tokenizer, c.data)
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
         self.prompts = self.encoder.prompts(r.prompt for r in records)
+        require_examples(c.name, len(self.prompts), len(records), self.encoder)
         self.penalty_name, self.coef, self.penalty_kwargs = c.resolved_penalty()
         self.penalty = get_penalty(self.penalty_name)
         self.kl_in_loss = c.kl_in_loss()
@@ -369,6 +372,8 @@ class PPOTrainer:
                 self.tokenizer.pad_token_id,
             )
         t2 = time.perf_counter()
+        where = f"{c.name}: iteration {self.iteration + 1}"
+        check_finite(where, "a reward-model score", traj.scores, "the reward model (reward.name_or_path)")
         # 4. shape rewards
         scores = self._normalized(traj.scores)
         penalty = self.penalty(traj.logp, traj.ref_logp, traj.response_mask, **self.penalty_kwargs)
@@ -376,6 +381,7 @@ class PPOTrainer:
         rewards = rl.shape_rewards(scores, in_reward, traj.response_mask, self.coef, c.beta, c.clip_reward_value)
         # 5. advantages
         advantages, returns, advantage_scale = self._advantages(traj, rewards)
+        check_finite(where, "an advantage", advantages, "non-finite rewards, values or penalties")
         # 6. PPO epochs over minibatches
         stats = self._optimize(traj, advantages, returns, advantage_scale)
         t3 = time.perf_counter()
@@ -441,6 +447,7 @@ class PPOTrainer:
     ) -> dict[str, float]:
         c, acc = self.config, self.accelerator
         B = traj.ids.shape[0]
+        where = f"{c.name}: iteration {self.iteration + 1}"
         sums: dict[str, float] = {}
         steps = 0
         for _ in range(c.ppo_epochs):
@@ -462,7 +469,7 @@ class PPOTrainer:
                     ptx_loss = self._ptx_loss()
                     actor_loss = actor_loss + c.ptx_coef * ptx_loss
                     sums["losses/ptx"] = sums.get("losses/ptx", 0.0) + ptx_loss.item()
-                optimizer_step(acc, self.actor, self.actor_opt, actor_loss, c.max_grad_norm)
+                optimizer_step(acc, self.actor, self.actor_opt, actor_loss, c.max_grad_norm, f"{where}, actor")
                 batch_stats = {
                     "losses/policy": pg_loss.item(),
                     "policy/clipfrac": pg_stats["clipfrac"].item(),
@@ -471,7 +478,14 @@ class PPOTrainer:
                 if self.critic is not None:
                     values = critic_values(self.critic, ids, attn)
                     vf_loss, vf_stats = rl.ppo_value_loss(values, traj.values[idx], returns[idx], mask, c.value_clip)
-                    optimizer_step(acc, self.critic, self.critic_opt, c.vf_coef * vf_loss * scale, c.max_grad_norm)
+                    optimizer_step(
+                        acc,
+                        self.critic,
+                        self.critic_opt,
+                        c.vf_coef * vf_loss * scale,
+                        c.max_grad_norm,
+                        f"{where}, critic",
+                    )
                     batch_stats |= {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
                 for k, v in batch_stats.items():
                     sums[k] = sums.get(k, 0.0) + v

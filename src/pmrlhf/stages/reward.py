@@ -35,6 +35,7 @@ from pmrlhf.stages.common import (
     optim_accelerator,
     optimizer_step,
     process_share,
+    require_examples,
     seed_everything,
     stage_dir,
     stage_schedule,
@@ -152,6 +153,7 @@ def run(config: RewardConfig) -> Path:
     encoder = Encoder.from_data(tokenizer, config.data)
     train_items, held_items = holdout(_ordered(records), config.data.eval_fraction, config.data.split_seed)
     train, held = _encode(train_items, encoder), _encode(held_items, encoder)
+    require_examples("reward", len(train), len(records), encoder)
     trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
     model = load_reward_model(trainable, tokenizer, path=init or None)
     optimizer = adamw(model.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
@@ -182,7 +184,14 @@ def run(config: RewardConfig) -> Path:
                 with accelerator.accumulate(model):
                     scores, mask = score_batch(model, share, tokenizer.pad_token_id)
                     loss = loss_fn(scores, mask)
-                    optimizer_step(accelerator, model, optimizer, loss * weight, config.optim.max_grad_norm)
+                    optimizer_step(
+                        accelerator,
+                        model,
+                        optimizer,
+                        loss * weight,
+                        config.optim.max_grad_norm,
+                        f"reward: step {step + 1}",
+                    )
                 window_loss += accelerator.reduce(loss.detach() * weight, "mean").item() / accum
                 if not accelerator.sync_gradients:  # within an accumulation window: no optimiser step yet
                     continue

@@ -26,6 +26,7 @@ from pmrlhf.stages.common import (
     stage_dir,
     tokenizer_source,
 )
+from pmrlhf.stages.guards import check_finite, check_weights_finite
 
 
 @dataclass
@@ -89,6 +90,9 @@ def run(config: SFTConfig) -> Path:
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
+            for key, name in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+                if key in logs:  # the mean over the steps since the last log: a NaN in any shows here
+                    check_finite(f"SFT: step {state.global_step}", name, logs[key])
             if "eval_loss" in logs:
                 logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50))
             if "loss" in logs:
@@ -136,7 +140,11 @@ def run(config: SFTConfig) -> Path:
             callbacks=[ToMetrics()],
         )
         trainer.remove_callback(PrinterCallback)  # which disable_tqdm puts in the bar's place: a line per log
-        trainer.train()
+        try:
+            trainer.train()
+        finally:
+            progress.stop()
+        check_weights_finite("SFT: after training", trainer.model)  # steps since the last log are not checked yet
         final = trainer.evaluate() if held else {}
         plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
     if main:

@@ -1,0 +1,83 @@
+"""A run that meets a NaN or inf stops with a message naming the stage, the step and the quantity, exits 1 and
+writes no model (it exited 0 with all-NaN weights before)."""
+
+import dataclasses
+import shutil
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from pmrlhf.cli import app
+from pmrlhf.config import DataConfig
+from pmrlhf.stages import ppo, reward, sft
+from pmrlhf.stages.guards import NonFiniteError, check_finite
+
+
+def test_check_finite_names_where_what_and_why():
+    check_finite("x: step 3", "the loss", torch.tensor(1.0))
+    with pytest.raises(NonFiniteError, match=r"x: step 3: the loss is not finite \(nan\); likely cause: a lr"):
+        check_finite("x: step 3", "the loss", torch.tensor(float("nan")), "a lr")
+    with pytest.raises(NonFiniteError, match="2 of 3 values"):
+        check_finite("x", "a score", torch.tensor([1.0, float("inf"), float("-inf")]))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, tiny_world_config):
+    run = tmp_path_factory.mktemp("guards")
+    sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
+    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
+    return run
+
+
+@pytest.mark.parametrize("stage,name", [("sft", "sft"), ("rm", "reward"), ("dpo", "dpo")])
+def test_an_overflowing_learning_rate_stops_the_stage_and_saves_nothing(base, tmp_path, tiny_world_config, stage, name):
+    for part in ("world", "sft", "reward"):
+        if part != name:
+            shutil.copytree(base / part, tmp_path / part)
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    result = CliRunner().invoke(
+        app, [stage, "--config", str(cfg), "--run-dir", str(tmp_path), "--set", "optim.lr=1e30"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "is not finite" in result.output and "step" in result.output
+    assert not (tmp_path / name / "model").exists() and not (tmp_path / name / "summary.json").exists()
+
+
+def test_a_reward_model_that_scores_nan_stops_ppo_before_any_update(base, tmp_path, tiny_world_config):
+    for part in ("world", "sft", "reward"):
+        shutil.copytree(base / part, tmp_path / part)
+    weights = tmp_path / "reward" / "model" / "model.safetensors"
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    state["score.weight"] = torch.full_like(state["score.weight"], float("nan"))
+    save_file(state, str(weights))
+    cfg = ppo.PPOConfig(
+        run_dir=str(tmp_path),
+        world=tiny_world_config,
+        iterations=2,
+        prompts_per_iteration=6,
+        minibatch_size=6,
+        max_new_tokens=8,
+        data=DataConfig(portion="rl", max_response_tokens=8),
+    )
+    with pytest.raises(NonFiniteError, match="ppo: iteration 1: a reward-model score is not finite"):
+        ppo.run(cfg)
+    assert not (tmp_path / "ppo" / "model").exists()
+
+
+@pytest.mark.parametrize("stage,extra", [("rm", []), ("dpo", ["--set", "loss=pm"]), ("ppo", ["--set", "iterations=1"])])
+def test_a_stage_left_with_no_data_says_why_instead_of_spinning(base, tmp_path, tiny_world_config, stage, extra):
+    """Every prompt longer than max_prompt_tokens and skipped: the reward stage and PM-DPO looped forever."""
+    for part in ("world", "sft", "reward"):
+        shutil.copytree(base / part, tmp_path / part)
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    overrides = ["--set", "data.max_prompt_tokens=1", "--set", "data.prompt_overflow=skip", *extra]
+    result = CliRunner().invoke(app, [stage, "--config", str(cfg), "--run-dir", str(tmp_path), *overrides])
+    assert result.exit_code == 1, result.output
+    assert "no examples left to train on" in result.output and "prompts skipped (too long)" in result.output
+    assert "raise data.max_prompt_tokens" in result.output
