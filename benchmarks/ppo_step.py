@@ -48,14 +48,14 @@ from pmrlhf.stages.rollout import critic_values, generate
 SIZES = {"tiny": dict(layers=2, hidden=64, heads=4), "small": dict(layers=6, hidden=256, heads=8)}
 BATCH, NEW_TOKENS = 16, 16
 KL = 0.1  # both RLOO runs pay for a reference pass: the same KL-regularised objective
+WORLD = WorldConfig(n_prompts=64, n_demonstrations=10, n_comparisons=10, n_rankings=10)  # prompts only are used
 
 
 def build_run(root: Path, size: str) -> Path:
     """A run folder with a world and untrained SFT / reward models of the given size."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    world = WorldConfig(n_prompts=64, n_demonstrations=10, n_comparisons=10, n_rankings=10)
-    World.generate(world).write(root / "world")
+    World.generate(WORLD).write(root / "world")
     from pmrlhf.models import load_tokenizer
 
     tok = load_tokenizer(root / "world" / "tokenizer")
@@ -70,7 +70,7 @@ def build_run(root: Path, size: str) -> Path:
 def config(run: Path, **kw) -> ppo.PPOConfig:
     base = dict(
         run_dir=str(run),
-        world=WorldConfig(n_prompts=64),
+        world=WORLD,
         prompts_per_iteration=BATCH,
         minibatch_size=BATCH,
         max_new_tokens=NEW_TOKENS,

@@ -125,10 +125,19 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
     own = {n: m["world"]["tv_to_own_target"] for n, m in summary.items() if n != REFERENCE and "world" in m}
     if own:
         parts = ", ".join(f"{n} {v:.3f}" if not math.isnan(v) else f"{n} n/a" for n, v in own.items())
+        left = [n for n, m in summary.items() if n in own and m["world"]["mass_outside_m"] > 0.9]
         out.append(
             f"**Convergence** (TV over M(x) to each run's own optimum): {parts}. A run far from its own optimum "
             "has not finished optimising its objective, and its distance to the reward model says little about "
-            "the objective itself."
+            "the objective itself. A DPO-family run's optimum is the population one, as infinitely many "
+            "comparisons would give it; fitted to finitely many, a run ends at their empirical optimum, off by "
+            "their sampling error."
+            + (
+                f" {', '.join(left)} put more than 90 % of their mass outside M(x): what little stays inside is "
+                "no distribution to compare."
+                if left
+                else ""
+            )
         )
     ties = [n for n, m in summary.items() if "pm_divergence" in m]
     if ties:
