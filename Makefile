@@ -6,14 +6,14 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless an NVIDIA GPU is visible; TORCH_SPEC overrides it either way.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo theory test lint clean
+.PHONY: setup demo theory test lint clean upgrade-check constraints
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: setup
@@ -25,9 +25,23 @@ theory: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The suite on the newest releases of every dependency, in a separate environment (.venv-upgrade): what a fresh
+# install without constraints.txt gets. When it passes, `make constraints` records that environment's versions.
+upgrade-check:
+	rm -rf .venv-upgrade
+	$(PYTHON) -m venv .venv-upgrade
+	.venv-upgrade/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	.venv-upgrade/bin/python -m pip install --quiet -e '.[dev]'
+	.venv-upgrade/bin/python -m pip freeze | grep -v '^-e' | grep -v '^#' | grep -v '^torch=='
+	.venv-upgrade/bin/python -m pytest -q
+
+constraints:
+	{ sed -n '1,2p' constraints.txt; .venv-upgrade/bin/python -m pip freeze | grep -v '^-e' | grep -v '^#' | grep -v '^torch=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-upgrade runs .pytest_cache
