@@ -482,3 +482,20 @@ def test_under_deepspeed_each_model_steps_its_own_engine():
     optimizer_step(accelerator, critic, None, critic_loss, max_grad_norm=1.0)
     assert actor.calls == [("backward", actor_loss), "step"]
     assert critic.calls == [("backward", critic_loss), "step"]
+
+
+def test_resume_refuses_another_runs_checkpoint_and_a_fresh_start_moves_old_ones_aside(
+    trained, tmp_path, tiny_world_config
+):
+    """A fresh run in a folder with an earlier run's checkpoints pruned them and a later --resume continued the
+    earlier run (another kl_ctl)."""
+    run = copy_run(trained, tmp_path)
+    short = dict(iterations=4, checkpoint_every=2)
+    ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.1, **short))
+    first = sorted(p.name for p in (run / "ppo" / "checkpoints").iterdir())
+    ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.5, **short))
+    assert sorted(p.name for p in (run / "ppo" / "checkpoints-replaced-1").iterdir()) == first
+    with pytest.raises(ValueError, match=r"belongs to another run: kl_ctl = 0.5 there, 0.1 here"):
+        ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.1, iterations=6, checkpoint_every=2, resume=True))
+    ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.5, iterations=6, checkpoint_every=2, resume=True))
+    assert [r["step"] for r in read_jsonl(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, to_dict
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text, read_jsonl, replace_dir
@@ -300,6 +300,9 @@ class PPOTrainer:
         c, acc = self.config, self.accelerator
         if c.resume:
             self._load_checkpoint()
+        elif acc.is_main_process:
+            self._move_old_checkpoints_aside()
+        acc.wait_for_everyone()
         log = None
         if acc.is_main_process:
             self._truncate_metrics()
@@ -560,6 +563,7 @@ class PPOTrainer:
             "moments": self.moments.__dict__.copy(),
             "actor_sched": self.actor_sched.state_dict(),
             "ema": None if self.sharded_parameters else self.ema,
+            "config": to_dict(self.config),
         }
         if self.critic is not None:
             state["critic_sched"] = self.critic_sched.state_dict()
@@ -596,8 +600,9 @@ class PPOTrainer:
             console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
             return
         acc = self.accelerator
-        acc.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
         state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
+        _check_same_run(found[-1], state.get("config"), to_dict(self.config))
+        acc.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
         self.actor_sched.load_state_dict(state["actor_sched"])
         if self.critic is not None:
             self.critic_sched.load_state_dict(state["critic_sched"])
@@ -608,6 +613,17 @@ class PPOTrainer:
             ema = torch.load(found[-1] / f"ema_{acc.process_index}.pt", map_location="cpu")
         self.ema = {k: v.to(acc.device) for k, v in ema.items()} if ema is not None else None
         console.print(f"resumed {self.config.name} at iteration {self.iteration} from {found[-1]}")
+
+    def _move_old_checkpoints_aside(self) -> None:
+        """A run started afresh in a folder holding an earlier run's checkpoints would prune them as it writes its
+        own, and a later --resume could take either: they move to ``checkpoints-replaced-N`` first."""
+        root = self.out / "checkpoints"
+        if not any(root.glob("iter-*")):
+            return
+        n = 1 + sum(1 for _ in self.out.glob("checkpoints-replaced-*"))
+        aside = self.out / f"checkpoints-replaced-{n}"
+        root.rename(aside)
+        console.print(f"[yellow]{root} held an earlier run's checkpoints (no --resume): moved to {aside}[/yellow]")
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics logged up to the iteration the run (re)starts from."""
@@ -687,6 +703,37 @@ class PPOTrainer:
             )
             console.print(_world_line(self.config.name, summary["world"]))
         return summary
+
+
+# Settings a resumed run may change: how long it runs, how often it checkpoints and logs, where its folder is,
+# and the flag itself.
+RESUMABLE_CHANGES = ("resume", "iterations", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
+
+
+def _check_same_run(checkpoint: Path, saved: dict | None, config: dict) -> None:
+    """Refuse to resume from a checkpoint of another run: every setting but ``RESUMABLE_CHANGES`` must match."""
+    if saved is None:
+        raise ValueError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
+    before = _flat(saved)
+    differ = [
+        f"{key} = {before.get(key)!r} there, {value!r} here"
+        for key, value in _flat(config).items()
+        if key.split(".")[0] not in RESUMABLE_CHANGES and before.get(key) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{checkpoint} belongs to another run: {'; '.join(differ)}. Resume with its settings, or start afresh"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:
