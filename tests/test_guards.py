@@ -81,3 +81,75 @@ def test_a_stage_left_with_no_data_says_why_instead_of_spinning(base, tmp_path, 
     assert result.exit_code == 1, result.output
     assert "no examples left to train on" in result.output and "prompts skipped (too long)" in result.output
     assert "raise data.max_prompt_tokens" in result.output
+
+
+def test_a_failed_rerun_leaves_the_finished_stage_as_it_was(base, tmp_path, tiny_world_config):
+    """A rerun over a finished stage wrote config.yaml and metrics.jsonl at once and the model and summary at the
+    end: killed or failed in between, the folder described one run and held another, and `pmrlhf run` reused it.
+    Now a stage writes into <name>.partial/ and swaps it in whole when it is done."""
+    import hashlib
+
+    for part in ("world", "sft", "reward"):
+        shutil.copytree(base / part, tmp_path / part)
+
+    def digest(folder):
+        return {
+            p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+        }
+
+    before = digest(tmp_path / "reward")
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    result = CliRunner().invoke(
+        app, ["rm", "--config", str(cfg), "--run-dir", str(tmp_path), "--set", "optim.lr=1e30", "--set", "seed=3"]
+    )
+    assert result.exit_code == 1, result.output
+    assert digest(tmp_path / "reward") == before
+    assert (tmp_path / "reward.partial" / "config.yaml").is_file()  # what the failed run got to write
+    from pmrlhf.stages.pipeline import _done
+
+    assert _done(tmp_path, "reward")
+
+
+def test_replace_dir_swaps_in_one_step_where_the_file_system_can(tmp_path, monkeypatch):
+    """renameat2(RENAME_EXCHANGE): at no instant is there no folder at the path (two renames leave a gap)."""
+    import os
+
+    from pmrlhf import io
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w").write_text("old")
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "w").write_text("new")
+    if not io._exchange(tmp_path / "new", tmp_path / "model"):
+        pytest.skip("this file system cannot exchange names")
+    io._exchange(tmp_path / "new", tmp_path / "model")  # and back
+    renames = []
+    monkeypatch.setattr(os, "replace", lambda *a: renames.append(a))  # the two-rename path must not run
+    io.replace_dir(tmp_path / "new", tmp_path / "model")
+    assert renames == [] and (tmp_path / "model" / "w").read_text() == "new" and not (tmp_path / "new").exists()
+
+
+def test_replace_dir_without_exchange_keeps_the_old_folder_if_killed_between_renames(tmp_path, monkeypatch):
+    import os
+
+    from pmrlhf import io
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "w").write_text("old")
+    (tmp_path / "new").mkdir()
+    calls = []
+    real = os.replace
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the two renames
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_dir(tmp_path / "new", tmp_path / "model")
+    kept = list(tmp_path.glob(".model.old.*"))
+    assert len(kept) == 1 and (kept[0] / "w").read_text() == "old"

@@ -361,7 +361,7 @@ def test_sigkill_and_resume_gives_the_same_weights_and_metrics(trained, tmp_path
     assert _launch([*args, "--run-dir", str(straight)], env).wait() == 0
     killed = copy_run(trained, tmp_path / "killed")
     proc = _launch([*args, "--run-dir", str(killed), "--set", "logging.log_every=1"], env)
-    ckpt = killed / "ppo" / "checkpoints"
+    ckpt = killed / "ppo.partial" / "checkpoints"  # a stage writes there until it finishes
     deadline = time.time() + 120
     while not (ckpt.exists() and any(ckpt.glob("iter-000006"))):
         assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"

@@ -62,8 +62,17 @@ def atomic_dir(path: Path, write: Callable[[Path], None], replace: bool = True) 
 
 
 def replace_dir(tmp: Path, path: Path) -> Path:
-    """Put the finished folder ``tmp`` (on the same file system) at ``path``, replacing what was there."""
-    path = Path(path)
+    """Put the finished folder ``tmp`` (on the same file system) at ``path``, replacing what was there.
+
+    Where the kernel and file system can (Linux's ``renameat2`` with ``RENAME_EXCHANGE``), the two folders swap
+    names in one step, so ``path`` holds the old folder or the new one at every instant, and a crash leaves at
+    most the old one at ``tmp``'s name. Elsewhere the old folder is first renamed aside: a crash between the two
+    renames leaves it at ``.<name>.old.<pid>``, not at ``path``.
+    """
+    path, tmp = Path(path), Path(tmp)
+    if path.exists() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now the old folder
+        return path
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old.{os.getpid()}")
@@ -72,6 +81,24 @@ def replace_dir(tmp: Path, path: Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` atomically (``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux, or a C library without it
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):  # a file system that cannot
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def _jsonable(obj: Any) -> Any:

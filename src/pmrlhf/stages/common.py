@@ -7,6 +7,7 @@ import functools
 import math
 import os
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from rich.console import Console
 from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
 from pmrlhf.data.world import FILES, WorldConfig, ensure_world, resolve_world
+from pmrlhf.io import replace_dir
 from pmrlhf.stages.guards import check_finite
 
 console = Console(stderr=True)
@@ -320,18 +322,55 @@ def require_examples(stage: str, kept: int, loaded: int, encoder) -> None:
     raise ValueError(f"{stage}: no examples left to train on: {loaded} records loaded ({dropped}){hint}")
 
 
-def stage_dir(run_dir: str | Path, name: str, config) -> Path:
-    """``<run_dir>/<name>/`` with the resolved ``config.yaml`` written first, by the main process alone. Where the
-    stage takes its data from the run's world and one is there already, ``config.world`` becomes that world's
-    settings (or the stage is refused before it writes anything, if it asked for others)."""
-    data = getattr(config, "data", None)
-    if isinstance(getattr(config, "world", None), WorldConfig) and getattr(data, "source", None) == "world":
-        config.world = resolve_world(world_dir(run_dir), config.world)
-    path = Path(run_dir) / name
+def stage_dir(run_dir: str | Path, name: str, config, resumable: bool = False) -> Path:
+    """The folder a stage writes into while it runs, ``<run_dir>/<name>.partial/``, with the resolved
+    ``config.yaml`` written first by the main process; ``finish_stage`` swaps it into ``<run_dir>/<name>/``.
+
+    So a stage's outputs (config, metrics, model, summary) change together or not at all: a run killed half-way,
+    or refused, leaves a finished folder of an earlier run as it was. A stage that cannot resume starts from an
+    empty partial folder; a ``resumable`` one (PPO) keeps what a killed run left there, and where it has none
+    but its finished folder has checkpoints, starts from those (linked, not copied; the metrics copied). Where
+    the stage takes its data from the run's world, ``config.world`` becomes that world's settings
+    (``resolve_world``).
+    """
+    _resolve_world(run_dir, config)
+    final = Path(run_dir) / name
+    path = final.with_name(f"{final.name}.partial")
     if process_state().is_main_process:
+        if path.exists() and not resumable:
+            shutil.rmtree(path)
+        if resumable and not path.exists() and (final / "checkpoints").is_dir():
+            path.mkdir(parents=True)
+            shutil.copytree(final / "checkpoints", path / "checkpoints", copy_function=os.link)
+            if (final / "metrics.jsonl").is_file():
+                shutil.copy2(final / "metrics.jsonl", path / "metrics.jsonl")
         path.mkdir(parents=True, exist_ok=True)
         save_config(config, path / "config.yaml")
     return path
+
+
+def finish_stage(out: Path) -> Path:
+    """Swap a stage's finished partial folder (``stage_dir``) into place, on the main process, once everything
+    is written; return the final folder (on every process)."""
+    final = out.with_name(out.name.removesuffix(".partial"))
+    if process_state().is_main_process:
+        replace_dir(out, final)
+    return final
+
+
+def write_run_config(run_dir: str | Path, config) -> Path:
+    """The pipeline's resolved ``config.yaml`` at the top of the run folder, from the main process alone."""
+    _resolve_world(run_dir, config)
+    path = Path(run_dir) / "config.yaml"
+    if process_state().is_main_process:
+        save_config(config, path)
+    return path
+
+
+def _resolve_world(run_dir: str | Path, config) -> None:
+    data = getattr(config, "data", None)
+    if isinstance(getattr(config, "world", None), WorldConfig) and getattr(data, "source", None) == "world":
+        config.world = resolve_world(world_dir(run_dir), config.world)
 
 
 def world_dir(run_dir: str | Path) -> Path:

@@ -27,6 +27,7 @@ from pmrlhf.stages.common import (
     adamw,
     console,
     epoch_batches,
+    finish_stage,
     gathered_model,
     load_precisions,
     load_stage_records,
@@ -242,6 +243,8 @@ def run(config: DPOConfig) -> Path:
                     final.eval(), reference, rm, tokenizer, world_dir(config.run_dir), objective
                 )
         atomic_write_json(out / "summary.json", summary)
-        console.print(f"[green]{config.name} saved to {path}[/green]")
+    done = finish_stage(out)
+    if main:
+        console.print(f"[green]{config.name} saved to {done / path.name}[/green]")
     accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
-    return out / "model"
+    return done / "model"

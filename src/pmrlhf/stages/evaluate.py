@@ -21,6 +21,7 @@ from pmrlhf.io import atomic_write_json
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from pmrlhf.stages.common import (
     console,
+    finish_stage,
     load_stage_records,
     on_the_main_process,
     process_device,
@@ -83,6 +84,8 @@ def discover_policies(run_dir: str | Path) -> dict[str, str]:
     """Every ``<run_dir>/<stage>/model`` written by a policy-optimisation stage (its summary names a penalty)."""
     found = {}
     for summary in sorted(Path(run_dir).glob("*/summary.json")):
+        if summary.parent.name.endswith(".partial"):  # a run that did not finish
+            continue
         if (summary.parent / "model").is_dir() and "penalty" in json.loads(summary.read_text()):
             found[summary.parent.name] = str(summary.parent / "model")
     return found
@@ -171,7 +174,7 @@ def run_eval(config: EvalConfig) -> Path:
         atomic_write_json(out / "over_m.json", over_m)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "instances.json", instances)
-    return out
+    return finish_stage(out)
 
 
 @on_the_main_process
@@ -201,4 +204,4 @@ def run_probe(config: ProbeConfig) -> Path:
         f"collapse rate (p_ref <= 0.01 or >= 0.99): {summary['collapse_rate']:.3f} of {summary['pairs']} pairs;"
         f" reward model: {summary['reward_collapse_rate']:.3f}"
     )
-    return out
+    return finish_stage(out)

@@ -18,7 +18,7 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.common import check_launch, console, on_the_main_process, stage_dir
+from pmrlhf.stages.common import check_launch, console, on_the_main_process, write_run_config
 
 
 def default_variants() -> list[dict[str, Any]]:
@@ -133,7 +133,7 @@ def run(config: PipelineConfig) -> Path:
     check_launch()  # before the first stage, not hours later at the stage that would go wrong
     configs = config.stage_configs()
     run_dir = Path(config.run_dir)
-    stage_dir(run_dir, ".", config)  # the pipeline's resolved config.yaml at the top of the run folder
+    write_run_config(run_dir, config)
     timings: dict[str, float] = {}
     variants = [v["name"] for v in config.variants]
     dpo_variants = [v["name"] for v in config.dpo_variants]

@@ -45,6 +45,7 @@ from pmrlhf.objectives.penalties import get_penalty
 from pmrlhf.stages.common import (
     adamw,
     console,
+    finish_stage,
     gathered_model,
     load_precisions,
     load_stage_records,
@@ -229,7 +230,7 @@ class PPOTrainer:
         if c.compile_sampler and self.sharded_parameters:
             raise ValueError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
         self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
-        self.out = stage_dir(c.run_dir, c.name, c)
+        self.out = stage_dir(c.run_dir, c.name, c, resumable=True)
         seed_everything(c.seed + acc.process_index)
         run = Path(c.run_dir)
         policy_path = c.policy.name_or_path or str(run / "sft" / "model")
@@ -653,8 +654,9 @@ class PPOTrainer:
                 save_model(ema, self.tokenizer, self.out / "model-ema")
         if acc.is_main_process:
             atomic_write_json(self.out / "summary.json", summary)
+        done = finish_stage(self.out)
         acc.wait_for_everyone()
-        return path
+        return done / path.name
 
     def objective(self) -> dict:
         """What this run optimised, for ``pmrlhf eval`` to find its optimum: the penalty and its arguments, the

@@ -29,6 +29,7 @@ from pmrlhf.stages.common import (
     adamw,
     console,
     epoch_batches,
+    finish_stage,
     gathered_model,
     load_precisions,
     load_stage_records,
@@ -231,11 +232,13 @@ def run(config: RewardConfig) -> Path:
         }
         if config.data.source == "world":
             summary |= truth_distance(final, tokenizer, World.load(world_dir(config.run_dir)), held_items)
-        path = save_model(final, tokenizer, out / "model")
+        save_model(final, tokenizer, out / "model")
         atomic_write_json(out / "summary.json", summary)
+    done = finish_stage(out)
+    if main:
         console.print(
-            f"[green]reward model saved to {path}[/green]  held-out accuracy {best['eval/accuracy']:.3f}"
+            f"[green]reward model saved to {done / 'model'}[/green]  held-out accuracy {best['eval/accuracy']:.3f}"
             + (f"  |p_theta - p*| {summary['truth/all_pairs_gap']:.3f}" if "truth/all_pairs_gap" in summary else "")
         )
     accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
-    return out / "model"
+    return done / "model"

@@ -18,6 +18,7 @@ from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.stages.common import (
     HALF_TYPES,
     console,
+    finish_stage,
     gathered_model,
     load_precisions,
     load_stage_records,
@@ -154,9 +155,11 @@ def run(config: SFTConfig) -> Path:
         if final:
             summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
         atomic_write_json(out / "summary.json", summary)
+    done = finish_stage(out)
+    if main:
         console.print(
-            f"[green]SFT model saved to {path}[/green]"
+            f"[green]SFT model saved to {done / path.name}[/green]"
             + (f"  held-out perplexity {summary['eval_perplexity']:.3f}" if final else "")
         )
     trainer.accelerator.wait_for_everyone()  # the next stage may read what the main process wrote
-    return out / "model"
+    return done / "model"
