@@ -78,7 +78,7 @@ def test_a_stage_left_with_no_data_says_why_instead_of_spinning(base, tmp_path, 
     cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
     overrides = ["--set", "data.max_prompt_tokens=1", "--set", "data.prompt_overflow=skip", *extra]
     result = CliRunner().invoke(app, [stage, "--config", str(cfg), "--run-dir", str(tmp_path), *overrides])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # the data given cannot work: an input error
     assert "no examples left to train on" in result.output and "prompts skipped (too long)" in result.output
     assert "raise data.max_prompt_tokens" in result.output
 

@@ -95,7 +95,7 @@ def test_bad_config_and_bad_data_give_clear_errors(tmp_path):
             "model.name_or_path=gpt2-not-downloaded",
         ],
     )
-    assert result.exit_code == 1 and "bad.jsonl: row 1: field 'response': is empty" in result.output
+    assert result.exit_code == 2 and "bad.jsonl: row 1: field 'response': is empty" in result.output
 
 
 def test_reward_model_is_deterministic_given_the_seed(pipeline, tmp_path):

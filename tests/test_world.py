@@ -119,7 +119,7 @@ def test_a_stage_records_the_world_it_used_and_refuses_another_before_writing(tm
     ensure_world(tmp_path / "world", WorldConfig(n_prompts=3, n_comparisons=60, n_rankings=10))
     runner = CliRunner()
     refused = runner.invoke(app, ["rm", "--run-dir", str(tmp_path), "--set", "world.n_prompts=12"])
-    assert refused.exit_code == 1 and "n_prompts = 3 (asked: 12)" in refused.output
+    assert refused.exit_code == 2 and "n_prompts = 3 (asked: 12)" in refused.output
     assert not (tmp_path / "reward").exists()
     import yaml
 

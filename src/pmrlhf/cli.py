@@ -42,25 +42,41 @@ RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (overrides run_dir 
 
 
 def _config(cls, config: Path | None, overrides: list[str], run_dir: Path | None):
-    from pmrlhf.config import ConfigError, load_config
+    from pmrlhf.config import load_config
 
     if run_dir is not None:
         overrides = [*overrides, f"run_dir={run_dir}"]
     try:
-        return load_config(cls, config, overrides)
-    except ConfigError as e:
+        cfg = load_config(cls, config, overrides)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+        return cfg
+    except ValueError as e:  # ConfigError included
         typer.echo(f"config error: {e}", err=True)
         raise typer.Exit(2) from None
 
 
 def _run(stage_run, cfg) -> Path:
-    from pmrlhf.data.sources import DataError
+    import errno
+
+    from pmrlhf.config import InputError
 
     try:
         return stage_run(cfg)
-    except (DataError, ValueError) as e:
+    except InputError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            typer.echo(f"error: cannot write {e.filename}: {e.strerror}; choose a writable --run-dir", err=True)
+            raise typer.Exit(2) from None
+        if e.errno == errno.ENOSPC:
+            typer.echo(f"error: no space left on the device while writing {e.filename or 'the run'}", err=True)
+            raise typer.Exit(1) from None
+        raise
 
 
 @app.command()

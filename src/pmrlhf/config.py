@@ -20,8 +20,23 @@ import yaml
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Something the user gave (a config, a data file, a model folder, a run folder) that cannot work as it is:
+    the command line says what and exits 2. Anything else that stops a run exits 1."""
+
+
+class ConfigError(InputError):
     """A config file or override that cannot be turned into the stage's config."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Refuse a setting: ``message`` says what is wrong and what would be right."""
+    if not condition:
+        raise ValueError(message)
+
+
+def one_of(name: str, value: Any, allowed: tuple) -> None:
+    require(value in allowed, f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
 
 
 @dataclass
@@ -44,6 +59,13 @@ class ModelConfig:
     lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
     trust_remote_code: bool = False  # passed to from_pretrained
 
+    def __post_init__(self) -> None:
+        one_of("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        require(self.lora_r >= 0, f"lora_r must be >= 0 (0 trains all weights), got {self.lora_r}")
+
+
+SCHEDULES = ("constant", "linear", "cosine")  # transformers' schedules the stages run
+
 
 @dataclass
 class OptimConfig:
@@ -58,6 +80,15 @@ class OptimConfig:
     grad_accum: int = 1  # micro-batches per optimiser step
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
 
+    def __post_init__(self) -> None:
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.grad_accum >= 1, f"grad_accum must be >= 1 (1: no accumulation), got {self.grad_accum}")
+        require(0 <= self.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        require(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables), got {self.max_grad_norm}")
+        one_of("scheduler", self.scheduler, SCHEDULES)
+
 
 @dataclass
 class LoggingConfig:
@@ -67,6 +98,9 @@ class LoggingConfig:
     tensorboard: bool = False  # also write TensorBoard event files
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "pmrlhf"  # W&B project name
+
+    def __post_init__(self) -> None:
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass
@@ -86,6 +120,18 @@ class DataConfig:
     prompt_overflow: str = "truncate_left"  # truncate_left | skip
     max_response_tokens: int = 256  # responses are cut to this many tokens
     limit: int | None = None  # use at most this many records (after the split)
+
+    def __post_init__(self) -> None:
+        one_of("portion", self.portion, ("all", "sft", "reward", "rl"))
+        one_of("on_error", self.on_error, ("raise", "skip"))
+        one_of("prompt_overflow", self.prompt_overflow, ("truncate_left", "skip"))
+        require(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        require(
+            self.max_response_tokens >= 2,
+            f"max_response_tokens must be >= 2 (a token and the end of sequence), got {self.max_response_tokens}",
+        )
+        require(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        require(self.limit is None or self.limit >= 1, f"limit must be >= 1 or null, got {self.limit}")
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -170,7 +216,12 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if dataclasses.is_dataclass(default) and isinstance(v, dict):
             v = _merged(dataclasses.asdict(default), v)
         kwargs[k] = _coerce(v, hints[k], prefix + k)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a sub-config's own check: name the section it is in
+        raise ConfigError(f"{prefix}{e}") from None
 
 
 def _field_default(f: dataclasses.Field) -> Any:
@@ -215,7 +266,9 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: list[st
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

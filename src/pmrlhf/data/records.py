@@ -134,8 +134,8 @@ def _render_messages(messages: Any, field: str) -> str:
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise RowError(field, f"message {m!r} lacks 'role' or 'content'")
-        if not isinstance(m["content"], str):
-            raise RowError(field, "message content must be a string")
+        if not isinstance(m["content"], str) or not isinstance(m["role"], str):
+            raise RowError(field, f"message {m!r}: role and content must be strings")
         name = {"user": "Human", "assistant": "Assistant", "system": "System"}.get(m["role"], m["role"].title())
         parts.append(f"\n\n{name}: {m['content']}")
     return "".join(parts)
@@ -153,8 +153,13 @@ def trl_conversational(row: dict[str, Any]) -> dict[str, Any]:
         if key not in row:
             raise RowError(key, f"missing column '{key}'")
         msgs = row[key]
-        if not isinstance(msgs, list) or not msgs or any(m.get("role") != "assistant" for m in msgs):
-            raise RowError(key, "expected a list of assistant messages")
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or any(not isinstance(m, dict) or m.get("role") != "assistant" for m in msgs)
+            or any(not isinstance(m.get("content"), str) for m in msgs)
+        ):
+            raise RowError(key, "expected a list of assistant messages whose content is a string")
         out[key] = " " + " ".join(m["content"] for m in msgs)
         if not out[key].strip():
             raise RowError(key, "is empty")

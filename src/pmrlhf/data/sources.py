@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from collections import Counter
 from collections.abc import Iterator
@@ -16,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import DataConfig
+from pmrlhf.config import DataConfig, InputError
 from pmrlhf.data.records import FORMATS, Record, RowError, as_record, detect_format
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 PORTIONS = {"sft": (0.0, 0.2), "reward": (0.2, 0.6), "rl": (0.6, 1.0), "all": (0.0, 1.0)}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input: names the source, the row (1-based, as a person counts) and the field."""
 
     def __init__(self, source: str, row: int | None, field: str | None, message: str):
@@ -54,18 +55,35 @@ def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None
             raise DataError(source, None, None, "file not found")
         yield from _iter_local(path)
         return
-    if path.exists():
-        raise DataError(source, None, None, f"unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+    # a file name (data.tsv, rows.txt) is not a Hub dataset (owner/name); asking the Hub would only time out
+    if path.exists() or (path.suffix[1:].isalpha() and len(path.suffix) <= 9):
+        raise DataError(
+            source, None, None, f"unsupported file type {path.suffix!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
+        )
     import datasets
 
-    ds = datasets.load_dataset(source, hf_config, split=hf_split)
+    try:
+        ds = datasets.load_dataset(source, hf_config, split=hf_split)
+    except Exception as e:  # offline, unknown name, private: the library's many error types say one thing here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            source,
+            None,
+            None,
+            f"could not load it from the Hugging Face Hub ({reason}); without a network, set data.source to a "
+            f"local {', '.join(LOCAL_SUFFIXES)} file",
+        ) from None
     yield from ds
 
 
 def _iter_local(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        with open(path) as f:
-            for i, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(str(path), i, None, f"not UTF-8 text (byte {e.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -77,7 +95,7 @@ def _iter_local(path: Path) -> Iterator[dict[str, Any]]:
                 yield row
     elif path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(_utf8(path))
         except json.JSONDecodeError as e:
             raise DataError(str(path), None, None, f"not valid JSON: {e.msg} at line {e.lineno}") from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -86,12 +104,18 @@ def _iter_local(path: Path) -> Iterator[dict[str, Any]]:
             raise DataError(str(path), None, None, "expected a list of objects (or {'data': [...]})")
         yield from data
     elif path.suffix == ".csv":
-        with open(path, newline="") as f:
-            yield from csv.DictReader(f)
+        yield from csv.DictReader(io.StringIO(_utf8(path), newline=""))
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         yield from pq.read_table(path).to_pylist()
+
+
+def _utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(str(path), None, None, f"not UTF-8 text (byte {e.start}): save it as UTF-8") from None
 
 
 def portion_of(index: int, seed: int) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pmrlhf.config import DataConfig
+from pmrlhf.config import DataConfig, InputError
 
 
 @dataclass
@@ -24,15 +24,42 @@ class Encoder:
     max_response_tokens: int = 256
     overflow: str = "truncate_left"
     counts: Counter = field(default_factory=Counter)
+    capped_by: int | None = None  # the model's positions, where they lowered max_prompt_tokens
 
     def __post_init__(self):
         if self.overflow not in ("truncate_left", "skip"):
             raise ValueError(f"prompt_overflow must be 'truncate_left' or 'skip', got {self.overflow!r}")
 
     @classmethod
-    def from_data(cls, tokenizer, data: DataConfig) -> Encoder:
-        """The encoder a stage's data section asks for."""
-        return cls(tokenizer, data.max_prompt_tokens, data.max_response_tokens, data.prompt_overflow)
+    def from_data(cls, tokenizer, data: DataConfig, context: int | None = None, new_tokens: int = 0) -> Encoder:
+        """The encoder a stage's data section asks for, its limits capped so that a prompt and its response fit the
+        model's ``context`` positions (past them the position embeddings have no entry). A stage that generates
+        ``new_tokens`` keeps them and gives the prompt the rest; any other splits the context, the response
+        taking at most half."""
+        response = new_tokens or data.max_response_tokens
+        prompt, capped_by = data.max_prompt_tokens, None
+        if context is not None and prompt + response > context:
+            capped_by = context
+            if new_tokens >= context:
+                raise InputError(
+                    f"max_new_tokens = {new_tokens} leaves no room for a prompt in the model's {context} positions"
+                )
+            response = new_tokens or min(response, max(context // 2, context - prompt))
+            prompt = min(prompt, context - response)
+        cut = min(data.max_response_tokens, context - prompt) if capped_by else data.max_response_tokens
+        return cls(tokenizer, prompt, cut, data.prompt_overflow, capped_by=capped_by)
+
+    def summary(self) -> str:
+        """What encoding changed, for a person: empty when nothing was cut or skipped."""
+        if not self.counts:
+            return ""
+        text = ", ".join(f"{n} {why}" for why, n in self.counts.items())
+        if self.capped_by is not None:
+            text += (
+                f" (prompts are limited to {self.max_prompt_tokens} tokens and responses to "
+                f"{self.max_response_tokens} so that both fit the model's {self.capped_by} positions)"
+            )
+        return text
 
     def prompts(self, texts) -> list[list[int]]:
         """Every prompt that fits, encoded; skipped ones are left out (and counted)."""

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from pmrlhf.config import InputError
 from pmrlhf.io import atomic_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -220,7 +221,7 @@ def resolve_world(path: Path, config: WorldConfig) -> WorldConfig:
         return held
     old, new = asdict(held), asdict(config)
     what = ", ".join(f"{k} = {old[k]} (asked: {v})" for k, v in new.items() if old[k] != v)
-    raise ValueError(
+    raise InputError(
         f"{path} holds a world made with {what}: use another run folder, or delete {path} to make the world this "
         "config asks for"
     )

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pmrlhf.config import ModelConfig
+from pmrlhf.config import InputError, ModelConfig
 from pmrlhf.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,6 +73,23 @@ def _tiny_from(cfg: ModelConfig, tokenizer):
     )
 
 
+def context_length(cfg: ModelConfig, tokenizer, path: str | Path | None = None) -> int | None:
+    """How many positions the model that ``load_causal_lm`` would load has, read from its config alone (no
+    weights are loaded); None where the config does not say."""
+    from transformers import AutoConfig
+
+    source = str(path or cfg.name_or_path)
+    config = (
+        _loaded(source, "a model", AutoConfig.from_pretrained, trust_remote_code=cfg.trust_remote_code)
+        if source
+        else _tiny_from(cfg, tokenizer)
+    )
+    for key in ("max_position_embeddings", "n_positions"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
 def attention_implementation(cfg: ModelConfig) -> str | None:
     """The ``attn_implementation`` to load with (None: transformers' default)."""
     if cfg.attn_implementation != "auto":
@@ -118,8 +135,13 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     source = str(path or cfg.name_or_path)
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            source, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **kw
+        model, info = _loaded(
+            source,
+            "a language model",
+            AutoModelForCausalLM.from_pretrained,
+            trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
+            **kw,
         )
         _check_loaded(source, info, "a language model", refuse_unexpected="score")
     else:
@@ -149,8 +171,14 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
     source = str(path or cfg.name_or_path)
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, trust_remote_code=cfg.trust_remote_code, output_loading_info=True, **kw
+        model, info = _loaded(
+            source,
+            "a reward model",
+            AutoModelForSequenceClassification.from_pretrained,
+            num_labels=1,
+            trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
+            **kw,
         )
         _check_loaded(source, info, "a reward model", allow_missing="score" if trainable else None)
     else:
@@ -165,6 +193,17 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
     return _finish(model, cfg, "SEQ_CLS")
 
 
+def _loaded(source: str, role: str, load, **kw):
+    """``load(source, **kw)``, its many ways of failing (no folder, an empty or corrupt one, no network) said in
+    one line that names the folder or name."""
+    try:
+        return load(source, **kw)
+    except Exception as e:  # OSError, ValueError, JSON and safetensors errors, Hub errors: one message
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the folder" if Path(source).exists() else "no such folder, and the Hugging Face Hub"
+        raise InputError(f"{source} cannot be loaded as {role} ({where} said: {reason})") from None
+
+
 def _check_loaded(
     source: str, info: dict, role: str, allow_missing: str | None = None, refuse_unexpected: str | None = None
 ) -> None:
@@ -173,7 +212,7 @@ def _check_loaded(
     missing = sorted(k for k in info["missing_keys"] if not (allow_missing and k.startswith(allow_missing)))
     unexpected = sorted(k for k in info["unexpected_keys"] if refuse_unexpected and k.startswith(refuse_unexpected))
     if unexpected:
-        raise ValueError(
+        raise InputError(
             f"{source} holds a reward model ({', '.join(unexpected)}), not {role}"
             + (f"; it lacks {', '.join(missing[:5])}, which would be random" if missing else "")
         )
@@ -181,7 +220,7 @@ def _check_loaded(
         hint = (
             " (it holds a language model without a reward head)" if any(k.startswith("score") for k in missing) else ""
         )
-        raise ValueError(
+        raise InputError(
             f"{source} cannot be loaded as {role}{hint}: it lacks {', '.join(missing[:5])}"
             f"{' ...' if len(missing) > 5 else ''}, which would be random"
         )
@@ -229,7 +268,9 @@ def load_tokenizer(source: str | Path):
     """A tokenizer with a pad token (the end-of-sequence token if the model has none), padding on the left."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(source))
+    tok = _loaded(str(source), "a tokenizer", AutoTokenizer.from_pretrained)
+    if tok.eos_token is None:  # responses end with it, and sampling stops at it
+        raise InputError(f"the tokenizer of {source} has no end-of-sequence token: set eos_token in its config")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

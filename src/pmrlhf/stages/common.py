@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, save_config
+from pmrlhf.config import DataConfig, InputError, ModelConfig, OptimConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
 from pmrlhf.data.world import FILES, WorldConfig, ensure_world, resolve_world
 from pmrlhf.io import replace_dir
@@ -211,9 +211,6 @@ def process_share(batch: list, accelerator) -> tuple[list, float]:
     return share, len(share) * n / len(batch)
 
 
-SCHEDULES = ("constant", "linear", "cosine")
-
-
 def lr_schedule(optimizer, optim: OptimConfig, steps: int):
     """The learning-rate schedule ``optim.scheduler`` names over ``steps`` optimiser steps, after a linear warm-up
     over the first ``optim.warmup_ratio`` of them: transformers' schedules, as the SFT stage's Trainer runs them.
@@ -224,8 +221,6 @@ def lr_schedule(optimizer, optim: OptimConfig, steps: int):
     """
     from transformers import get_scheduler
 
-    if optim.scheduler not in SCHEDULES:
-        raise ValueError(f"unknown scheduler {optim.scheduler!r}; use one of {', '.join(SCHEDULES)}")
     name = "constant_with_warmup" if optim.scheduler == "constant" else optim.scheduler
     warmup = math.ceil(optim.warmup_ratio * steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
@@ -308,18 +303,33 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return total
 
 
+def stage_encoder(tokenizer, data: DataConfig, model: ModelConfig, path=None, new_tokens: int = 0):
+    """The stage's ``Encoder``, its prompts limited to what the model's positions hold."""
+    from pmrlhf.data.tokenize import Encoder
+    from pmrlhf.models import context_length
+
+    return Encoder.from_data(tokenizer, data, context_length(model, tokenizer, path), new_tokens)
+
+
+def say_encoding(stage: str, encoder) -> None:
+    """One line on what encoding cut or skipped, if anything, from the main process."""
+    if encoder.summary() and process_state().is_main_process:
+        console.print(f"[yellow]{stage}: {encoder.summary()}[/yellow]")
+
+
 def require_examples(stage: str, kept: int, loaded: int, encoder) -> None:
-    """Refuse to train on nothing (a loop over no batches would never reach its step count), saying how many
-    records were loaded and why they were dropped."""
+    """Say what encoding cut or skipped, and refuse to train on nothing (a loop over no batches would never
+    reach its step count), saying how many records were loaded and why they were dropped."""
     if kept:
+        say_encoding(stage, encoder)
         return
-    dropped = ", ".join(f"{n} {why}" for why, n in encoder.counts.items() if n) or "none dropped while encoding"
     hint = (
         "; raise data.max_prompt_tokens or set data.prompt_overflow: truncate_left"
         if encoder.counts.get("prompts skipped (too long)")
         else ""
     )
-    raise ValueError(f"{stage}: no examples left to train on: {loaded} records loaded ({dropped}){hint}")
+    dropped = encoder.summary() or "none dropped while encoding"
+    raise InputError(f"{stage}: no examples left to train on: {loaded} records loaded ({dropped}){hint}")
 
 
 def stage_dir(run_dir: str | Path, name: str, config, resumable: bool = False) -> Path:
@@ -400,6 +410,6 @@ def tokenizer_source(model_name_or_path: str, data: DataConfig, run_dir: str | P
         return model_name_or_path
     if data.source == "world":
         return str(ensure_world(world_dir(run_dir), world) / "tokenizer")
-    raise ValueError(
+    raise InputError(
         "a tiny model built from config needs a tokenizer: use the world as data, or set model.name_or_path"
     )

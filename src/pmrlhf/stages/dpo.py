@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require
 from pmrlhf.data.sources import holdout
-from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
@@ -37,6 +36,7 @@ from pmrlhf.stages.common import (
     require_examples,
     seed_everything,
     stage_dir,
+    stage_encoder,
     stage_schedule,
     tokenizer_source,
     world_dir,
@@ -68,6 +68,13 @@ class DPOConfig:
             raise ValueError(f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")
         if self.beta <= 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.loss == "cpm":
+            require(
+                0 < self.alpha <= 1,
+                f"alpha must be in (0, 1] (the reference probability above which PM applies), got {self.alpha}",
+            )
+        if self.loss in ("sigmoid", "robust"):
+            require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
 
 
 def loss_fn(config: DPOConfig):
@@ -125,9 +132,9 @@ def run(config: DPOConfig) -> Path:
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
     sft = Path(config.run_dir) / "sft" / "model"
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
-    tokenizer = load_tokenizer(init or tokenizer_source("", config.data, config.run_dir, config.world))
     records, report = load_stage_records(config.data, "comparison", config.run_dir, config.world)
-    enc = Encoder.from_data(tokenizer, config.data)
+    tokenizer = load_tokenizer(init or tokenizer_source("", config.data, config.run_dir, config.world))
+    enc = stage_encoder(tokenizer, config.data, config.model, init or None)
     pairs = []
     for r in records:
         p = enc.prompt(r.prompt)

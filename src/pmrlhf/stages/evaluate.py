@@ -12,8 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, ModelConfig
-from pmrlhf.data.tokenize import Encoder
+from pmrlhf.config import DataConfig, ModelConfig, require
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
@@ -25,8 +24,10 @@ from pmrlhf.stages.common import (
     load_stage_records,
     on_the_main_process,
     process_device,
+    say_encoding,
     seed_everything,
     stage_dir,
+    stage_encoder,
     world_dir,
 )
 
@@ -50,6 +51,10 @@ class EvalConfig:
     batch_size: int = 64  # sequences per forward pass
     model: ModelConfig = field(default_factory=ModelConfig)  # dtype and loading options for every model
 
+    def validate(self) -> None:
+        _check_sampling(self)
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+
 
 @dataclass
 class ProbeConfig:
@@ -68,10 +73,21 @@ class ProbeConfig:
     batch_size: int = 64  # sequences per forward pass
     model: ModelConfig = field(default_factory=ModelConfig)  # dtype and loading options
 
+    def validate(self) -> None:
+        _check_sampling(self)
+
+
+def _check_sampling(config) -> None:
+    for name in ("pairs_per_prompt", "max_new_tokens", "batch_size"):
+        require(getattr(config, name) >= 1, f"{name} must be >= 1, got {getattr(config, name)}")
+    require(config.beta > 0, f"beta must be > 0, got {config.beta}")
+
 
 def _prompts(config, tokenizer) -> list[list[int]]:
     records, _ = load_stage_records(config.data, "prompt", config.run_dir, config.world)
-    ids = Encoder.from_data(tokenizer, config.data).prompts(r.prompt for r in records)
+    encoder = stage_encoder(tokenizer, config.data, config.model, _paths(config)[0], config.max_new_tokens)
+    ids = encoder.prompts(r.prompt for r in records)
+    say_encoding(config.name, encoder)
     return [p for p in ids for _ in range(config.pairs_per_prompt)]
 
 

@@ -24,6 +24,7 @@ of ``r_theta``); with ``beta: 1`` the reward is its code's ``clip(r_theta) - kl_
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import random
@@ -34,8 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, to_dict
-from pmrlhf.data.tokenize import Encoder
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, require, to_dict
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text, read_jsonl, replace_dir
 from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
@@ -55,6 +55,7 @@ from pmrlhf.stages.common import (
     seed_everything,
     stage_accelerator,
     stage_dir,
+    stage_encoder,
     world_dir,
 )
 from pmrlhf.stages.guards import check_finite
@@ -170,6 +171,19 @@ class PPOConfig:
             raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use no, bf16 or fp16")
         if self.beta <= 0 or self.max_new_tokens < 1 or self.iterations < 1:
             raise ValueError("need beta > 0, max_new_tokens >= 1 and iterations >= 1")
+        for name in ("prompts_per_iteration", "minibatch_size", "samples_per_prompt", "ppo_epochs"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(
+            0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 samples from the whole distribution), got {self.top_p}"
+        )
+        require(
+            self.temperature > 0,
+            f"temperature must be > 0, got {self.temperature}: PPO needs sampling from a distribution, not greedy "
+            "decoding",
+        )
+        if self.resolved_penalty()[0].startswith("cpm") or (self.penalty == "entropy" and self.alpha_ctl != 0):
+            require(0 < self.alpha_ctl <= 1, f"alpha_ctl must be in (0, 1], got {self.alpha_ctl}")
+        require(self.clip_reward_value > 0, f"clip_reward_value must be > 0, got {self.clip_reward_value}")
 
 
 class RunningMoments:
@@ -239,7 +253,7 @@ class PPOTrainer:
             if not Path(path).exists() and not c.__dict__[role].name_or_path:
                 raise ValueError(f"no {role} model at {path}: run the earlier stage or set {role}.name_or_path")
         self.tokenizer = load_tokenizer(policy_path)
-        self.encoder = Encoder.from_data(self.tokenizer, c.data)
+        self.encoder = stage_encoder(self.tokenizer, c.data, c.policy, policy_path, c.max_new_tokens)
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
         self.prompts = self.encoder.prompts(r.prompt for r in records)
         require_examples(c.name, len(self.prompts), len(records), self.encoder)
@@ -583,11 +597,20 @@ class PPOTrainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=False)  # torch's format keeps tied weights tied, unlike safetensors
-        if self.sharded_parameters and self.ema is not None:
-            torch.save(self.ema, tmp / f"ema_{acc.process_index}.pt")
-        if acc.is_main_process:
-            torch.save(self._checkpoint_state(), tmp / "state.pt")
+        try:
+            acc.save_state(str(tmp), safe_serialization=False)  # torch's format keeps tied weights tied
+            if self.sharded_parameters and self.ema is not None:
+                torch.save(self.ema, tmp / f"ema_{acc.process_index}.pt")
+            if acc.is_main_process:
+                torch.save(self._checkpoint_state(), tmp / "state.pt")
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would only fill the disk further
+            if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+                raise ValueError(
+                    f"no space left on the device while writing checkpoint {path.name}: removed the unfinished "
+                    f"one; the earlier checkpoints are kept. Free space, or lower keep_checkpoints"
+                ) from None
+            raise
         acc.wait_for_everyone()
         if acc.is_main_process:
             replace_dir(tmp, path)

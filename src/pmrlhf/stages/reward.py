@@ -39,6 +39,7 @@ from pmrlhf.stages.common import (
     require_examples,
     seed_everything,
     stage_dir,
+    stage_encoder,
     stage_schedule,
     tokenizer_source,
     world_dir,
@@ -151,7 +152,7 @@ def run(config: RewardConfig) -> Path:
     tokenizer = load_tokenizer(
         init or tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world)
     )
-    encoder = Encoder.from_data(tokenizer, config.data)
+    encoder = stage_encoder(tokenizer, config.data, config.model, init or None)
     train_items, held_items = holdout(_ordered(records), config.data.eval_fraction, config.data.split_seed)
     train, held = _encode(train_items, encoder), _encode(held_items, encoder)
     require_examples("reward", len(train), len(records), encoder)

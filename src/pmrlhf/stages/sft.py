@@ -14,7 +14,7 @@ from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json
-from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
+from pmrlhf.models import context_length, load_causal_lm, load_tokenizer, save_model
 from pmrlhf.stages.common import (
     HALF_TYPES,
     console,
@@ -61,6 +61,13 @@ def run(config: SFTConfig) -> Path:
     mixed = HALF_TYPES.get(config.model.dtype, "no")  # a half dtype trains float32 weights under autocast
     trainable = load_precisions(config.model, mixed)[0]
     model = load_causal_lm(trainable, tokenizer)
+    max_length = config.data.max_prompt_tokens + config.data.max_response_tokens
+    context = context_length(trainable, tokenizer)
+    if context is not None and max_length > context:  # past it the position embeddings have no entry
+        max_length = context
+        longer = sum(len(tokenizer(r.prompt + r.response)["input_ids"]) > context for r in train)
+        if longer and main:
+            console.print(f"[yellow]SFT: {longer} examples are cut to the model's {context} positions[/yellow]")
 
     log = (
         MetricsLog(
@@ -124,7 +131,7 @@ def run(config: SFTConfig) -> Path:
             report_to=[],
             seed=config.seed,
             data_seed=config.seed,
-            max_length=config.data.max_prompt_tokens + config.data.max_response_tokens,
+            max_length=max_length,
             completion_only_loss=True,
             bf16=mixed == "bf16",
             fp16=mixed == "fp16",

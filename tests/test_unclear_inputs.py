@@ -1,0 +1,210 @@
+"""Inputs that gave a traceback, or a message that did not say what to fix, and now give one line naming what
+was wrong and what would be right, with exit code 2 (1 where the run itself failed), and nothing half-written."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pmrlhf.cli import app
+from pmrlhf.config import ModelConfig
+from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+from pmrlhf.models import load_causal_lm, save_model
+
+COMPARISON = {"prompt": "w1 w2", "chosen": "w3", "rejected": "w4"}
+
+
+def write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> Path:
+    """An untrained tiny language model with a world tokenizer: something to break."""
+    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    return save_model(load_causal_lm(ModelConfig(), tok), tok, tmp_path_factory.mktemp("lm") / "model")
+
+
+def broken_copy(lm: Path, tmp: Path, what: str) -> Path:
+    import shutil
+
+    folder = tmp / f"model-{what}"
+    if what == "empty":
+        folder.mkdir()
+        return folder
+    shutil.copytree(lm, folder)
+    if what == "weights":
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif what == "config":
+        (folder / "config.json").write_text("{not json")
+    elif what == "no-eos":
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        cfg["eos_token"] = None
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def invalid_yaml(tmp):
+    (tmp / "bad.yaml").write_bytes(b"optim:\n  lr: \xff\xfe\n")
+    return ["rm", "--config", str(tmp / "bad.yaml")]
+
+
+def non_utf8_rows(tmp):
+    path = tmp / "rows.jsonl"
+    path.write_bytes(json.dumps(COMPARISON).encode() + b"\n" + b'{"prompt": "\xe9t\xe9"}\n')
+    return ["rm", "--set", f"data.source={path}"]
+
+
+def conversational(tmp, on_error):
+    good = {
+        "prompt": [{"role": "user", "content": "w1"}],
+        "chosen": [{"role": "assistant", "content": "w2"}],
+        "rejected": [{"role": "assistant", "content": "w3"}],
+    }
+    bad = {**good, "prompt": [{"role": "user", "content": 5}]}
+    path = write_jsonl(tmp / "conv.jsonl", [bad, good, {**good, "chosen": [{"role": "assistant", "content": None}]}])
+    return ["dpo", "--set", f"data.source={path}", "--set", f"data.on_error={on_error}", "--set", "loss=pm"] + [
+        "--set",
+        "data.portion=all",
+    ]
+
+
+# (name, argv from the test's folder, exit code, what the one line says)
+CASES = [
+    ("dpo alpha 0", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=0"], 2, "alpha must be in (0, 1]"),
+    ("dpo alpha 2", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=2"], 2, "alpha must be in (0, 1]"),
+    ("top_p 0", lambda t: ["ppo", "--set", "top_p=0"], 2, "top_p must be in (0, 1]"),
+    ("temperature 0", lambda t: ["ppo", "--set", "temperature=0"], 2, "temperature must be > 0"),
+    ("minibatch 0", lambda t: ["ppo", "--set", "minibatch_size=0"], 2, "minibatch_size must be >= 1"),
+    ("prompts 0", lambda t: ["ppo", "--set", "prompts_per_iteration=0"], 2, "prompts_per_iteration must be >= 1"),
+    ("batch 0", lambda t: ["rm", "--set", "optim.batch_size=0"], 2, "optim.batch_size must be >= 1"),
+    ("accumulation 0", lambda t: ["dpo", "--set", "optim.grad_accum=0"], 2, "optim.grad_accum must be >= 1"),
+    ("float64", lambda t: ["sft", "--set", "model.dtype=float64"], 2, "model.dtype must be one of float32"),
+    ("world of no prompts", lambda t: ["world", "--out", str(t / "w"), "--set", "n_prompts=0"], 2, "at least 1"),
+    ("YAML not UTF-8", invalid_yaml, 2, "bad.yaml: not UTF-8 text"),
+    ("data not UTF-8", non_utf8_rows, 2, "rows.jsonl: row 2: not UTF-8 text"),
+    ("unknown suffix", lambda t: ["rm", "--set", f"data.source={t / 'rows.tsv'}"], 2, "unsupported file type '.tsv'"),
+    ("message types", lambda t: conversational(t, "raise"), 2, "conv.jsonl: row 1: field 'prompt': message"),
+]
+
+
+@pytest.mark.parametrize("name,argv,code,message", CASES, ids=[c[0] for c in CASES])
+def test_each_bad_input_gets_one_line_and_its_exit_code(tmp_path, name, argv, code, message):
+    args = argv(tmp_path)
+    if args[0] != "world":
+        args += ["--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "run" / "reward").exists() and not (tmp_path / "run" / "dpo").exists()
+
+
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        ("empty", "cannot be loaded as a tokenizer"),
+        ("weights", "cannot be loaded as a language model (the folder said"),
+        ("config", "cannot be loaded as"),
+        ("no-eos", "has no end-of-sequence token"),
+    ],
+)
+def test_a_broken_model_folder_is_named(lm, tmp_path, what, message):
+    folder = broken_copy(lm, tmp_path, what)
+    result = CliRunner().invoke(
+        app, ["dpo", "--run-dir", str(tmp_path / "run"), "--set", f"model.name_or_path={folder}"]
+    )
+    assert result.exit_code == 2, result.output
+    assert str(folder) in result.output.replace("\n", "") and message in result.output.replace("\n", "")
+
+
+def test_rows_with_wrong_message_types_are_skipped_and_counted_when_asked(tmp_path, lm):
+    result = CliRunner().invoke(
+        app,
+        [*conversational(tmp_path, "skip"), "--run-dir", str(tmp_path / "run"), "--set", f"model.name_or_path={lm}"],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "dpo" / "summary.json").read_text())
+    assert "1 of 3 rows kept" in summary["data"]
+
+
+def test_a_prompt_longer_than_the_model_reads_is_cut_to_fit_and_said(tmp_path, lm):
+    """The tiny model has 128 positions; 200-token prompts with data.max_prompt_tokens 1000 raised IndexError."""
+    long = " ".join(f"w{i % 12}" for i in range(200))
+    rows = [{"prompt": long, "chosen": f"w{i % 12}", "rejected": f"w{(i + 1) % 12}"} for i in range(40)]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    args = [
+        "rm",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--set",
+        f"data.source={path}",
+        "--set",
+        f"model.name_or_path={lm}",
+    ]
+    result = CliRunner().invoke(app, [*args, "--set", "data.max_prompt_tokens=1000", "--set", "optim.epochs=1"])
+    assert result.exit_code == 0, result.output
+    text = result.output.replace("\n", "")
+    assert "prompts truncated from the left" in text and "fit the model's 128 positions" in text
+
+
+def test_a_hub_name_without_a_network_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    args = ["rm", "--run-dir", str(tmp_path), "--set", "data.source=nobody/no-such-dataset"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pmrlhf", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2, result.stderr
+    assert "nobody/no-such-dataset: could not load it from the Hugging Face Hub" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """As root every folder is writable, so the refusal the file system would give is made here."""
+    import pmrlhf.stages.common as common
+
+    def refuse(config, path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(common, "save_config", refuse)
+    result = CliRunner().invoke(app, ["rm", "--run-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "cannot write" in result.output and "choose a writable --run-dir" in result.output
+
+
+def test_a_full_disk_during_a_checkpoint_removes_the_half_written_one(tmp_path, monkeypatch, tiny_world_config):
+    import shutil
+
+    from pmrlhf.config import DataConfig
+    from pmrlhf.stages import ppo, reward, sft
+
+    sft.run(sft.SFTConfig(run_dir=str(tmp_path), world=tiny_world_config, optim=sft.OptimConfig(epochs=1)))
+    reward.run(reward.RewardConfig(run_dir=str(tmp_path), world=tiny_world_config))
+    import accelerate
+
+    def full(self, output_dir, **kw):
+        (Path(output_dir) / "model.bin").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
+    cfg = ppo.PPOConfig(
+        run_dir=str(tmp_path),
+        world=tiny_world_config,
+        iterations=3,
+        checkpoint_every=1,
+        prompts_per_iteration=6,
+        minibatch_size=6,
+        max_new_tokens=4,
+        data=DataConfig(portion="rl", max_response_tokens=4),
+    )
+    with pytest.raises(ValueError, match="no space left on the device while writing checkpoint iter-000001"):
+        ppo.run(cfg)
+    checkpoints = tmp_path / "ppo.partial" / "checkpoints"
+    assert not list(checkpoints.glob(".*")) and not list(checkpoints.glob("iter-*"))
+    shutil.rmtree(tmp_path / "ppo.partial")
