@@ -2,6 +2,7 @@
 writes no model (it exited 0 with all-NaN weights before)."""
 
 import dataclasses
+import os
 import shutil
 
 import pytest
@@ -153,3 +154,77 @@ def test_replace_dir_without_exchange_keeps_the_old_folder_if_killed_between_ren
         io.replace_dir(tmp_path / "new", tmp_path / "model")
     kept = list(tmp_path.glob(".model.old.*"))
     assert len(kept) == 1 and (kept[0] / "w").read_text() == "old"
+
+
+@pytest.mark.parametrize("stage,name", [("sft", "sft"), ("rm", "reward"), ("dpo", "dpo")])
+def test_every_training_stage_resumes_after_sigkill_as_if_never_stopped(base, tmp_path, tiny_world_config, stage, name):
+    """Killed after a checkpoint and resumed with --resume: the same weights, bit for bit, and the same metrics."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import model_weights
+    from pmrlhf.io import read_jsonl
+
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    args = [stage, "--config", str(cfg), "--set", "checkpoint_every=5", "--set", "optim.epochs=6"]
+    args += ["--set", "logging.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # thread count fixes the order of float reductions
+
+    def launch(run, *extra):
+        cmd = [sys.executable, "-m", "pmrlhf", *args, "--run-dir", str(run), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    runs = {}
+    for kind in ("straight", "killed"):
+        runs[kind] = tmp_path / kind
+        for part in ("world", "sft", "reward"):
+            if part != name:
+                shutil.copytree(base / part, runs[kind] / part)
+    assert launch(runs["straight"]).wait() == 0
+    proc = launch(runs["killed"])
+    ckpt = runs["killed"] / f"{name}.partial" / "checkpoints"
+    second = "checkpoint-10/pmrlhf-config.json" if stage == "sft" else "step-000010"  # the Trainer's, and ours
+    deadline = time.time() + 120
+    while not any(ckpt.glob(second)):
+        assert proc.poll() is None and time.time() < deadline, "run ended before its second checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (runs["killed"] / name / "model").exists()
+    resumed = launch(runs["killed"], "--resume")
+    _, err = resumed.communicate()
+    assert resumed.returncode == 0, err.decode()[-2000:]
+    assert "resumed" in err.decode()
+    a, b = model_weights(runs["straight"] / name / "model"), model_weights(runs["killed"] / name / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = ("time", "runtime", "per_second")  # wall-clock figures differ between any two runs
+    untimed = lambda rows: [{k: v for k, v in r.items() if not any(t in k for t in timing)} for r in rows]  # noqa: E731
+    straight = untimed(read_jsonl(runs["straight"] / name / "metrics.jsonl"))
+    assert untimed(read_jsonl(runs["killed"] / name / "metrics.jsonl")) == straight and len(straight) > 10
+
+
+def test_the_demo_killed_in_a_stage_continues_that_stage_with_resume(tmp_path):
+    """`pmrlhf demo --resume` (and `pmrlhf run --resume`) reuses the finished stages and continues the one it was
+    killed in from its newest checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pmrlhf", "demo", "--quick", "--run-dir", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not any((run / "ppo-kl.partial" / "checkpoints").glob("iter-000050")):
+        assert proc.poll() is None and time.time() < deadline, "the demo ended before its PPO checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    out = again.stdout + again.stderr
+    assert "sft: already done" in out and "resumed ppo-kl at iteration 50" in out
+    assert (run / "report" / "report.md").is_file() and not (run / "ppo-kl.partial").exists()

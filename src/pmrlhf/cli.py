@@ -39,6 +39,12 @@ def _quiet_libraries() -> None:
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set optim.lr=1e-4 (repeatable).")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (overrides run_dir in the config).")
+ResumeOpt = typer.Option(False, "--resume", help="Continue the stage's unfinished run from its newest checkpoint.")
+
+
+def _resumed(cfg, resume: bool):
+    cfg.resume = cfg.resume or resume
+    return cfg
 
 
 def _config(cls, config: Path | None, overrides: list[str], run_dir: Path | None):
@@ -94,19 +100,29 @@ def world(
 
 
 @app.command()
-def sft(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+def sft(
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    run_dir: Path | None = RunDirOpt,
+    resume: bool = ResumeOpt,
+) -> None:
     """Stage 1: supervised fine-tuning on demonstrations (response tokens only)."""
     from pmrlhf.stages import sft as stage
 
-    _wrote(_run(stage.run, _config(stage.SFTConfig, config, overrides, run_dir)))
+    _wrote(_run(stage.run, _resumed(_config(stage.SFTConfig, config, overrides, run_dir), resume)))
 
 
 @app.command()
-def rm(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+def rm(
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    run_dir: Path | None = RunDirOpt,
+    resume: bool = ResumeOpt,
+) -> None:
     """Stage 2: the reward model (pairwise, K-wise or listwise), with early stopping."""
     from pmrlhf.stages import reward as stage
 
-    _wrote(_run(stage.run, _config(stage.RewardConfig, config, overrides, run_dir)))
+    _wrote(_run(stage.run, _resumed(_config(stage.RewardConfig, config, overrides, run_dir), resume)))
 
 
 @app.command()
@@ -114,22 +130,25 @@ def ppo(
     config: Path | None = ConfigOpt,
     overrides: list[str] = SetOpt,
     run_dir: Path | None = RunDirOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    resume: bool = ResumeOpt,
 ) -> None:
     """Stage 3: PPO with a penalty from the registry: kl (standard RLHF), pm, cpm_token, cpm_sequence, maxent."""
     from pmrlhf.stages import ppo as stage
 
-    cfg = _config(stage.PPOConfig, config, overrides, run_dir)
-    cfg.resume = cfg.resume or resume
-    _wrote(_run(stage.run, cfg))
+    _wrote(_run(stage.run, _resumed(_config(stage.PPOConfig, config, overrides, run_dir), resume)))
 
 
 @app.command()
-def dpo(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
+def dpo(
+    config: Path | None = ConfigOpt,
+    overrides: list[str] = SetOpt,
+    run_dir: Path | None = RunDirOpt,
+    resume: bool = ResumeOpt,
+) -> None:
     """The DPO family on comparisons: sigmoid (DPO / cDPO), robust, ipo, simpo, pm (PM-DPO), cpm (conditional)."""
     from pmrlhf.stages import dpo as stage
 
-    _wrote(_run(stage.run, _config(stage.DPOConfig, config, overrides, run_dir)))
+    _wrote(_run(stage.run, _resumed(_config(stage.DPOConfig, config, overrides, run_dir), resume)))
 
 
 @app.command("eval")
@@ -161,11 +180,13 @@ def run_(
     config: Path = typer.Argument(..., help="Pipeline YAML: data, models, stage settings, PPO variants."),
     overrides: list[str] = SetOpt,
     run_dir: Path | None = RunDirOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Run the whole pipeline from one YAML file, reusing the stages already finished in its run folder."""
     from pmrlhf.stages import pipeline
 
-    _print_report(_run(pipeline.run, _config(pipeline.PipelineConfig, config, overrides, run_dir)))
+    cfg = _resumed(_config(pipeline.PipelineConfig, config, overrides, run_dir), resume)
+    _print_report(_run(pipeline.run, cfg))
 
 
 @app.command()
@@ -174,12 +195,13 @@ def demo(
     run_dir: Path | None = RunDirOpt,
     force: bool = typer.Option(False, "--force", help="Rerun stages whose outputs already exist."),
     seed: int = typer.Option(0, "--seed", help="Seed of every stage's training; the world stays the same."),
+    resume: bool = ResumeOpt,
 ) -> None:
     """The synthetic world end to end: SFT, reward model, PPO (KL, PM, conditional PM), eval, probe, report."""
     from pmrlhf.stages import pipeline
 
     cfg = pipeline.demo_config(quick, str(run_dir) if run_dir else None)
-    cfg.force, cfg.seed = force, seed
+    cfg.force, cfg.seed, cfg.resume = force, seed, resume
     _print_report(_run(pipeline.run, cfg))
 
 

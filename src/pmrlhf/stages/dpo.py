@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require, to_dict
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_write_json
+from pmrlhf.io import atomic_write_json
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
+from pmrlhf.stages import checkpoints
 from pmrlhf.stages.common import (
     adamw,
     console,
@@ -43,6 +44,8 @@ from pmrlhf.stages.common import (
 )
 
 REFERENCE_FREE = {"simpo", "pm"}
+# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
+RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 
 
 @dataclass
@@ -60,6 +63,9 @@ class DPOConfig:
     label_smoothing: float = 0.0  # cDPO's eps (sigmoid) or robust DPO's flip rate
     simpo_gamma: float = 1.0  # SimPO's target margin
     alpha: float = 0.1  # conditional PM-DPO: responses with pi_ref(y|x) >= alpha get the PM form
+    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from; 0 writes none
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=2, batch_size=32))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -128,7 +134,7 @@ def run(config: DPOConfig) -> Path:
     seed_everything(config.seed)
     accelerator = optim_accelerator(config.model, config.optim)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
-    out = stage_dir(config.run_dir, config.name, config)
+    out = stage_dir(config.run_dir, config.name, config, resumable=True)
     trainable, frozen = load_precisions(config.model, accelerator.mixed_precision)
     sft = Path(config.run_dir) / "sft" / "model"
     init = config.model.name_or_path or (str(sft) if sft.is_dir() else "")
@@ -157,13 +163,6 @@ def run(config: DPOConfig) -> Path:
     bs, accum = config.optim.batch_size, config.optim.grad_accum
     policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
-    log = (
-        MetricsLog(
-            out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
-        )
-        if main
-        else None
-    )
 
     def step_loss(batch):
         c, r, lc, lr = batch_logprobs(policy, batch, pad_id)
@@ -174,13 +173,23 @@ def run(config: DPOConfig) -> Path:
         return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
 
     rng = random.Random(config.seed)
-    step, window = 0, None
+    step, window, start_batch = 0, None, 0
+    found, log = checkpoints.begin(accelerator, out, config, "step", RESUMABLE)
+    if found:
+        state, path = found
+        step, start_batch = state["step"], state["batch"]
+        rng.setstate(state["rng"])
+        scheduler.load_state_dict(state["scheduler"])
+        console.print(f"resumed {config.name} at step {step} from {path}")
     from rich.progress import Progress
 
     with Progress(console=console, transient=True, disable=not main) as progress:
-        task = progress.add_task(config.name, total=total)
+        task = progress.add_task(config.name, total=total, completed=step)
         while step < total:
-            for indices in epoch_batches(len(train), bs, rng, accelerator.num_processes):
+            epoch_rng = rng.getstate()  # a checkpoint replays this epoch's order from here
+            for b, indices in enumerate(epoch_batches(len(train), bs, rng, accelerator.num_processes)):
+                if b < start_batch:
+                    continue
                 share, weight = process_share([train[i] for i in indices], accelerator)
                 with accelerator.accumulate(policy):
                     loss, stats = step_loss(share)
@@ -211,6 +220,18 @@ def run(config: DPOConfig) -> Path:
                     log.log(step, row)
                 if step >= total:
                     break
+                if config.checkpoint_every and step % config.checkpoint_every == 0:
+                    state = {
+                        "step": step,
+                        "rng": epoch_rng,
+                        "batch": b + 1,
+                        "scheduler": scheduler.state_dict(),
+                        "config": to_dict(config),
+                    }
+                    checkpoints.save(
+                        accelerator, out / "checkpoints", f"step-{step:06d}", state, config.keep_checkpoints
+                    )
+            start_batch = 0
     if log is not None:
         log.close()
     accelerator.wait_for_everyone()

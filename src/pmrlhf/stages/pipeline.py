@@ -67,6 +67,7 @@ class PipelineConfig:
     eval: dict[str, Any] = field(default_factory=dict)  # overrides of the eval config
     probe: dict[str, Any] = field(default_factory=dict)  # overrides of the probe config
     force: bool = False  # rerun stages whose outputs already exist
+    resume: bool = False  # continue an unfinished stage from its newest checkpoint instead of starting it afresh
 
     def stage_configs(self) -> dict[str, Any]:
         """Every stage's full config, validated, keyed by stage name (the variants by their names)."""
@@ -149,6 +150,7 @@ def run(config: PipelineConfig) -> Path:
             continue
         console.rule(name)
         t = time.perf_counter()
+        configs[name].resume = config.resume  # every training stage can resume
         stage_run(configs[name])
         timings[name] = time.perf_counter() - t
     eval_cfg = configs["eval"]
@@ -157,6 +159,7 @@ def run(config: PipelineConfig) -> Path:
     for name, stage_run in (("eval", evaluate.run_eval), ("probe", evaluate.run_probe)):
         console.rule(name)
         t = time.perf_counter()
+        configs[name].resume = config.resume  # every training stage can resume
         stage_run(configs[name])
         timings[name] = time.perf_counter() - t
     report = _write_report(run_dir, timings, configs["eval"].name, configs["probe"].name)

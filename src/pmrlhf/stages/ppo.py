@@ -24,11 +24,8 @@ of ``r_theta``); with ``beta: 1`` the reward is its code's ``clip(r_theta) - kl_
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +34,12 @@ import torch
 
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, require, to_dict
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text, read_jsonl, replace_dir
+from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text
 from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, token_logprobs
 from pmrlhf.objectives import rl
 from pmrlhf.objectives.penalties import get_penalty
+from pmrlhf.stages import checkpoints
 from pmrlhf.stages.common import (
     adamw,
     console,
@@ -316,7 +314,7 @@ class PPOTrainer:
         if c.resume:
             self._load_checkpoint()
         elif acc.is_main_process:
-            self._move_old_checkpoints_aside()
+            checkpoints.move_aside(self.out / "checkpoints", "iter")
         acc.wait_for_everyone()
         log = None
         if acc.is_main_process:
@@ -585,48 +583,25 @@ class PPOTrainer:
         return state
 
     def _save_checkpoint(self) -> None:
-        """``checkpoints/iter-N/``: the models, optimisers and every process's RNG states in accelerate's format
-        (each process writes its own shards where parameters or optimiser states are sharded), and ``state.pt``.
-        All of it goes into one hidden folder that is renamed into place once every process is done, so a crash
-        leaves at most an unfinished hidden folder that resuming ignores."""
-        acc = self.accelerator
-        root = self.out / "checkpoints"
-        path = root / f"iter-{self.iteration:06d}"
-        tmp = root / f".{path.name}.tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        try:
-            acc.save_state(str(tmp), safe_serialization=False)  # torch's format keeps tied weights tied
-            if self.sharded_parameters and self.ema is not None:
-                torch.save(self.ema, tmp / f"ema_{acc.process_index}.pt")
-            if acc.is_main_process:
-                torch.save(self._checkpoint_state(), tmp / "state.pt")
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
-            shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would only fill the disk further
-            if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
-                raise ValueError(
-                    f"no space left on the device while writing checkpoint {path.name}: removed the unfinished "
-                    f"one; the earlier checkpoints are kept. Free space, or lower keep_checkpoints"
-                ) from None
-            raise
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            replace_dir(tmp, path)
-            for old in sorted(root.glob("iter-*"))[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
+        """``checkpoints/iter-N/`` (``stages.checkpoints``): the models, optimisers, RNG states and
+        ``_checkpoint_state``; under sharded parameters each process's part of the EMA in a file of its own."""
+        ema = {"ema": self.ema} if self.sharded_parameters and self.ema is not None else None
+        state = self._checkpoint_state()
+        checkpoints.save(
+            self.accelerator,
+            self.out / "checkpoints",
+            f"iter-{self.iteration:06d}",
+            state,
+            self.config.keep_checkpoints,
+            ema,
+        )
 
     def _load_checkpoint(self) -> None:
-        found = sorted((self.out / "checkpoints").glob("iter-*"))
-        if not found:
-            console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
-            return
         acc = self.accelerator
-        state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
-        _check_same_run(found[-1], state.get("config"), to_dict(self.config))
-        acc.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
+        found = checkpoints.load(acc, self.out / "checkpoints", "iter", to_dict(self.config), RESUMABLE_CHANGES)
+        if found is None:
+            return
+        state, path = found
         self.actor_sched.load_state_dict(state["actor_sched"])
         if self.critic is not None:
             self.critic_sched.load_state_dict(state["critic_sched"])
@@ -634,26 +609,14 @@ class PPOTrainer:
         self.moments.__dict__.update(state["moments"])
         ema = state["ema"]
         if self.sharded_parameters and self.config.ema_decay:
-            ema = torch.load(found[-1] / f"ema_{acc.process_index}.pt", map_location="cpu")
+            ema = checkpoints.per_process(path, "ema", acc)
         self.ema = {k: v.to(acc.device) for k, v in ema.items()} if ema is not None else None
-        console.print(f"resumed {self.config.name} at iteration {self.iteration} from {found[-1]}")
-
-    def _move_old_checkpoints_aside(self) -> None:
-        """A run started afresh in a folder holding an earlier run's checkpoints would prune them as it writes its
-        own, and a later --resume could take either: they move to ``checkpoints-replaced-N`` first."""
-        root = self.out / "checkpoints"
-        if not any(root.glob("iter-*")):
-            return
-        n = 1 + sum(1 for _ in self.out.glob("checkpoints-replaced-*"))
-        aside = self.out / f"checkpoints-replaced-{n}"
-        root.rename(aside)
-        console.print(f"[yellow]{root} held an earlier run's checkpoints (no --resume): moved to {aside}[/yellow]")
+        console.print(f"resumed {self.config.name} at iteration {self.iteration} from {path}")
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics logged up to the iteration the run (re)starts from."""
         path = self.out / "metrics.jsonl"
-        rows = [r for r in read_jsonl(path) if r["step"] <= self.iteration] if path.exists() and self.iteration else []
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(path, checkpoints.truncated_metrics(path, self.iteration))
 
     # --- the end ---------------------------------------------------------------------------------------------
 
@@ -733,32 +696,6 @@ class PPOTrainer:
 # Settings a resumed run may change: how long it runs, how often it checkpoints and logs, where its folder is,
 # and the flag itself.
 RESUMABLE_CHANGES = ("resume", "iterations", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
-
-
-def _check_same_run(checkpoint: Path, saved: dict | None, config: dict) -> None:
-    """Refuse to resume from a checkpoint of another run: every setting but ``RESUMABLE_CHANGES`` must match."""
-    if saved is None:
-        raise ValueError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
-    before = _flat(saved)
-    differ = [
-        f"{key} = {before.get(key)!r} there, {value!r} here"
-        for key, value in _flat(config).items()
-        if key.split(".")[0] not in RESUMABLE_CHANGES and before.get(key) != value
-    ]
-    if differ:
-        raise ValueError(
-            f"{checkpoint} belongs to another run: {'; '.join(differ)}. Resume with its settings, or start afresh"
-        )
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= _flat(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

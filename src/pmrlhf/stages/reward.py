@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, to_dict
 from pmrlhf.data.records import Comparison, Ranking
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.tokenize import Encoder, pad
 from pmrlhf.data.world import World, WorldConfig
-from pmrlhf.io import MetricsLog, atomic_write_json
+from pmrlhf.io import atomic_write_json
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
+from pmrlhf.stages import checkpoints
 from pmrlhf.stages.common import (
     adamw,
     console,
@@ -62,7 +63,14 @@ class RewardConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, epochs=3, batch_size=32))
     eval_every: int = 50  # optimiser steps between held-out evaluations (and at the end of every epoch)
     patience: int = 4  # evaluations without a better held-out accuracy before stopping; 0 never stops early
+    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from; 0 writes none
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
+RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 
 
 def _ordered(records: list[Comparison | Ranking]) -> list[tuple[str, list[str]]]:
@@ -145,7 +153,7 @@ def run(config: RewardConfig) -> Path:
     seed_everything(config.seed)
     accelerator = optim_accelerator(config.model, config.optim)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
-    out = stage_dir(config.run_dir, config.name, config)
+    out = stage_dir(config.run_dir, config.name, config, resumable=True)
     records, report = load_stage_records(config.data, config.data_kind, config.run_dir, config.world)
     sft = Path(config.run_dir) / "sft" / "model"
     init = "" if config.model.name_or_path else (str(sft) if config.init_from_sft and sft.is_dir() else "")
@@ -163,25 +171,30 @@ def run(config: RewardConfig) -> Path:
     bs, accum = config.optim.batch_size, config.optim.grad_accum
     model, optimizer = accelerator.prepare(model, optimizer)
     loss_fn = REWARD_LOSSES[config.loss]
-    log = (
-        MetricsLog(
-            out / "metrics.jsonl", config.logging.tensorboard, config.logging.wandb, config.logging.wandb_project
-        )
-        if main
-        else None
-    )
 
     rng = random.Random(config.seed)
     best = {"eval/accuracy": -1.0}
     best_state, stale, step, window_loss = None, 0, 0, 0.0
     stopped_early = False
+    start_batch = 0  # where in its epoch a resumed run picks up
+    found, log = checkpoints.begin(accelerator, out, config, "step", RESUMABLE)
+    if found:
+        state, path = found
+        step, start_batch, best, stale = state["step"], state["batch"], state["best"], state["stale"]
+        rng.setstate(state["rng"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state = checkpoints.per_process(path, "best", accelerator) if state["has_best"] else None
+        console.print(f"resumed {config.name} at step {step} from {path}")
     from rich.progress import Progress
 
     with Progress(console=console, transient=True, disable=not main) as progress:
-        task = progress.add_task("reward model", total=total)
+        task = progress.add_task("reward model", total=total, completed=step)
         while step < total and not stopped_early:
+            epoch_rng = rng.getstate()  # a checkpoint replays this epoch's order from here
             batches = epoch_batches(len(train), bs, rng, accelerator.num_processes)
             for b, indices in enumerate(batches):
+                if b < start_batch:
+                    continue
                 share, weight = process_share([train[i] for i in indices], accelerator)
                 with accelerator.accumulate(model):
                     scores, mask = score_batch(model, share, tokenizer.pad_token_id)
@@ -213,8 +226,24 @@ def run(config: RewardConfig) -> Path:
                         stopped_early = config.patience > 0 and stale >= config.patience
                 if log is not None and (step % config.logging.log_every == 0 or "eval/accuracy" in row):
                     log.log(step, row)
-                if step >= total or stopped_early:
+                last = step >= total or stopped_early  # the end is saved as the model, not as a checkpoint
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and not last:
+                    state = {
+                        "step": step,
+                        "rng": epoch_rng,
+                        "batch": b + 1,
+                        "scheduler": scheduler.state_dict(),
+                        "best": best,
+                        "stale": stale,
+                        "has_best": best_state is not None,
+                        "config": to_dict(config),
+                    }
+                    best_file = {"best": best_state} if best_state is not None else None
+                    root = out / "checkpoints"
+                    checkpoints.save(accelerator, root, f"step-{step:06d}", state, config.keep_checkpoints, best_file)
+                if last:
                     break
+            start_batch = 0
     if log is not None:
         log.close()
     accelerator.wait_for_everyone()

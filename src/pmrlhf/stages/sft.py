@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, to_dict
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_write_json
+from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text
 from pmrlhf.models import context_length, load_causal_lm, load_tokenizer, save_model
+from pmrlhf.stages import checkpoints
 from pmrlhf.stages.common import (
     HALF_TYPES,
     console,
@@ -41,7 +42,26 @@ class SFTConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=8, batch_size=32))
+    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from (the Trainer's); 0 writes none
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
+RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
+# Written into each of the Trainer's checkpoints once it is complete: the run's config, which resuming checks.
+DONE = "pmrlhf-config.json"
+
+
+def _resume_point(root: Path, config: SFTConfig) -> Path | None:
+    """The newest complete Trainer checkpoint under ``root``, checked to belong to this run; None if there is none."""
+    done = sorted((p for p in root.glob("checkpoint-*") if (p / DONE).is_file()), key=lambda p: int(p.name[11:]))
+    if not done:
+        console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
+        return None
+    checkpoints.check_same_run(done[-1], json.loads((done[-1] / DONE).read_text()), to_dict(config), RESUMABLE)
+    return done[-1]
 
 
 def run(config: SFTConfig) -> Path:
@@ -52,7 +72,14 @@ def run(config: SFTConfig) -> Path:
     from trl import SFTTrainer
 
     main = process_state().is_main_process  # under several processes, every one trains and one writes
-    out = stage_dir(config.run_dir, config.name, config)
+    out = stage_dir(config.run_dir, config.name, config, resumable=True)
+    root = out / "checkpoints"
+    resume_from = _resume_point(root, config) if config.resume else None
+    if main and not config.resume:
+        checkpoints.move_aside(root, "checkpoint")
+    step = int(resume_from.name[11:]) if resume_from else 0
+    if resume_from and main:
+        console.print(f"resumed {config.name} at step {step} from {resume_from}")
     seed_everything(config.seed)
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
@@ -69,17 +96,17 @@ def run(config: SFTConfig) -> Path:
         if longer and main:
             console.print(f"[yellow]SFT: {longer} examples are cut to the model's {context} positions[/yellow]")
 
-    log = (
-        MetricsLog(
+    log = None
+    if main:
+        atomic_write_text(out / "metrics.jsonl", checkpoints.truncated_metrics(out / "metrics.jsonl", step))
+        log = MetricsLog(
             out / "metrics.jsonl",
             config.logging.tensorboard,
             config.logging.wandb,
             config.logging.wandb_project,
             run_name=f"{Path(config.run_dir).name}-sft",
+            resume=True,
         )
-        if main
-        else None
-    )
 
     from rich.progress import Progress
 
@@ -96,8 +123,16 @@ def run(config: SFTConfig) -> Path:
         def on_train_end(self, args, state, control, **kwargs):
             progress.stop()
 
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # the Trainer has written the whole checkpoint by now
+                atomic_write_json(Path(args.output_dir) / f"checkpoint-{state.global_step}" / DONE, to_dict(config))
+
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = dict(logs or {})
+            # TRL's running token counts, and the Trainer's closing mean loss, cover only the steps since a run last
+            # resumed; the per-step losses cover the whole run
+            for key in ("num_tokens", "eval_num_tokens", "train_loss"):
+                logs.pop(key, None)
             for key, name in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
                 if key in logs:  # the mean over the steps since the last log: a NaN in any shows here
                     check_finite(f"SFT: step {state.global_step}", name, logs[key])
@@ -112,49 +147,50 @@ def run(config: SFTConfig) -> Path:
     # TRL turns activation checkpointing on by default; the model's config decides (transformers 5 renamed it)
     names = {f.name for f in dataclasses.fields(TRLSFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
-    with tempfile.TemporaryDirectory() as scratch:
-        args = TRLSFTConfig(
-            **{checkpointing: config.model.gradient_checkpointing},
-            output_dir=scratch,
-            num_train_epochs=config.optim.epochs,
-            per_device_train_batch_size=config.optim.batch_size,
-            per_device_eval_batch_size=config.optim.batch_size,
-            gradient_accumulation_steps=config.optim.grad_accum,
-            learning_rate=config.optim.lr,
-            weight_decay=config.optim.weight_decay,
-            warmup_steps=float(config.optim.warmup_ratio),
-            lr_scheduler_type=config.optim.scheduler,
-            max_grad_norm=config.optim.max_grad_norm or 0.0,
-            logging_steps=config.logging.log_every,
-            eval_strategy="epoch" if held else "no",
-            save_strategy="no",
-            report_to=[],
-            seed=config.seed,
-            data_seed=config.seed,
-            max_length=max_length,
-            completion_only_loss=True,
-            bf16=mixed == "bf16",
-            fp16=mixed == "fp16",
-            use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU-only machine without it
-            dataloader_num_workers=0,
-            disable_tqdm=True,  # the rich bar below shows progress without printing every log line
-        )
-        trainer = SFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=to_ds(train),
-            eval_dataset=to_ds(held) if held else None,
-            processing_class=tokenizer,
-            callbacks=[ToMetrics()],
-        )
-        trainer.remove_callback(PrinterCallback)  # which disable_tqdm puts in the bar's place: a line per log
-        try:
-            trainer.train()
-        finally:
-            progress.stop()
-        check_weights_finite("SFT: after training", trainer.model)  # steps since the last log are not checked yet
-        final = trainer.evaluate() if held else {}
-        plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
+    args = TRLSFTConfig(
+        **{checkpointing: config.model.gradient_checkpointing},
+        output_dir=str(root),
+        num_train_epochs=config.optim.epochs,
+        per_device_train_batch_size=config.optim.batch_size,
+        per_device_eval_batch_size=config.optim.batch_size,
+        gradient_accumulation_steps=config.optim.grad_accum,
+        learning_rate=config.optim.lr,
+        weight_decay=config.optim.weight_decay,
+        warmup_steps=float(config.optim.warmup_ratio),
+        lr_scheduler_type=config.optim.scheduler,
+        max_grad_norm=config.optim.max_grad_norm or 0.0,
+        logging_steps=config.logging.log_every,
+        eval_strategy="epoch" if held else "no",
+        save_strategy="steps" if config.checkpoint_every else "no",
+        save_steps=max(config.checkpoint_every, 1),
+        save_total_limit=config.keep_checkpoints,
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        max_length=max_length,
+        completion_only_loss=True,
+        bf16=mixed == "bf16",
+        fp16=mixed == "fp16",
+        use_cpu=not torch.cuda.is_available(),  # transformers refuses bf16 on a CPU-only machine without it
+        dataloader_num_workers=0,
+        disable_tqdm=True,  # the rich bar below shows progress without printing every log line
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=to_ds(train),
+        eval_dataset=to_ds(held) if held else None,
+        processing_class=tokenizer,
+        callbacks=[ToMetrics()],
+    )
+    trainer.remove_callback(PrinterCallback)  # which disable_tqdm puts in the bar's place: a line per log
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        progress.stop()
+    check_weights_finite("SFT: after training", trainer.model)  # steps since the last log are not checked yet
+    final = trainer.evaluate() if held else {}
+    plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
     if main:
         log.close()
         path = save_model(plain, tokenizer, out / "model")

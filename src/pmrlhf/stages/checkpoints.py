@@ -1,0 +1,139 @@
+"""Checkpoints a training loop resumes from exactly, shared by the stages that train with their own loop.
+
+A checkpoint is a folder ``<root>/<prefix>-NNNNNN/`` written atomically: every process writes into one hidden
+folder (accelerate's ``save_state``: models, optimisers and every process's RNG, each process its own shards
+where they are sharded; plus ``state.pt``, the loop's own state and the run's config, from the main process),
+renamed into place once all are done. A crash leaves at most an unfinished hidden folder, which resuming ignores
+and the next save replaces. Resuming refuses a checkpoint of another run, naming the settings that differ.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+import torch
+
+from pmrlhf.io import replace_dir
+from pmrlhf.stages.common import console
+
+
+def save(accelerator, root: Path, name: str, state: dict, keep: int, per_process: dict | None = None) -> Path:
+    """Write ``root/name`` (``state`` from the main process, ``per_process`` files from each) and keep the newest
+    ``keep`` checkpoints."""
+    path, tmp = root / name, root / f".{name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)  # torch's format keeps tied weights tied
+        for filename, obj in (per_process or {}).items():
+            torch.save(obj, tmp / f"{filename}_{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            torch.save(state, tmp / "state.pt")
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would only fill the disk further
+        if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+            raise ValueError(
+                f"no space left on the device while writing checkpoint {name}: removed the unfinished one; the "
+                "earlier checkpoints are kept. Free space, or lower keep_checkpoints"
+            ) from None
+        raise
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        replace_dir(tmp, path)
+        prefix = name.rsplit("-", 1)[0]
+        for old in sorted(root.glob(f"{prefix}-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def load(accelerator, root: Path, prefix: str, config: dict, may_change: tuple[str, ...]) -> tuple[dict, Path] | None:
+    """The newest ``root/prefix-*`` checkpoint loaded into the prepared models and optimisers: ``(state, path)``,
+    or None where there is none. Refuses one whose run had other settings than ``config`` outside ``may_change``
+    (top-level keys)."""
+    found = sorted(root.glob(f"{prefix}-*"))
+    if not found:
+        console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
+        return None
+    state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
+    check_same_run(found[-1], state.get("config"), config, may_change)
+    accelerator.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
+    return state, found[-1]
+
+
+def per_process(path: Path, filename: str, accelerator):
+    """This process's ``filename`` file of the checkpoint at ``path``."""
+    return torch.load(path / f"{filename}_{accelerator.process_index}.pt", weights_only=False, map_location="cpu")
+
+
+def move_aside(root: Path, prefix: str) -> None:
+    """A run started afresh in a folder holding an earlier run's checkpoints would prune them as it writes its own,
+    and a later resume could take either: they move to ``<root>-replaced-N`` first."""
+    if not any(root.glob(f"{prefix}-*")):
+        return
+    n = 1 + sum(1 for _ in root.parent.glob(f"{root.name}-replaced-*"))
+    aside = root.with_name(f"{root.name}-replaced-{n}")
+    root.rename(aside)
+    console.print(f"[yellow]{root} held an earlier run's checkpoints (no resume): moved to {aside}[/yellow]")
+
+
+def check_same_run(checkpoint: Path, saved: dict | None, config: dict, may_change: tuple[str, ...]) -> None:
+    """Refuse to resume from a checkpoint of another run: every setting but ``may_change`` must match."""
+    if saved is None:
+        raise ValueError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
+    before = _flat(saved)
+    differ = [
+        f"{key} = {before.get(key)!r} there, {value!r} here"
+        for key, value in _flat(config).items()
+        if key.split(".")[0] not in may_change and before.get(key) != value
+    ]
+    if differ:
+        raise ValueError(
+            f"{checkpoint} belongs to another run: {'; '.join(differ)}. Resume with its settings, or start afresh"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def truncated_metrics(path: Path, step: int) -> str:
+    """The lines of ``metrics.jsonl`` up to ``step``: what a run resumed there keeps of its log."""
+    import json
+
+    from pmrlhf.io import read_jsonl
+
+    rows = [r for r in read_jsonl(path) if r["step"] <= step] if path.exists() and step else []
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def begin(accelerator, out: Path, config, prefix: str, may_change: tuple[str, ...], run_name: str | None = None):
+    """Start or resume a stage's loop in ``out``: ``(found, log)``. With ``config.resume``, ``found`` is the newest
+    checkpoint's ``(state, path)`` (None without one); without, earlier checkpoints move aside. ``log`` (the main
+    process's ``MetricsLog``, None elsewhere) keeps the lines up to the resumed step and appends after them."""
+    from pmrlhf.config import to_dict
+    from pmrlhf.io import MetricsLog, atomic_write_text
+
+    root, found = out / "checkpoints", None
+    if config.resume:
+        found = load(accelerator, root, prefix, to_dict(config), may_change)
+    elif accelerator.is_main_process:
+        move_aside(root, prefix)
+    accelerator.wait_for_everyone()
+    log = None
+    if accelerator.is_main_process:
+        metrics = out / "metrics.jsonl"
+        atomic_write_text(metrics, truncated_metrics(metrics, found[0]["step"] if found else 0))
+        c = config.logging
+        log = MetricsLog(metrics, c.tensorboard, c.wandb, c.wandb_project, run_name=run_name, resume=True)
+    return found, log
