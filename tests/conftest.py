@@ -16,3 +16,15 @@ def tiny_world_config():
         n_rankings=300,
         ranking_k=3,
     )
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_world_config):
+    """SFT and reward models on the tiny world, shared by every test that needs them (each copies the folder:
+    ``helpers.copy_run``)."""
+    from pmrlhf.stages import reward, sft
+
+    run = tmp_path_factory.mktemp("trained")
+    sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
+    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
+    return run

@@ -31,3 +31,30 @@ def torchrun(*args: str, backend: str = "ddp", env: dict[str, str] | None = None
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
+
+
+def copy_run(src: Path, dst: Path, parts=("world", "sft", "reward")) -> Path:
+    """A copy of a run folder's ``parts``, for a test to train on without touching the shared one."""
+    import shutil
+
+    for part in parts:
+        shutil.copytree(src / part, dst / part)
+    return dst
+
+
+def ppo_config(run_dir, world, **kw):
+    """A PPO config small enough for a test: 8 iterations of 6 prompts, 8 new tokens, no checkpoints."""
+    from pmrlhf.config import DataConfig
+    from pmrlhf.stages import ppo
+
+    base = dict(
+        run_dir=str(run_dir),
+        world=world,
+        iterations=8,
+        prompts_per_iteration=6,
+        minibatch_size=6,
+        max_new_tokens=8,
+        checkpoint_every=0,
+        data=DataConfig(portion="rl", max_response_tokens=8),
+    )
+    return ppo.PPOConfig(**{**base, **kw})

@@ -3,16 +3,15 @@ writes no model (it exited 0 with all-NaN weights before)."""
 
 import dataclasses
 import os
-import shutil
 
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
+from helpers import copy_run, ppo_config
 from pmrlhf.cli import app
-from pmrlhf.config import DataConfig
-from pmrlhf.stages import ppo, reward, sft
+from pmrlhf.stages import ppo
 from pmrlhf.stages.guards import NonFiniteError, check_finite
 
 
@@ -24,19 +23,11 @@ def test_check_finite_names_where_what_and_why():
         check_finite("x", "a score", torch.tensor([1.0, float("inf"), float("-inf")]))
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, tiny_world_config):
-    run = tmp_path_factory.mktemp("guards")
-    sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
-    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
-    return run
-
-
 @pytest.mark.parametrize("stage,name", [("sft", "sft"), ("rm", "reward"), ("dpo", "dpo")])
-def test_an_overflowing_learning_rate_stops_the_stage_and_saves_nothing(base, tmp_path, tiny_world_config, stage, name):
-    for part in ("world", "sft", "reward"):
-        if part != name:
-            shutil.copytree(base / part, tmp_path / part)
+def test_an_overflowing_learning_rate_stops_the_stage_and_saves_nothing(
+    trained, tmp_path, tiny_world_config, stage, name
+):
+    copy_run(trained, tmp_path, [part for part in ("world", "sft", "reward") if part != name])
     cfg = tmp_path / "stage.yaml"
     cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
     result = CliRunner().invoke(
@@ -47,34 +38,24 @@ def test_an_overflowing_learning_rate_stops_the_stage_and_saves_nothing(base, tm
     assert not (tmp_path / name / "model").exists() and not (tmp_path / name / "summary.json").exists()
 
 
-def test_a_reward_model_that_scores_nan_stops_ppo_before_any_update(base, tmp_path, tiny_world_config):
-    for part in ("world", "sft", "reward"):
-        shutil.copytree(base / part, tmp_path / part)
+def test_a_reward_model_that_scores_nan_stops_ppo_before_any_update(trained, tmp_path, tiny_world_config):
+    copy_run(trained, tmp_path)
     weights = tmp_path / "reward" / "model" / "model.safetensors"
     from safetensors.torch import load_file, save_file
 
     state = load_file(str(weights))
     state["score.weight"] = torch.full_like(state["score.weight"], float("nan"))
     save_file(state, str(weights))
-    cfg = ppo.PPOConfig(
-        run_dir=str(tmp_path),
-        world=tiny_world_config,
-        iterations=2,
-        prompts_per_iteration=6,
-        minibatch_size=6,
-        max_new_tokens=8,
-        data=DataConfig(portion="rl", max_response_tokens=8),
-    )
+    cfg = ppo_config(tmp_path, tiny_world_config, iterations=2)
     with pytest.raises(NonFiniteError, match="ppo: iteration 1: a reward-model score is not finite"):
         ppo.run(cfg)
     assert not (tmp_path / "ppo" / "model").exists()
 
 
 @pytest.mark.parametrize("stage,extra", [("rm", []), ("dpo", ["--set", "loss=pm"]), ("ppo", ["--set", "iterations=1"])])
-def test_a_stage_left_with_no_data_says_why_instead_of_spinning(base, tmp_path, tiny_world_config, stage, extra):
+def test_a_stage_left_with_no_data_says_why_instead_of_spinning(trained, tmp_path, tiny_world_config, stage, extra):
     """Every prompt longer than max_prompt_tokens and skipped: the reward stage and PM-DPO looped forever."""
-    for part in ("world", "sft", "reward"):
-        shutil.copytree(base / part, tmp_path / part)
+    copy_run(trained, tmp_path)
     cfg = tmp_path / "stage.yaml"
     cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
     overrides = ["--set", "data.max_prompt_tokens=1", "--set", "data.prompt_overflow=skip", *extra]
@@ -84,14 +65,13 @@ def test_a_stage_left_with_no_data_says_why_instead_of_spinning(base, tmp_path, 
     assert "raise data.max_prompt_tokens" in result.output
 
 
-def test_a_failed_rerun_leaves_the_finished_stage_as_it_was(base, tmp_path, tiny_world_config):
+def test_a_failed_rerun_leaves_the_finished_stage_as_it_was(trained, tmp_path, tiny_world_config):
     """A rerun over a finished stage wrote config.yaml and metrics.jsonl at once and the model and summary at the
     end: killed or failed in between, the folder described one run and held another, and `pmrlhf run` reused it.
     Now a stage writes into <name>.partial/ and swaps it in whole when it is done."""
     import hashlib
 
-    for part in ("world", "sft", "reward"):
-        shutil.copytree(base / part, tmp_path / part)
+    copy_run(trained, tmp_path)
 
     def digest(folder):
         return {
@@ -157,7 +137,9 @@ def test_replace_dir_without_exchange_keeps_the_old_folder_if_killed_between_ren
 
 
 @pytest.mark.parametrize("stage,name", [("sft", "sft"), ("rm", "reward"), ("dpo", "dpo")])
-def test_every_training_stage_resumes_after_sigkill_as_if_never_stopped(base, tmp_path, tiny_world_config, stage, name):
+def test_every_training_stage_resumes_after_sigkill_as_if_never_stopped(
+    trained, tmp_path, tiny_world_config, stage, name
+):
     """Killed after a checkpoint and resumed with --resume: the same weights, bit for bit, and the same metrics."""
     import signal
     import subprocess
@@ -180,9 +162,7 @@ def test_every_training_stage_resumes_after_sigkill_as_if_never_stopped(base, tm
     runs = {}
     for kind in ("straight", "killed"):
         runs[kind] = tmp_path / kind
-        for part in ("world", "sft", "reward"):
-            if part != name:
-                shutil.copytree(base / part, runs[kind] / part)
+        copy_run(trained, runs[kind], [part for part in ("world", "sft", "reward") if part != name])
     assert launch(runs["straight"]).wait() == 0
     proc = launch(runs["killed"])
     ckpt = runs["killed"] / f"{name}.partial" / "checkpoints"

@@ -2,49 +2,18 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import model_weights, torchrun
-from pmrlhf.config import DataConfig, ModelConfig
+from helpers import copy_run, model_weights, ppo_config, torchrun
+from pmrlhf.config import ModelConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import ppo, reward, sft
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_world_config):
-    """SFT and reward models on the tiny world, shared by every test here (each copies the run folder)."""
-    run = tmp_path_factory.mktemp("ppo-base")
-    sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
-    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
-    return run
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    for part in ("world", "sft", "reward"):
-        shutil.copytree(src / part, dst / part)
-    return dst
-
-
-def ppo_config(run_dir, world, **kw) -> ppo.PPOConfig:
-    base = dict(
-        run_dir=str(run_dir),
-        world=world,
-        iterations=8,
-        prompts_per_iteration=6,
-        minibatch_size=6,
-        max_new_tokens=8,
-        checkpoint_every=0,
-        data=DataConfig(portion="rl", max_response_tokens=8),
-    )
-    return ppo.PPOConfig(**{**base, **kw})
 
 
 def test_paper_flags_map_one_to_one():

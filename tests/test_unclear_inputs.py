@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from helpers import copy_run, ppo_config
 from pmrlhf.cli import app
 from pmrlhf.config import ModelConfig
 from pmrlhf.data.world import World, WorldConfig, build_tokenizer
@@ -178,33 +179,22 @@ def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     assert "cannot write" in result.output and "choose a writable --run-dir" in result.output
 
 
-def test_a_full_disk_during_a_checkpoint_removes_the_half_written_one(tmp_path, monkeypatch, tiny_world_config):
-    import shutil
-
-    from pmrlhf.config import DataConfig
-    from pmrlhf.stages import ppo, reward, sft
-
-    sft.run(sft.SFTConfig(run_dir=str(tmp_path), world=tiny_world_config, optim=sft.OptimConfig(epochs=1)))
-    reward.run(reward.RewardConfig(run_dir=str(tmp_path), world=tiny_world_config))
+def test_a_full_disk_during_a_checkpoint_removes_the_half_written_one(
+    trained, tmp_path, monkeypatch, tiny_world_config
+):
     import accelerate
+
+    from pmrlhf.stages import ppo
+
+    copy_run(trained, tmp_path)
 
     def full(self, output_dir, **kw):
         (Path(output_dir) / "model.bin").write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", full)
-    cfg = ppo.PPOConfig(
-        run_dir=str(tmp_path),
-        world=tiny_world_config,
-        iterations=3,
-        checkpoint_every=1,
-        prompts_per_iteration=6,
-        minibatch_size=6,
-        max_new_tokens=4,
-        data=DataConfig(portion="rl", max_response_tokens=4),
-    )
+    cfg = ppo_config(tmp_path, tiny_world_config, iterations=3, checkpoint_every=1)
     with pytest.raises(ValueError, match="no space left on the device while writing checkpoint iter-000001"):
         ppo.run(cfg)
     checkpoints = tmp_path / "ppo.partial" / "checkpoints"
     assert not list(checkpoints.glob(".*")) and not list(checkpoints.glob("iter-*"))
-    shutil.rmtree(tmp_path / "ppo.partial")
