@@ -168,12 +168,12 @@ def test_a_hub_name_without_a_network_is_one_line(tmp_path):
 
 def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """As root every folder is writable, so the refusal the file system would give is made here."""
-    import pmrlhf.stages.common as common
+    import pmrlhf.stages.run_folder as run_folder
 
     def refuse(config, path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(common, "save_config", refuse)
+    monkeypatch.setattr(run_folder, "save_config", refuse)
     result = CliRunner().invoke(app, ["rm", "--run-dir", str(tmp_path)])
     assert result.exit_code == 2, result.output
     assert "cannot write" in result.output and "choose a writable --run-dir" in result.output

@@ -18,18 +18,8 @@ from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
 from pmrlhf.io import atomic_write_json
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from pmrlhf.stages.common import (
-    console,
-    finish_stage,
-    load_stage_records,
-    on_the_main_process,
-    process_device,
-    say_encoding,
-    seed_everything,
-    stage_dir,
-    stage_encoder,
-    world_dir,
-)
+from pmrlhf.stages.common import console, on_the_main_process, process_device, seed_everything
+from pmrlhf.stages.run_folder import finish_stage, load_stage_records, say_encoding, stage_dir, stage_encoder, world_dir
 
 
 @dataclass

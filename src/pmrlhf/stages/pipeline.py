@@ -18,7 +18,8 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.common import check_launch, console, on_the_main_process, write_run_config
+from pmrlhf.stages.common import check_launch, console, on_the_main_process
+from pmrlhf.stages.run_folder import write_run_config
 
 
 def default_variants() -> list[dict[str, Any]]:

@@ -43,21 +43,23 @@ from pmrlhf.stages import checkpoints
 from pmrlhf.stages.common import (
     adamw,
     console,
-    finish_stage,
     gathered_model,
     load_precisions,
-    load_stage_records,
     optimizer_step,
     parameters_sharded,
-    require_examples,
     seed_everything,
     stage_accelerator,
+)
+from pmrlhf.stages.guards import check_finite
+from pmrlhf.stages.rollout import CompiledDecoding, Trajectory, critic_values, generate, score
+from pmrlhf.stages.run_folder import (
+    finish_stage,
+    load_stage_records,
+    require_examples,
     stage_dir,
     stage_encoder,
     world_dir,
 )
-from pmrlhf.stages.guards import check_finite
-from pmrlhf.stages.rollout import CompiledDecoding, Trajectory, critic_values, generate, score
 
 
 @dataclass

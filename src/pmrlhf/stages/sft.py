@@ -16,19 +16,9 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text
 from pmrlhf.models import context_length, load_causal_lm, load_tokenizer, save_model
 from pmrlhf.stages import checkpoints
-from pmrlhf.stages.common import (
-    HALF_TYPES,
-    console,
-    finish_stage,
-    gathered_model,
-    load_precisions,
-    load_stage_records,
-    process_state,
-    seed_everything,
-    stage_dir,
-    tokenizer_source,
-)
+from pmrlhf.stages.common import HALF_TYPES, console, gathered_model, load_precisions, process_state, seed_everything
 from pmrlhf.stages.guards import check_finite, check_weights_finite
+from pmrlhf.stages.run_folder import finish_stage, load_stage_records, stage_dir, tokenizer_source
 
 
 @dataclass
