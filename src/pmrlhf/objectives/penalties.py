@@ -78,9 +78,9 @@ def cpm_sequence(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     ``log pi(T_t)`` on every token, and on the last token also ``-log pi_ref(y|x)`` when ``pi_ref(y|x) < alpha``.
     Summed over the response this is Def. 4.1's regulariser. The condition depends on every token of the
     response, so its term sits on the last one: spread over the tokens (``log pi - log pi_ref`` on each token
-    of a response off M(x)), token t would be credited with a term that tokens after it decide, and
-    reward-to-go credit would follow another objective (0.1 in total variation off Def. 4.1's optimum on a
-    two-token example, ``tests/test_objectives_exact.py``).
+    of a response off M(x)), token t would be credited with a term that tokens after it decide, and the
+    expected update under reward-to-go credit would miss Def. 4.1's gradient (by 2e-3 on the two-token example
+    of ``tests/test_objectives_exact.py``, where the rule here agrees with it to 1e-15).
     """
     _check_alpha(alpha)
     seq_ref = _masked(ref_logp, mask).sum(-1, keepdim=True)  # [B, 1]
