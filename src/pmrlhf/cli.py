@@ -83,6 +83,19 @@ def _run(stage_run, cfg) -> Path:
             typer.echo(f"error: no space left on the device while writing {e.filename or 'the run'}", err=True)
             raise typer.Exit(1) from None
         raise
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Under several processes, close the process group before the interpreter exits: one left to the
+    interpreter's teardown can abort a process that has finished its work ("terminate called without an active
+    exception", exit -6), failing a run that succeeded. Local to each process: no collective, so a process that
+    failed does not wait for the others here."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @app.command()
