@@ -48,11 +48,11 @@ def stage_dir(run_dir: str | Path, name: str, config, resumable: bool = False) -
     ``config.yaml`` written first by the main process; ``finish_stage`` swaps it into ``<run_dir>/<name>/``.
 
     So a stage's outputs (config, metrics, model, summary) change together or not at all: a run killed half-way,
-    or refused, leaves a finished folder of an earlier run as it was. A stage that cannot resume starts from an
-    empty partial folder; a ``resumable`` one (PPO) keeps what a killed run left there, and where it has none
-    but its finished folder has checkpoints, starts from those (linked, not copied; the metrics copied). Where
-    the stage takes its data from the run's world, ``config.world`` becomes that world's settings
-    (``resolve_world``).
+    or refused, leaves a finished folder of an earlier run as it was. A stage that cannot resume (evaluation)
+    starts from an empty partial folder; a ``resumable`` one (every training stage) keeps what a killed run left
+    there, and where it has none but its finished folder has checkpoints, starts from those (linked, not copied;
+    the metrics copied). Where the stage takes its data from the run's world, ``config.world`` becomes that
+    world's settings (``resolve_world``).
     """
     _resolve_world(run_dir, config)
     final = Path(run_dir) / name
