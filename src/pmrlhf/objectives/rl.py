@@ -131,7 +131,8 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, esti
     ``k2 = d**2 / 2``, whose expected gradient on responses sampled from pi is exactly ``grad KL(pi || pi_ref)``
     (``E[d grad log pi(y)]``); ``k3 = exp(-d) - 1 + d``, whose expected gradient is exactly
     ``grad KL(pi_ref || pi)`` (``-sum_y pi_ref(y) grad log pi(y)``), the forward KL. Per-token versions of
-    either (GRPO's) drop the KL of the tokens after each one: their expected gradient is neither KL's.
+    either (GRPO's) drop the KL of the tokens after each one: per-token k3's expected gradient misses the
+    forward KL's (``tests/test_objectives_exact.py``).
     ``k1 = d`` is refused: its expected gradient is ``E[grad log pi(y)] = 0``.
     """
     d = ((logp - ref_logp) * mask.to(logp.dtype)).sum(-1)
