@@ -10,13 +10,18 @@ and the next save replaces. Resuming refuses a checkpoint of another run, naming
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from pmrlhf.io import replace_dir
+from pmrlhf.config import to_dict
+from pmrlhf.io import MetricsLog, atomic_write_text, read_jsonl, replace_dir
 from pmrlhf.stages.common import console
+
+# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
+MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 
 
 def save(accelerator, root: Path, name: str, state: dict, keep: int, per_process: dict | None = None) -> Path:
@@ -109,10 +114,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def truncated_metrics(path: Path, step: int) -> str:
     """The lines of ``metrics.jsonl`` up to ``step``: what a run resumed there keeps of its log."""
-    import json
-
-    from pmrlhf.io import read_jsonl
-
     rows = [r for r in read_jsonl(path) if r["step"] <= step] if path.exists() and step else []
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -121,9 +122,6 @@ def begin(accelerator, out: Path, config, prefix: str, may_change: tuple[str, ..
     """Start or resume a stage's loop in ``out``: ``(found, log)``. With ``config.resume``, ``found`` is the newest
     checkpoint's ``(state, path)`` (None without one); without, earlier checkpoints move aside. ``log`` (the main
     process's ``MetricsLog``, None elsewhere) keeps the lines up to the resumed step and appends after them."""
-    from pmrlhf.config import to_dict
-    from pmrlhf.io import MetricsLog, atomic_write_text
-
     root, found = out / "checkpoints", None
     if config.resume:
         found = load(accelerator, root, prefix, to_dict(config), may_change)
@@ -137,3 +135,23 @@ def begin(accelerator, out: Path, config, prefix: str, may_change: tuple[str, ..
         c = config.logging
         log = MetricsLog(metrics, c.tensorboard, c.wandb, c.wandb_project, run_name=run_name, resume=True)
     return found, log
+
+
+def loop_state(config, step: int, epoch_rng, batch: int, scheduler, **extra) -> dict:
+    """What a stage's epoch loop needs to resume after ``step``: the order of the epoch it is in (``epoch_rng``,
+    the shuffling state the epoch started from), the next batch in it, the schedule, and the run's config."""
+    return {
+        "step": step,
+        "rng": epoch_rng,
+        "batch": batch,
+        "scheduler": scheduler.state_dict(),
+        "config": to_dict(config),
+        **extra,
+    }
+
+
+def resume_loop(state: dict, rng, scheduler) -> tuple[int, int]:
+    """Put ``rng`` and ``scheduler`` back as ``loop_state`` saved them: ``(step, first batch of the epoch)``."""
+    rng.setstate(state["rng"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"], state["batch"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require, to_dict
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json
@@ -46,8 +46,6 @@ from pmrlhf.stages.run_folder import (
 )
 
 REFERENCE_FREE = {"simpo", "pm"}
-# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
-RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 
 
 @dataclass
@@ -176,12 +174,10 @@ def run(config: DPOConfig) -> Path:
 
     rng = random.Random(config.seed)
     step, window, start_batch = 0, None, 0
-    found, log = checkpoints.begin(accelerator, out, config, "step", RESUMABLE)
+    found, log = checkpoints.begin(accelerator, out, config, "step", checkpoints.MAY_CHANGE)
     if found:
         state, path = found
-        step, start_batch = state["step"], state["batch"]
-        rng.setstate(state["rng"])
-        scheduler.load_state_dict(state["scheduler"])
+        step, start_batch = checkpoints.resume_loop(state, rng, scheduler)
         console.print(f"resumed {config.name} at step {step} from {path}")
     from rich.progress import Progress
 
@@ -223,13 +219,7 @@ def run(config: DPOConfig) -> Path:
                 if step >= total:
                     break
                 if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    state = {
-                        "step": step,
-                        "rng": epoch_rng,
-                        "batch": b + 1,
-                        "scheduler": scheduler.state_dict(),
-                        "config": to_dict(config),
-                    }
+                    state = checkpoints.loop_state(config, step, epoch_rng, b + 1, scheduler)
                     checkpoints.save(
                         accelerator, out / "checkpoints", f"step-{step:06d}", state, config.keep_checkpoints
                     )

@@ -695,9 +695,8 @@ class PPOTrainer:
         return summary
 
 
-# Settings a resumed run may change: how long it runs, how often it checkpoints and logs, where its folder is,
-# and the flag itself.
-RESUMABLE_CHANGES = ("resume", "iterations", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
+# Settings a resumed run may change: those of every stage, and how long it runs.
+RESUMABLE_CHANGES = (*checkpoints.MAY_CHANGE, "iterations")
 
 
 def _float32(t: torch.Tensor) -> torch.Tensor:

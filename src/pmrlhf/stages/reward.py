@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, to_dict
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
 from pmrlhf.data.records import Comparison, Ranking
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.tokenize import Encoder, pad
@@ -69,10 +69,6 @@ class RewardConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
-RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 
 
 def _ordered(records: list[Comparison | Ranking]) -> list[tuple[str, list[str]]]:
@@ -179,12 +175,11 @@ def run(config: RewardConfig) -> Path:
     best_state, stale, step, window_loss = None, 0, 0, 0.0
     stopped_early = False
     start_batch = 0  # where in its epoch a resumed run picks up
-    found, log = checkpoints.begin(accelerator, out, config, "step", RESUMABLE)
+    found, log = checkpoints.begin(accelerator, out, config, "step", checkpoints.MAY_CHANGE)
     if found:
         state, path = found
-        step, start_batch, best, stale = state["step"], state["batch"], state["best"], state["stale"]
-        rng.setstate(state["rng"])
-        scheduler.load_state_dict(state["scheduler"])
+        step, start_batch = checkpoints.resume_loop(state, rng, scheduler)
+        best, stale = state["best"], state["stale"]
         best_state = checkpoints.per_process(path, "best", accelerator) if state["has_best"] else None
         console.print(f"resumed {config.name} at step {step} from {path}")
     from rich.progress import Progress
@@ -230,16 +225,16 @@ def run(config: RewardConfig) -> Path:
                     log.log(step, row)
                 last = step >= total or stopped_early  # the end is saved as the model, not as a checkpoint
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and not last:
-                    state = {
-                        "step": step,
-                        "rng": epoch_rng,
-                        "batch": b + 1,
-                        "scheduler": scheduler.state_dict(),
-                        "best": best,
-                        "stale": stale,
-                        "has_best": best_state is not None,
-                        "config": to_dict(config),
-                    }
+                    state = checkpoints.loop_state(
+                        config,
+                        step,
+                        epoch_rng,
+                        b + 1,
+                        scheduler,
+                        best=best,
+                        stale=stale,
+                        has_best=best_state is not None,
+                    )
                     best_file = {"best": best_state} if best_state is not None else None
                     root = out / "checkpoints"
                     checkpoints.save(accelerator, root, f"step-{step:06d}", state, config.keep_checkpoints, best_file)

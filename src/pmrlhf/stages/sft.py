@@ -38,8 +38,6 @@ class SFTConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
-RESUMABLE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
 # Written into each of the Trainer's checkpoints once it is complete: the run's config, which resuming checks.
 DONE = "pmrlhf-config.json"
 
@@ -50,7 +48,9 @@ def _resume_point(root: Path, config: SFTConfig) -> Path | None:
     if not done:
         console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
         return None
-    checkpoints.check_same_run(done[-1], json.loads((done[-1] / DONE).read_text()), to_dict(config), RESUMABLE)
+    checkpoints.check_same_run(
+        done[-1], json.loads((done[-1] / DONE).read_text()), to_dict(config), checkpoints.MAY_CHANGE
+    )
     return done[-1]
 
 
