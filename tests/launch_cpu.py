@@ -103,7 +103,7 @@ if __name__ == "__main__":
     {"fsdp": _fsdp_environment, "deepspeed": _deepspeed_environment}[backend]()
     for stage in (sft, reward, dpo, ppo):
         stage.run = _on(backend, stage.run)
-    from pmrlhf.cli import app
+    from pmrlhf.cli import main
 
     sys.argv[0] = "pmrlhf"
-    app()
+    main()

@@ -1,3 +1,3 @@
-from pmrlhf.cli import app
+from pmrlhf.cli import main
 
-app()
+main()
