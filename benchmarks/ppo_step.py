@@ -36,14 +36,14 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import ModelConfig
+from pmrlhf.config import ModelConfig, from_dict, to_dict
 from pmrlhf.data.tokenize import pad
 from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.models import attention_implementation, fuse_activations, save_model, tiny_config
-from pmrlhf.models.scoring import join, token_logprobs
+from pmrlhf.models.sampling import generate
+from pmrlhf.models.scoring import critic_values, join, token_logprobs
 from pmrlhf.stages import ppo
-from pmrlhf.stages.rollout import critic_values, generate
 
 SIZES = {"tiny": dict(layers=2, hidden=64, heads=4), "small": dict(layers=6, hidden=256, heads=8)}
 BATCH, NEW_TOKENS = 16, 16
@@ -70,14 +70,14 @@ def build_run(root: Path, size: str) -> Path:
 def config(run: Path, **kw) -> ppo.PPOConfig:
     base = dict(
         run_dir=str(run),
-        world=WORLD,
+        world=to_dict(WORLD),
         prompts_per_iteration=BATCH,
-        minibatch_size=BATCH,
+        optim={"batch_size": BATCH},
         max_new_tokens=NEW_TOKENS,
         checkpoint_every=0,
         iterations=1_000_000,
     )
-    return ppo.PPOConfig(**{**base, **kw})
+    return from_dict(ppo.PPOConfig, {**base, **kw})
 
 
 def timed(fn, repeats: int) -> float:
@@ -172,7 +172,6 @@ def rloo_throughputs(
         samples_per_prompt=k,
         kl_ctl=KL,
         prompts_per_iteration=BATCH // k,
-        minibatch_size=BATCH,
     )
     ours = {"ours": ppo.PPOTrainer(config(run, name="bench-rloo", **rloo))}
     if compiled:

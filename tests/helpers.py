@@ -43,18 +43,45 @@ def copy_run(src: Path, dst: Path, parts=("world", "sft", "reward")) -> Path:
 
 
 def ppo_config(run_dir, world, **kw):
-    """A PPO config small enough for a test: 8 iterations of 6 prompts, 8 new tokens, no checkpoints."""
-    from pmrlhf.config import DataConfig
+    """A PPO config small enough for a test: 8 iterations of 6 prompts, 8 new tokens, no checkpoints. ``kw`` as a
+    config file would give them (the paper's flags included); dataclass values are taken as their fields."""
+    import dataclasses
+
+    from pmrlhf.config import from_dict, merge_sections
     from pmrlhf.stages import ppo
+    from pmrlhf.stages.ppo.config import penalty_section
 
     base = dict(
         run_dir=str(run_dir),
-        world=world,
+        world=dataclasses.asdict(world),
         iterations=8,
         prompts_per_iteration=6,
-        minibatch_size=6,
+        optim={"batch_size": 6},
         max_new_tokens=8,
         checkpoint_every=0,
-        data=DataConfig(portion="rl", max_response_tokens=8),
+        data={"portion": "rl", "max_response_tokens": 8},
     )
-    return ppo.PPOConfig(**{**base, **kw})
+    as_data = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in kw.items()}
+    return from_dict(ppo.PPOConfig, merge_sections(penalty_section(base), penalty_section(as_data)))
+
+
+def world_comparison(run_dir: Path, name: str, max_new_tokens: int = 8) -> dict:
+    """Where the policy that stage ``name`` trained sits among the closed forms over M(x) of the run's world
+    (``exact.compare_with_closed_forms`` with the stage's ``objective.json``), the targets' mass outside M(x)
+    estimated from responses of up to ``max_new_tokens``."""
+    import json
+
+    from pmrlhf.config import ModelConfig
+    from pmrlhf.evaluation.exact import compare_with_closed_forms
+    from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+
+    run = Path(run_dir)
+    tok = load_tokenizer(run / "sft" / "model")
+    policy, reference = (
+        load_causal_lm(ModelConfig(), tok, p, trainable=False) for p in (run / name / "model", run / "sft" / "model")
+    )
+    reward_model = load_reward_model(ModelConfig(), tok, run / "reward" / "model", trainable=False)
+    objective = json.loads((run / name / "objective.json").read_text())
+    return compare_with_closed_forms(
+        policy, reference, reward_model, tok, run / "world", objective, max_new_tokens=max_new_tokens
+    )

@@ -15,7 +15,7 @@ from pmrlhf.config import ModelConfig, OptimConfig
 from pmrlhf.data.sources import holdout
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import dpo, pipeline, reward, sft
-from pmrlhf.stages.common import stage_accelerator
+from pmrlhf.training.setup import stage_accelerator
 
 
 @pytest.fixture(scope="module")

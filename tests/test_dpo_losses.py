@@ -4,19 +4,23 @@ import pytest
 import torch
 
 from pmrlhf.objectives import dpo, optimal
+from pmrlhf.objectives.dpo import Pairs
 
 
 def test_dpo_sigmoid_and_cdpo_known_values():
     c, r, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
     # delta = (-1 + 2) - (-3 + 2) = 2; beta = 0.5 -> -log sigmoid(1)
-    torch.testing.assert_close(dpo.dpo_sigmoid(c, r, rc, rr, beta=0.5), torch.tensor([math.log1p(math.exp(-1))]))
+    torch.testing.assert_close(dpo.dpo_sigmoid(Pairs(c, r, rc, rr), beta=0.5), torch.tensor([math.log1p(math.exp(-1))]))
     eps = 0.1
     expected = (1 - eps) * math.log1p(math.exp(-1)) + eps * math.log1p(math.exp(1))
-    torch.testing.assert_close(dpo.dpo_sigmoid(c, r, rc, rr, beta=0.5, label_smoothing=eps), torch.tensor([expected]))
-    # cDPO = (1 - eps) L(w, l) + eps L(l, w): the textbook's identity
-    swapped = dpo.dpo_sigmoid(r, c, rr, rc, beta=0.5)
     torch.testing.assert_close(
-        dpo.dpo_sigmoid(c, r, rc, rr, 0.5, eps), (1 - eps) * dpo.dpo_sigmoid(c, r, rc, rr, 0.5) + eps * swapped
+        dpo.dpo_sigmoid(Pairs(c, r, rc, rr), beta=0.5, label_smoothing=eps), torch.tensor([expected])
+    )
+    # cDPO = (1 - eps) L(w, l) + eps L(l, w): the textbook's identity
+    swapped = dpo.dpo_sigmoid(Pairs(r, c, rr, rc), beta=0.5)
+    torch.testing.assert_close(
+        dpo.dpo_sigmoid(Pairs(c, r, rc, rr), beta=0.5, label_smoothing=eps),
+        (1 - eps) * dpo.dpo_sigmoid(Pairs(c, r, rc, rr), beta=0.5) + eps * swapped,
     )
 
 
@@ -24,25 +28,35 @@ def test_robust_ipo_simpo_known_values():
     c, r, rc, rr = torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0])
     eps = 0.2
     robust = ((1 - eps) * math.log1p(math.exp(-1)) - eps * math.log1p(math.exp(1))) / (1 - 2 * eps)
-    torch.testing.assert_close(dpo.dpo_robust(c, r, rc, rr, beta=0.5, label_smoothing=eps), torch.tensor([robust]))
+    torch.testing.assert_close(
+        dpo.dpo_robust(Pairs(c, r, rc, rr), beta=0.5, label_smoothing=eps), torch.tensor([robust])
+    )
     lc, lr = torch.tensor([2.0]), torch.tensor([4.0])
     # per-token log-ratios: 1 / 2 - (-1) / 4 = 0.75; (0.75 - 1 / (2 * 0.5))^2 = 0.0625
-    torch.testing.assert_close(dpo.ipo(c, r, rc, rr, lc, lr, beta=0.5), torch.tensor([0.0625]))
+    torch.testing.assert_close(dpo.ipo(Pairs(c, r, rc, rr, lc, lr), beta=0.5), torch.tensor([0.0625]))
     # SimPO: beta (-1/2 - (-3/4)) - gamma = 2 * 0.25 - 1 = -0.5
-    torch.testing.assert_close(dpo.simpo(c, r, lc, lr, beta=2.0, gamma=1.0), torch.tensor([math.log1p(math.exp(0.5))]))
+    torch.testing.assert_close(
+        dpo.simpo(Pairs(c, r, None, None, lc, lr), beta=2.0, simpo_gamma=1.0), torch.tensor([math.log1p(math.exp(0.5))])
+    )
     with pytest.raises(ValueError, match="label_smoothing"):
-        dpo.dpo_robust(c, r, rc, rr, label_smoothing=0.5)
+        dpo.dpo_robust(Pairs(c, r, rc, rr), label_smoothing=0.5)
 
 
 def test_pm_dpo_is_dpo_with_a_uniform_reference_and_cpm_interpolates():
     g = torch.Generator().manual_seed(0)
     c, r = torch.randn(8, generator=g) - 3, torch.randn(8, generator=g) - 3
     uniform = torch.full((8,), math.log(0.25))
-    torch.testing.assert_close(dpo.pm_dpo(c, r, beta=0.7), dpo.dpo_sigmoid(c, r, uniform, uniform, beta=0.7))
+    torch.testing.assert_close(
+        dpo.pm_dpo(Pairs(c, r), beta=0.7), dpo.dpo_sigmoid(Pairs(c, r, uniform, uniform), beta=0.7)
+    )
     rc, rr = torch.randn(8, generator=g) - 3, torch.randn(8, generator=g) - 3
     # alpha below every reference probability: PM-DPO; above every one: DPO.
-    torch.testing.assert_close(dpo.cpm_dpo(c, r, rc, rr, 0.7, alpha=1e-30), dpo.pm_dpo(c, r, 0.7))
-    torch.testing.assert_close(dpo.cpm_dpo(c, r, rc, rr, 0.7, alpha=1.0), dpo.dpo_sigmoid(c, r, rc, rr, 0.7))
+    torch.testing.assert_close(
+        dpo.cpm_dpo(Pairs(c, r, rc, rr), beta=0.7, alpha=1e-30), dpo.pm_dpo(Pairs(c, r), beta=0.7)
+    )
+    torch.testing.assert_close(
+        dpo.cpm_dpo(Pairs(c, r, rc, rr), beta=0.7, alpha=1.0), dpo.dpo_sigmoid(Pairs(c, r, rc, rr), beta=0.7)
+    )
 
 
 @pytest.mark.parametrize(
@@ -69,9 +83,9 @@ def test_minimising_on_btl_comparisons_reaches_the_closed_form(loss, beta, alpha
         w, l = logp[prompt, win], logp[prompt, lose]
         rw, rl = log_ref[prompt, win], log_ref[prompt, lose]
         value = {
-            "sigmoid": lambda: dpo.dpo_sigmoid(w, l, rw, rl, beta),
-            "pm": lambda: dpo.pm_dpo(w, l, beta),
-            "cpm": lambda: dpo.cpm_dpo(w, l, rw, rl, beta, alpha),
+            "sigmoid": lambda: dpo.dpo_sigmoid(Pairs(w, l, rw, rl), beta=beta),
+            "pm": lambda: dpo.pm_dpo(Pairs(w, l), beta=beta),
+            "cpm": lambda: dpo.cpm_dpo(Pairs(w, l, rw, rl), beta=beta, alpha=alpha),
         }[loss]().mean()
         value.backward()
         return value
@@ -147,3 +161,18 @@ def test_ipo_target_fits_the_per_token_margins():
     p = torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
     torch.testing.assert_close(h[0] - h[1], (2 * p - 1) / (2 * 0.5), atol=1e-7, rtol=0)
     assert pi.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("name", sorted(dpo.DPO_LOSSES))
+def test_each_loss_reads_the_reference_exactly_when_its_registry_entry_says_so(name):
+    entry = dpo.DPO_LOSSES[name]
+    g = torch.Generator().manual_seed(2)
+    c, r, rc, rr, other_c, other_r = (torch.randn(6, generator=g) - 3 for _ in range(6))
+    lc, lr = torch.randint(1, 6, (6,), generator=g).float(), torch.randint(1, 6, (6,), generator=g).float()
+    values = {"beta": 0.5, "label_smoothing": 0.1, "simpo_gamma": 0.5, "alpha": 0.2}
+    kw = {k: values[k] for k in entry.hyperparameters}
+    if entry.needs_reference:
+        with_ref = entry.fn(Pairs(c, r, rc, rr, lc, lr), **kw)
+        assert not torch.allclose(with_ref, entry.fn(Pairs(c, r, other_c, other_r, lc, lr), **kw))
+    else:
+        assert torch.isfinite(entry.fn(Pairs(c, r, None, None, lc, lr), **kw)).all()

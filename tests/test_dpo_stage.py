@@ -9,6 +9,7 @@ from pmrlhf.config import DataConfig, ModelConfig
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import World, WorldConfig, build_tokenizer
 from pmrlhf.models import load_causal_lm
+from pmrlhf.objectives.dpo import DPO_LOSSES, Pairs
 from pmrlhf.stages import dpo as stage
 
 ROWS = [
@@ -35,7 +36,7 @@ def ours(tok, policy, reference, config: stage.DPOConfig) -> float:
     with torch.no_grad():
         c, r, lc, lr = stage.batch_logprobs(policy, pairs, tok.pad_token_id)
         rc, rr, _, _ = stage.batch_logprobs(reference, pairs, tok.pad_token_id)
-        return stage.loss_fn(config)(c, r, rc, rr, lc, lr).mean().item()
+        return stage.loss_fn(config)(Pairs(c, r, rc, rr, lc, lr)).mean().item()
 
 
 def trl_first_loss(tok, policy, reference, loss_type: str, beta: float, label_smoothing: float) -> float:
@@ -81,7 +82,7 @@ def test_dpo_stage_runs_every_loss_and_writes_an_hf_model(tmp_path, tiny_world_c
     from pmrlhf.stages import sft
 
     sft.run(sft.SFTConfig(run_dir=str(tmp_path), world=tiny_world_config))
-    for loss in sorted(stage.REFERENCE_FREE | {"sigmoid", "ipo", "cpm", "robust"}):
+    for loss in sorted(DPO_LOSSES):
         cfg = stage.DPOConfig(
             run_dir=str(tmp_path),
             world=tiny_world_config,
@@ -94,6 +95,7 @@ def test_dpo_stage_runs_every_loss_and_writes_an_hf_model(tmp_path, tiny_world_c
         path = stage.run(cfg)
         AutoModelForCausalLM.from_pretrained(path)
         summary = json.loads((tmp_path / f"dpo-{loss}" / "summary.json").read_text())
-        assert summary["penalty"] == f"dpo:{loss}" and summary["steps"] >= 1
+        objective = json.loads((tmp_path / f"dpo-{loss}" / "objective.json").read_text())
+        assert objective["method"] == "dpo" and objective["loss"] == loss and summary["steps"] >= 1
     with pytest.raises(ValueError, match="unknown DPO loss"):
         stage.DPOConfig(loss="kto").validate()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from helpers import copy_run, ppo_config
 from pmrlhf.cli import app
 from pmrlhf.stages import ppo
-from pmrlhf.stages.guards import NonFiniteError, check_finite
+from pmrlhf.training.guards import NonFiniteError, check_finite
 
 
 def test_check_finite_names_where_what_and_why():

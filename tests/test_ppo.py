@@ -10,23 +10,41 @@ import time
 import pytest
 import torch
 
-from helpers import copy_run, model_weights, ppo_config, torchrun
-from pmrlhf.config import ModelConfig
+from helpers import copy_run, model_weights, ppo_config, torchrun, world_comparison
+from pmrlhf.config import ConfigError, ModelConfig, from_dict
 from pmrlhf.io import read_jsonl
+from pmrlhf.models.sampling import generate
 from pmrlhf.stages import ppo, reward, sft
+from pmrlhf.stages.ppo import rollout
+
+
+def ppo_settings(**data) -> ppo.PPOConfig:
+    """``PPOConfig`` as a config file with these keys gives it."""
+    return from_dict(ppo.PPOConfig, data)
 
 
 def test_paper_flags_map_one_to_one():
-    c = ppo.PPOConfig(penalty="kl", kl_ctl=0.1)
-    assert c.resolved_penalty() == ("kl", 0.1, {})
-    c = ppo.PPOConfig(penalty="entropy", ent_ctl=0.5, alpha_ctl=0.3)
-    assert c.resolved_penalty() == ("cpm_token", 0.5, {"alpha": 0.3})
-    c = ppo.PPOConfig(penalty="entropy", ent_ctl=1.0, alpha_ctl=0.0)
-    assert c.resolved_penalty() == ("pm", 1.0, {})
+    c = ppo_settings(penalty="kl", kl_ctl=0.1)
+    assert (c.penalty.name, c.penalty.coefficient(), c.penalty.kwargs()) == ("kl", 0.1, {})
+    c = ppo_settings(penalty="entropy", ent_ctl=0.5, alpha_ctl=0.3)
+    assert (c.penalty.name, c.penalty.coefficient(), c.penalty.kwargs()) == ("cpm_token", 0.5, {"alpha": 0.3})
+    c = ppo_settings(penalty="entropy", ent_ctl=1.0, alpha_ctl=0.0)
+    assert (c.penalty.name, c.penalty.coefficient(), c.penalty.kwargs()) == ("pm", 1.0, {})
+    # the flag of the other family is unused, as in the reference code, which has both
+    c = ppo_settings(penalty="pm", kl_ctl=0.3, ent_ctl=2.0)
+    assert (c.penalty.name, c.penalty.coefficient()) == ("pm", 2.0)
+    assert ppo_settings(penalty={"name": "kl", "coef": 0.3}) == ppo_settings(penalty="kl", kl_ctl=0.3)
+    # without a coefficient, each family's default: kl_ctl 0.1, ent_ctl 1
+    assert ppo_settings(penalty="kl").penalty.coefficient() == 0.1
+    assert ppo_settings(penalty={"name": "maxent"}).penalty.coefficient() == 1.0
+    with pytest.raises(ConfigError, match="kl_ctl and penalty.coef are the same setting"):
+        ppo_settings(penalty={"name": "kl", "coef": 0.3}, kl_ctl=0.1)
+    with pytest.raises(ConfigError, match="actor_lr is now optim.lr; target_kl is now adaptive_kl.target"):
+        ppo_settings(actor_lr=1e-4, target_kl=1.0)
     with pytest.raises(ValueError, match="unknown penalty"):
-        ppo.PPOConfig(penalty="nope").validate()
+        ppo_settings(penalty="nope").validate()
     with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
-        ppo.PPOConfig(advantage="rloo").validate()
+        ppo_settings(advantage="rloo").validate()
 
 
 @pytest.mark.parametrize(
@@ -34,32 +52,37 @@ def test_paper_flags_map_one_to_one():
     [
         ({"kl_estimator": "k3"}, "as a reward is not a KL penalty"),
         ({"kl_estimator": "k2"}, "as a reward is not a KL penalty"),
-        ({"kl_estimator": "k1", "kl_placement": "loss"}, "zero expected gradient"),
-        ({"penalty": "pm", "kl_placement": "loss"}, "for penalty kl"),
-        ({"kl_placement": "advantage"}, "unknown kl_placement"),
-        ({"kl_estimator": "k4"}, "unknown kl_estimator"),
+        ({"kl_estimator": "k1", "placement": "loss"}, "zero expected gradient"),
+        ({"name": "pm", "placement": "loss"}, "for penalty kl"),
+        ({"placement": "advantage"}, "penalty.placement must be one of"),
+        ({"kl_estimator": "k4"}, "penalty.kl_estimator must be one of"),
+        ({"name": "cpm_token", "alpha": 0}, r"penalty.alpha must be in \(0, 1\]"),
     ],
 )
 def test_combinations_that_optimise_no_stated_objective_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
-        ppo.PPOConfig(**kw).validate()
-    ppo.PPOConfig(kl_estimator="k3", kl_placement="loss").validate()
+        ppo_settings(penalty=kw).validate()
+    ppo_settings(penalty={"kl_estimator": "k3", "placement": "loss"}).validate()
 
 
 @pytest.mark.parametrize(
     "kw",
     [
-        {"penalty": "kl", "kl_estimator": "k3", "kl_placement": "loss", "target_kl": 0.5, "normalize_reward": True},
-        {"penalty": "kl", "kl_estimator": "k2", "kl_placement": "loss", "advantage": "rloo", "samples_per_prompt": 2},
-        {"penalty": "pm", "ppo_epochs": 2, "minibatch_size": 3},
+        {
+            "penalty": {"kl_estimator": "k3", "placement": "loss"},
+            "adaptive_kl": {"target": 0.5},
+            "normalize_reward": True,
+        },
+        {"penalty": {"kl_estimator": "k2", "placement": "loss"}, "advantage": "rloo", "samples_per_prompt": 2},
+        {"penalty": "pm", "optim": {"epochs": 2, "batch_size": 3}},
         {"penalty": "cpm_token", "alpha_ctl": 0.3, "ptx_coef": 0.5, "ema_decay": 0.9},
         {"penalty": "cpm_sequence", "alpha_ctl": 0.01, "advantage": "rloo", "samples_per_prompt": 2},
-        {"penalty": "kl", "compile_sampler": True, "mixed_precision": "bf16", "ppo_epochs": 2},
-        {"penalty": "maxent", "maxent_tau": 0.5, "advantage": "group_mean", "samples_per_prompt": 3},
+        {"penalty": "kl", "compile_sampler": True, "mixed_precision": "bf16", "optim": {"epochs": 2}},
+        {"penalty": {"name": "maxent", "tau": 0.5}, "advantage": "group_mean", "samples_per_prompt": 3},
         {
             "penalty": "kl",
             "policy": ModelConfig(lora_r=4, lora_target_modules=["c_attn"]),
-            "actor_lr": 1e-2,
+            "optim": {"lr": 1e-2},
             "compile_sampler": True,
         },
     ],
@@ -79,8 +102,8 @@ def test_every_penalty_and_option_trains(trained, tmp_path, tiny_world_config, k
     assert changed
     if kw.get("ema_decay"):
         assert (run / "ppo" / "model-ema" / "config.json").is_file()
-    summary = json.loads((run / "ppo" / "summary.json").read_text())
-    assert 0 <= summary["world"]["mass_outside_m"] <= 1
+    objective = json.loads((run / "ppo" / "objective.json").read_text())
+    assert objective["method"] == "ppo" and objective["penalty"] == cfg.penalty.name
 
 
 def test_bf16_mixed_precision_keeps_float32_masters_and_half_frozen_models(trained, tmp_path, tiny_world_config):
@@ -106,7 +129,7 @@ def test_bf16_mixed_precision_keeps_float32_masters_and_half_frozen_models(train
 
     prompts = [trainer.prompts[i] for i in range(6)]
     with trainer._autocast():
-        responses, logps = ppo.generate(trainer.actor, prompts, trainer.tokenizer, 8, 1.0, 1.0)
+        responses, logps = generate(trainer.actor, prompts, trainer.tokenizer, 8, 1.0, 1.0)
     ids, attn, resp = join(prompts, responses, trainer.tokenizer.pad_token_id)
     actor = trainer.accelerator.unwrap_model(trainer.actor, keep_fp32_wrapper=False)  # drops the autocast
     with torch.no_grad():
@@ -121,7 +144,7 @@ def test_ema_of_bf16_weights_is_kept_in_float32(trained, tmp_path, tiny_world_co
     run = copy_run(trained, tmp_path)
     policy = ModelConfig(dtype="bfloat16")
     trainer = ppo.PPOTrainer(
-        ppo_config(run, tiny_world_config, policy=policy, mixed_precision="no", ema_decay=0.99, actor_lr=1e-3)
+        ppo_config(run, tiny_world_config, policy=policy, mixed_precision="no", ema_decay=0.99, optim={"lr": 1e-3})
     )
     w0 = {k: v.clone() for k, v in trainer.actor.state_dict().items() if v.is_floating_point()}
     assert {v.dtype for v in w0.values()} == {torch.bfloat16}
@@ -130,9 +153,11 @@ def test_ema_of_bf16_weights_is_kept_in_float32(trained, tmp_path, tiny_world_co
     moved = [k for k in w0 if not torch.equal(w0[k], w1[k])]
     assert moved
     for k in moved:
-        assert trainer.ema[k].dtype == torch.float32
-        torch.testing.assert_close(trainer.ema[k], 0.99 * w0[k].float() + 0.01 * w1[k].float(), rtol=0, atol=1e-6)
-    rounded = [k for k in moved if not torch.equal(trainer.ema[k].bfloat16(), trainer.ema[k])]
+        assert trainer.ema.weights[k].dtype == torch.float32
+        torch.testing.assert_close(
+            trainer.ema.weights[k], 0.99 * w0[k].float() + 0.01 * w1[k].float(), rtol=0, atol=1e-6
+        )
+    rounded = [k for k in moved if not torch.equal(trainer.ema.weights[k].bfloat16(), trainer.ema.weights[k])]
     assert len(rounded) == len(moved)  # a bf16 average could not have held them
 
 
@@ -141,7 +166,7 @@ def test_empty_responses_are_scored_not_fatal(trained, tmp_path, tiny_world_conf
     trainer = ppo.PPOTrainer(ppo_config(run, tiny_world_config))
     eos = trainer.tokenizer.eos_token_id
     monkeypatch.setattr(
-        ppo, "generate", lambda model, prompts, *a, **k: ([[eos] for _ in prompts], [[-0.7] for _ in prompts])
+        ppo.trainer, "generate", lambda model, prompts, *a, **k: ([[eos] for _ in prompts], [[-0.7] for _ in prompts])
     )
     row = trainer.step()
     assert row["env/empty_responses"] == 1.0 and row["env/response_length"] == 1.0
@@ -171,11 +196,10 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     here, against KL's 0.358-0.398 from it. Off M(x) the conditional PM optimum keeps the mass the reward model
     gives unnatural text the reference writes (0.09); the runs put 0.10-0.11 there."""
     run, world = matched
-    budget = dict(iterations=300, actor_lr=3e-4, top_p=1.0)
+    budget = dict(iterations=300, optim={"lr": 3e-4}, top_p=1.0)
     ppo.run(ppo_config(run, world, name="kl", penalty="kl", kl_ctl=1.0, **budget))
     ppo.run(ppo_config(run, world, name="cpm", penalty="cpm_sequence", alpha_ctl=0.01, **budget))
-    kl = json.loads((run / "kl" / "summary.json").read_text())["world"]
-    cpm = json.loads((run / "cpm" / "summary.json").read_text())["world"]
+    kl, cpm = world_comparison(run, "kl"), world_comparison(run, "cpm")
     # KL RLHF: at its own (biased) optimum, far from the reward model's preferences.
     assert kl["tv_to_kl_target"] < 0.05 < kl["reference_tv_to_kl_target"]
     assert kl["tv_to_reward_model"] > 0.25
@@ -219,8 +243,8 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
     from pmrlhf.config import ModelConfig
     from pmrlhf.data.world import World, WorldConfig, build_tokenizer
     from pmrlhf.models import load_causal_lm
+    from pmrlhf.models.sampling import generate
     from pmrlhf.models.scoring import join, token_logprobs
-    from pmrlhf.stages.rollout import generate
 
     tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
     torch.manual_seed(0)
@@ -251,7 +275,7 @@ def _counted_model():
 
 def test_sampler_runs_one_forward_pass_per_new_token():
     """The prompt pass gives the first token and each later token one cached pass; none whose logits go unused."""
-    from pmrlhf.stages.rollout import generate
+    from pmrlhf.models.sampling import generate
 
     tok, model, calls = _counted_model()
     responses, _ = generate(model, [[5, 3], [7, 9, 10, 3]], tok, max_new_tokens=5, top_p=1.0, temperature=1.0)
@@ -261,7 +285,7 @@ def test_sampler_runs_one_forward_pass_per_new_token():
 
 def test_sampler_stops_when_told_every_process_is_done():
     """Under sharded parameters every process must decode until all are done: the stop is the caller's."""
-    from pmrlhf.stages.rollout import generate
+    from pmrlhf.models.sampling import generate
 
     tok, model, calls = _counted_model()
     prompts = [[5, 3], [7, 9, 10, 3]]
@@ -279,8 +303,8 @@ def test_compiled_sampler_draws_what_the_eager_one_draws(trained, tiny_world_con
     """Same seed, same tokens; log-probabilities equal the teacher-forced ones; a second batch reuses the cache
     from a clean start, and another batch size gets its own."""
     from pmrlhf.models import load_causal_lm, load_tokenizer
+    from pmrlhf.models.sampling import CompiledDecoding, generate
     from pmrlhf.models.scoring import join, token_logprobs
-    from pmrlhf.stages.rollout import CompiledDecoding, generate
 
     tok = load_tokenizer(trained / "sft" / "model")
     model = load_causal_lm(ModelConfig(), tok, path=trained / "sft" / "model", trainable=False)
@@ -303,7 +327,7 @@ SMALL = [
     "--set",
     "prompts_per_iteration=6",
     "--set",
-    "minibatch_size=3",
+    "optim.batch_size=3",
     "--set",
     "max_new_tokens=8",
 ]
@@ -359,16 +383,16 @@ def test_two_processes_train_with_torchrun(trained, tmp_path):
 
 
 def test_prompt_stream_is_a_seeded_permutation_per_pass_and_resumes_from_its_position():
-    a = ppo.PromptStream(5, seed=3)
+    a = rollout.PromptStream(5, seed=3)
     first, second = a.take(5), a.take(5)
     assert sorted(first) == sorted(second) == list(range(5)) and first != second
-    b = ppo.PromptStream(5, seed=3)
+    b = rollout.PromptStream(5, seed=3)
     b.position = 7  # a resumed stream continues where the checkpoint left it
     assert b.take(3) == second[2:]
 
 
 def test_gradient_clipping_matches_torch_bit_for_bit():
-    from pmrlhf.stages.common import clip_grad_norm
+    from pmrlhf.training.optim import clip_grad_norm
 
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.zeros(s)) for s in [(64, 64), (7,), (3, 5, 2)]]
@@ -432,7 +456,7 @@ def test_under_deepspeed_each_model_steps_its_own_engine():
 
     from accelerate.utils import DistributedType
 
-    from pmrlhf.stages.common import optimizer_step
+    from pmrlhf.training.optim import optimizer_step
 
     class Engine:
         def __init__(self):
@@ -464,7 +488,7 @@ def test_resume_refuses_another_runs_checkpoint_and_a_fresh_start_moves_old_ones
     first = sorted(p.name for p in (run / "ppo" / "checkpoints").iterdir())
     ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.5, **short))
     assert sorted(p.name for p in (run / "ppo" / "checkpoints-replaced-1").iterdir()) == first
-    with pytest.raises(ValueError, match=r"belongs to another run: kl_ctl = 0.5 there, 0.1 here"):
+    with pytest.raises(ValueError, match=r"belongs to another run: penalty.coef = 0.5 there, 0.1 here"):
         ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.1, iterations=6, checkpoint_every=2, resume=True))
     ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.5, iterations=6, checkpoint_every=2, resume=True))
     assert [r["step"] for r in read_jsonl(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

@@ -118,7 +118,7 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
     data["ppo"] |= {
         "iterations": 2,
         "prompts_per_iteration": 4,
-        "minibatch_size": 2,
+        "optim": {**data["ppo"]["optim"], "batch_size": 2},
         "max_new_tokens": 6,
         "checkpoint_every": 1,
     }

@@ -10,7 +10,7 @@ import torch
 from pmrlhf.config import DataConfig, LoggingConfig, OptimConfig
 from pmrlhf.io import read_jsonl
 from pmrlhf.stages import dpo, reward
-from pmrlhf.stages.common import batches_per_pass, lr_schedule
+from pmrlhf.training.optim import batches_per_pass, lr_schedule
 
 
 def closed_form(scheduler: str, k: int, steps: int, warmup: int) -> float:

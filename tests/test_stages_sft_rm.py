@@ -6,6 +6,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pmrlhf.cli import app
+from pmrlhf.config import ModelConfig
 from pmrlhf.data.world import World
 from pmrlhf.evaluation.exact import rewards_over_m, truth_over_m
 from pmrlhf.io import read_jsonl
@@ -54,7 +55,12 @@ def test_reward_model_beats_chance_clearly_against_the_truth(pipeline):
     assert agree / total >= 0.75
     summary = json.loads((pipeline / "reward" / "summary.json").read_text())
     assert summary["best"]["eval/accuracy"] > 0.6
-    assert summary["truth/all_pairs_gap"] < 0.2
+    from pmrlhf.evaluation.exact import reward_model_gap
+    from pmrlhf.models import load_reward_model, load_tokenizer
+
+    tok = load_tokenizer(pipeline / "reward" / "model")
+    model = load_reward_model(ModelConfig(), tok, pipeline / "reward" / "model", trainable=False)
+    assert reward_model_gap(model, tok, World.load(pipeline / "world"))["pair_gap_to_truth"] < 0.2
 
 
 def test_kwise_listwise_reward_model(pipeline):

@@ -82,7 +82,8 @@ CASES = [
     ("dpo alpha 2", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=2"], 2, "alpha must be in (0, 1]"),
     ("top_p 0", lambda t: ["ppo", "--set", "top_p=0"], 2, "top_p must be in (0, 1]"),
     ("temperature 0", lambda t: ["ppo", "--set", "temperature=0"], 2, "temperature must be > 0"),
-    ("minibatch 0", lambda t: ["ppo", "--set", "minibatch_size=0"], 2, "minibatch_size must be >= 1"),
+    ("minibatch 0", lambda t: ["ppo", "--set", "optim.batch_size=0"], 2, "optim.batch_size must be >= 1"),
+    ("moved", lambda t: ["ppo", "--set", "minibatch_size=4"], 2, "minibatch_size is now optim.batch_size"),
     ("prompts 0", lambda t: ["ppo", "--set", "prompts_per_iteration=0"], 2, "prompts_per_iteration must be >= 1"),
     ("batch 0", lambda t: ["rm", "--set", "optim.batch_size=0"], 2, "optim.batch_size must be >= 1"),
     ("accumulation 0", lambda t: ["dpo", "--set", "optim.grad_accum=0"], 2, "optim.grad_accum must be >= 1"),
@@ -168,7 +169,7 @@ def test_a_hub_name_without_a_network_is_one_line(tmp_path):
 
 def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """As root every folder is writable, so the refusal the file system would give is made here."""
-    import pmrlhf.stages.run_folder as run_folder
+    import pmrlhf.training.run_folder as run_folder
 
     def refuse(config, path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))

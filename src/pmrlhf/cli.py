@@ -242,7 +242,7 @@ def demo(
 
 def _main_process() -> bool:
     """Under several processes every one finishes a stage; one of them says so."""
-    from pmrlhf.stages.common import process_state
+    from pmrlhf.training.setup import process_state
 
     return process_state().is_main_process
 

@@ -205,6 +205,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     the section (``PPOConfig.data`` defaults to the RL portion and 16 response tokens, not to a bare
     ``DataConfig``), so ``--set data.source=x.jsonl`` leaves the portion and the lengths as they were.
     """
+    if hasattr(cls, "canonical_keys"):  # a config that accepts other names for some of its keys
+        data = cls.canonical_keys(data)
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -214,7 +216,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for k, v in data.items():
         default = _field_default(fields[k])
         if dataclasses.is_dataclass(default) and isinstance(v, dict):
-            v = _merged(dataclasses.asdict(default), v)
+            v = merge_sections(dataclasses.asdict(default), v)
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
@@ -230,11 +232,11 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None if f.default is dataclasses.MISSING else f.default
 
 
-def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_sections(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``update`` written over it, nested mappings merged key by key."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_sections(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -12,6 +12,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
+# What the stages say to a person goes to stderr, so that stdout carries only what a command prints as its result.
+console = Console(stderr=True)
+
+
+def progress_bar(disable: bool = False):
+    """The progress bar of a long loop: what it does, how far, and the time left (``disable`` it on every process
+    but the one that speaks)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+    ]
+    return Progress(*columns, console=console, disable=disable)
+
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""

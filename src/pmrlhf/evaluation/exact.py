@@ -100,6 +100,18 @@ def truth_over_m(world: World) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def reward_model_gap(reward_model, tokenizer, world: World) -> dict[str, float]:
+    """How far the reward model's preferences are from the truth's: the mean over every pair of distinct responses
+    in M(x) of ``|sigma(r_theta(y1) - r_theta(y2)) - sigma(r*(y1) - r*(y2))|``."""
+    scores, mask = rewards_over_m(reward_model, tokenizer, world)
+    truth = truth_over_m(world)["reward"]
+    learned = torch.sigmoid(scores[:, :, None] - scores[:, None, :])
+    true = torch.sigmoid(truth[:, :, None] - truth[:, None, :])
+    pairs = mask[:, :, None] & mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool)[None]
+    return {"pair_gap_to_truth": (learned - true).abs()[pairs].mean().item()}
+
+
 def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Total-variation distance per row over the masked entries, ``[P]``."""
     return 0.5 * torch.where(mask, (p - q).abs(), 0).sum(-1)
@@ -220,7 +232,7 @@ def targets_mass_outside_m(
     ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The sampling is seeded and leaves the
     caller's random state as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
     """
-    from pmrlhf.stages.rollout import generate
+    from pmrlhf.models.sampling import generate
 
     coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)

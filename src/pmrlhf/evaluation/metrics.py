@@ -38,7 +38,7 @@ def sample_pairs(
     batch_size: int = 64,
 ) -> Samples:
     """Draw y1, y2 ~ policy(.|x) for every prompt and score both with all three models."""
-    from pmrlhf.stages.rollout import generate
+    from pmrlhf.models.sampling import generate
 
     pad_id = tokenizer.pad_token_id
     doubled = [p for p in prompts for _ in range(2)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pmrlhf.evaluation.exact import objective_coef
 from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
 from pmrlhf.io import atomic_write_text
 
@@ -23,13 +24,25 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _is_kl(metrics: dict) -> bool:
-    """The standard-RLHF baseline of a family: KL-penalised PPO, or DPO itself."""
-    return metrics.get("penalty") in ("kl", "dpo:sigmoid")
-
-
 def _family(metrics: dict) -> str:
-    return "dpo" if str(metrics.get("penalty", "")).startswith("dpo:") else "ppo"
+    """The method that trained a policy (``objective.json``): ppo or dpo."""
+    return metrics["objective"]["method"]
+
+
+def _is_kl(metrics: dict) -> bool:
+    """The standard-RLHF baseline of a family: KL-penalised PPO, or DPO itself (its loss ``sigmoid``)."""
+    objective = metrics["objective"]
+    return objective.get("penalty") == "kl" if _family(metrics) == "ppo" else objective.get("loss") == "sigmoid"
+
+
+def _penalty(metrics: dict) -> str:
+    """The penalty of a PPO run; "" for any other."""
+    return metrics["objective"].get("penalty", "") if _family(metrics) == "ppo" else ""
+
+
+def _temperature(metrics: dict) -> float:
+    """The temperature of a run's optimum over the reward model's score: coef * beta for PPO, beta for DPO."""
+    return objective_coef(metrics["objective"]) * metrics["beta"]
 
 
 def comparison_table(summary: dict) -> str:
@@ -69,15 +82,23 @@ def _change(new: float, old: float) -> str:
     return f"{pct:.0f} % lower" if pct >= 0 else f"{-pct:.0f} % higher"
 
 
-def findings(summary: dict, probe: dict | None) -> list[str]:
+def findings(summary: dict, probe: dict | None, reward_model: dict | None = None) -> list[str]:
     """Plain statements from the numbers: what was and was not reproduced."""
     out = []
+    if reward_model is not None:
+        out.append(
+            "**The reward model** against the truth: its preference between two responses of M(x), "
+            "σ(r_θ(y1) − r_θ(y2)), is off the true one by "
+            f"{reward_model['pair_gap_to_truth']:.3f} on average over every pair. The methods below match the "
+            "reward model, not the truth; this gap is what separates the two."
+        )
+    trained = {n: m for n, m in summary.items() if n != REFERENCE}
     baselines: dict[str, tuple[str, dict]] = {}
     for family in ("ppo", "dpo"):
-        runs = {n: m for n, m in summary.items() if _is_kl(m) and _family(m) == family}
+        runs = {n: m for n, m in trained.items() if _is_kl(m) and _family(m) == family}
         if runs:
-            baselines[family] = min(runs.items(), key=lambda kv: abs(kv[1].get("coef", 1) * kv[1]["beta"] - 1))
-    others = {n: m for n, m in summary.items() if n != REFERENCE and not _is_kl(m)}
+            baselines[family] = min(runs.items(), key=lambda kv: abs(_temperature(kv[1]) - 1))
+    others = {n: m for n, m in trained.items() if not _is_kl(m)}
     for family, (kl_name, kl) in baselines.items():
         if "world" not in kl:
             continue
@@ -108,8 +129,8 @@ def findings(summary: dict, probe: dict | None) -> list[str]:
                 f"vs {wk['mass_outside_m']:.3f}"
             )
         out.append(text + ".")
-    pm = {n: m for n, m in others.items() if m.get("penalty") == "pm" and "world" in m}
-    cpm = {n: m for n, m in others.items() if str(m.get("penalty", "")).startswith("cpm") and "world" in m}
+    pm = {n: m for n, m in others.items() if _penalty(m) == "pm" and "world" in m}
+    cpm = {n: m for n, m in others.items() if _penalty(m).startswith("cpm") and "world" in m}
     if pm and cpm:
         worst_pm = max(m["world"]["mass_outside_m"] for m in pm.values())
         worst_cpm = max(m["world"]["mass_outside_m"] for m in cpm.values())
@@ -253,7 +274,7 @@ def write_report(
         "the method match preferences?); *mass outside M(x)* is the probability of unnatural text.",
         comparison_table(summary),
         "## Findings",
-        "\n".join(f"- {f}" for f in findings(summary, probe)),
+        "\n".join(f"- {f}" for f in findings(summary, probe, _load(run / eval_name / "reward_model.json"))),
     ]
     if instances:
         figure_pm_divergence(instances, out / "pm_divergence.png")

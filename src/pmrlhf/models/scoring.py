@@ -59,3 +59,8 @@ def reward_scores(
         ids, attn, _ = join(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id)
         out.append(model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, 0].float().cpu())
     return torch.cat(out)
+
+
+def critic_values(critic, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Values aligned with tokens: position ``t`` holds V(state before token t), read at position ``t - 1``."""
+    return torch.nn.functional.pad(critic(ids, attn)[:, :-1], (1, 0))

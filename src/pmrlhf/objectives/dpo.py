@@ -1,8 +1,9 @@
 """The DPO family and its preference-matching counterpart, as losses on sequence log-probabilities.
 
-Every loss takes, for N comparisons (y_w preferred to y_l), the policy's sequence log-probabilities
-``chosen``/``rejected`` ``[N]``, the reference's ``ref_chosen``/``ref_rejected`` ``[N]`` and, where a loss
-needs them, the response lengths in tokens; it returns the per-comparison loss ``[N]`` (take ``.mean()``).
+Every loss takes N comparisons (y_w preferred to y_l) as one ``Pairs`` record (the policy's sequence
+log-probabilities of both responses, the reference's where the loss needs them, the lengths where it normalises
+by them) and its hyper-parameters as keywords; it returns the per-comparison loss ``[N]`` (take ``.mean()``).
+``DPO_LOSSES`` says of each which hyper-parameters it takes and whether it needs a reference.
 
 Each is "Bradley-Terry with an implicit reward": the optimum of a regularised objective, solved for the
 reward and put into eq. (2.1), so that fitting comparisons fits the policy.
@@ -25,9 +26,29 @@ Derivations, with their assumptions, are in ``docs/dpo.md``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+
+class Pairs(NamedTuple):
+    """N comparisons, y_w preferred to y_l, as every loss takes them: sequence log-probabilities ``[N]`` of the
+    policy and of the reference (None for a loss that needs no reference), and the responses' lengths in tokens
+    (None for a loss that does not normalise by length)."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    chosen_len: torch.Tensor | None = None
+    rejected_len: torch.Tensor | None = None
+
+    def margin(self) -> torch.Tensor:
+        """``h_w - h_l`` with ``h = log pi - log pi_ref``: the implicit reward margin of DPO, over beta."""
+        return (self.chosen - self.ref_chosen) - (self.rejected - self.ref_rejected)
 
 
 def _check_beta(beta: float) -> None:
@@ -35,62 +56,83 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be positive, got {beta}")
 
 
-def dpo_sigmoid(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.1, label_smoothing: float = 0.0):
+def dpo_sigmoid(x: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
     """DPO, and with ``label_smoothing = eps`` conservative DPO (the textbook chapter's cDPO):
     ``-(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)``, ``delta = h_w - h_l``."""
     _check_beta(beta)
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    delta = x.margin()
     return -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
 
 
-def dpo_robust(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.1, label_smoothing: float = 0.0):
+def dpo_robust(x: Pairs, *, beta: float = 0.1, label_smoothing: float = 0.0) -> torch.Tensor:
     """Robust DPO (Chowdhury et al., 2024): an unbiased loss under label-flip rate ``eps`` < 0.5,
     ``[-(1 - eps) log sigmoid(beta delta) + eps log sigmoid(-beta delta)] / (1 - 2 eps)``."""
     _check_beta(beta)
     if not 0 <= label_smoothing < 0.5:
         raise ValueError(f"robust DPO needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-    delta = (chosen - ref_chosen) - (rejected - ref_rejected)
+    delta = x.margin()
     clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
     flipped = -label_smoothing * F.logsigmoid(-beta * delta)
     return (clean - flipped) / (1 - 2 * label_smoothing)
 
 
-def ipo(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, beta: float = 0.1):
+def ipo(x: Pairs, *, beta: float = 0.1) -> torch.Tensor:
     """IPO (Azar et al., 2024, eq. 17): ``(delta - 1 / (2 beta))^2`` with per-token log-ratios
     (``h / length``), the normalisation the IPO authors use and TRL follows."""
     _check_beta(beta)
-    delta = (chosen - ref_chosen) / chosen_len.clamp(min=1) - (rejected - ref_rejected) / rejected_len.clamp(min=1)
+    delta = (x.chosen - x.ref_chosen) / x.chosen_len.clamp(min=1) - (
+        x.rejected - x.ref_rejected
+    ) / x.rejected_len.clamp(min=1)
     return (delta - 1 / (2 * beta)) ** 2
 
 
-def simpo(chosen, rejected, chosen_len, rejected_len, beta: float = 2.0, gamma: float = 1.0):
+def simpo(x: Pairs, *, beta: float = 2.0, simpo_gamma: float = 1.0) -> torch.Tensor:
     """SimPO (Meng et al., 2024): reference-free, length-normalised, with a target margin gamma:
     ``-log sigmoid(beta (log pi_w / |y_w| - log pi_l / |y_l|) - gamma)``."""
     _check_beta(beta)
-    delta = chosen / chosen_len.clamp(min=1) - rejected / rejected_len.clamp(min=1)
-    return -F.logsigmoid(beta * delta - gamma)
+    delta = x.chosen / x.chosen_len.clamp(min=1) - x.rejected / x.rejected_len.clamp(min=1)
+    return -F.logsigmoid(beta * delta - simpo_gamma)
 
 
-def pm_dpo(chosen, rejected, beta: float = 1.0):
+def pm_dpo(x: Pairs, *, beta: float = 1.0) -> torch.Tensor:
     """Preference-matching DPO: ``-log sigmoid(beta (log pi(y_w|x) - log pi(y_l|x)))``.
 
     The implicit reward of the PM objective is ``beta log pi`` plus a term in x alone; its optimum is the
     reward's Plackett-Luce distribution ``e^{r / beta}`` (Def. 3.2, Thm. 1), with no reference.
     """
     _check_beta(beta)
-    return -F.logsigmoid(beta * (chosen - rejected))
+    return -F.logsigmoid(beta * (x.chosen - x.rejected))
 
 
-def cpm_dpo(chosen, rejected, ref_chosen, ref_rejected, beta: float = 1.0, alpha: float = 0.1):
+def cpm_dpo(x: Pairs, *, beta: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     """Conditional PM-DPO: PM-DPO where ``pi_ref(y|x) >= alpha``, DPO's log-ratio where it is below (Def. 4.1).
 
     ``h(y) = log pi(y|x) - 1[pi_ref(y|x) < alpha] log pi_ref(y|x)``; loss ``-log sigmoid(beta (h_w - h_l))``.
     """
     _check_beta(beta)
     log_alpha = math.log(alpha)
-    h_w = chosen - torch.where(ref_chosen < log_alpha, ref_chosen, torch.zeros_like(ref_chosen))
-    h_l = rejected - torch.where(ref_rejected < log_alpha, ref_rejected, torch.zeros_like(ref_rejected))
+    h_w = x.chosen - torch.where(x.ref_chosen < log_alpha, x.ref_chosen, torch.zeros_like(x.ref_chosen))
+    h_l = x.rejected - torch.where(x.ref_rejected < log_alpha, x.ref_rejected, torch.zeros_like(x.ref_rejected))
     return -F.logsigmoid(beta * (h_w - h_l))
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """A registered loss: ``fn(pairs, **hyperparameters) -> [N]``, and what it needs."""
+
+    fn: Callable[..., torch.Tensor]
+    needs_reference: bool  # whether it reads ``ref_chosen`` / ``ref_rejected``
+    hyperparameters: tuple[str, ...]  # its keyword arguments, named as the DPO stage's config names them
+
+
+DPO_LOSSES = {
+    "sigmoid": DPOLoss(dpo_sigmoid, True, ("beta", "label_smoothing")),
+    "robust": DPOLoss(dpo_robust, True, ("beta", "label_smoothing")),
+    "ipo": DPOLoss(ipo, True, ("beta",)),
+    "simpo": DPOLoss(simpo, False, ("beta", "simpo_gamma")),
+    "pm": DPOLoss(pm_dpo, False, ("beta",)),
+    "cpm": DPOLoss(cpm_dpo, True, ("beta", "alpha")),
+}
 
 
 def implicit_target(
@@ -126,11 +168,8 @@ def implicit_target(
         return optimal.conditional_pm(reward / beta, ref, alpha)
     if loss not in DPO_LOSSES:
         raise ValueError(f"no target for {loss!r}; known: {sorted(DPO_LOSSES)}")
-    kwargs = {"beta": beta}
-    if loss in ("sigmoid", "robust"):
-        kwargs["label_smoothing"] = label_smoothing
-    if loss == "simpo":
-        kwargs["gamma"] = simpo_gamma
+    given = {"beta": beta, "label_smoothing": label_smoothing, "simpo_gamma": simpo_gamma, "alpha": alpha}
+    kwargs = {k: given[k] for k in DPO_LOSSES[loss].hyperparameters}
     if loss in ("ipo", "simpo") and lengths is None:
         raise ValueError(f"the {loss} target needs the responses' lengths")
     mask = torch.ones_like(reward, dtype=torch.bool) if mask is None else mask
@@ -155,7 +194,7 @@ def population_minimiser(
     """The policy over the set (softmax of free logits, so all its mass is on the set) that minimises the
     expected loss over every ordered pair ``(i, j)``, ``i`` labelled the winner with probability
     ``sigmoid(reward_i - reward_j)``. L-BFGS in float64 on the registry's own loss function."""
-    fn = DPO_LOSSES[loss]
+    fn = DPO_LOSSES[loss].fn
     r, ref64 = reward.double(), ref.double()
     mask = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
     pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(r.shape[-1], dtype=torch.bool)
@@ -166,16 +205,19 @@ def population_minimiser(
         [z], lr=1, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
     )
 
+    def winner(t):  # [..., k] -> [..., k, k]: entry (i, j) is t[i], the response labelled the winner
+        return t[..., :, None].expand_as(p)
+
+    def loser(t):
+        return t[..., None, :].expand_as(p)
+
+    length_pairs = (winner(lengths.double()), loser(lengths.double())) if lengths is not None else ()
+
     def expected_loss():
         opt.zero_grad()
         logp = torch.log_softmax(z.masked_fill(~mask, float("-inf")), -1).masked_fill(~mask, 0.0)
-        c, rj = logp[..., :, None].expand_as(p), logp[..., None, :].expand_as(p)
-        rc, rr = ref_logp[..., :, None].expand_as(p), ref_logp[..., None, :].expand_as(p)
-        args = {"sigmoid": (c, rj, rc, rr), "robust": (c, rj, rc, rr), "pm": (c, rj), "cpm": (c, rj, rc, rr)}
-        if loss in ("ipo", "simpo"):
-            lc, lr = lengths.double()[..., :, None].expand_as(p), lengths.double()[..., None, :].expand_as(p)
-            args["ipo"], args["simpo"] = (c, rj, rc, rr, lc, lr), (c, rj, lc, lr)
-        value = torch.where(pair, p * fn(*args[loss], **kwargs), 0.0).sum()
+        pairs = Pairs(winner(logp), loser(logp), winner(ref_logp), loser(ref_logp), *length_pairs)
+        value = torch.where(pair, p * fn(pairs, **kwargs), 0.0).sum()
         value.backward()
         return value
 
@@ -183,6 +225,3 @@ def population_minimiser(
     with torch.no_grad():
         pi = torch.softmax(z.masked_fill(~mask, float("-inf")), -1)
     return pi.to(reward.dtype)
-
-
-DPO_LOSSES = {"sigmoid": dpo_sigmoid, "robust": dpo_robust, "ipo": ipo, "simpo": simpo, "pm": pm_dpo, "cpm": cpm_dpo}

@@ -9,7 +9,6 @@ computed once, before training.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,34 +17,21 @@ import torch
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import atomic_write_json
+from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
-from pmrlhf.stages import checkpoints
-from pmrlhf.stages.common import (
-    adamw,
-    console,
-    epoch_batches,
-    gathered_model,
-    load_precisions,
-    optim_accelerator,
-    optimizer_step,
-    process_share,
-    seed_everything,
-    stage_schedule,
-)
-from pmrlhf.stages.run_folder import (
+from pmrlhf.training.fit import Fit, fit
+from pmrlhf.training.run_folder import (
     finish_stage,
     load_stage_records,
     require_examples,
     stage_dir,
     stage_encoder,
     tokenizer_source,
-    world_dir,
+    write_objective,
 )
-
-REFERENCE_FREE = {"simpo", "pm"}
+from pmrlhf.training.setup import gathered_model, load_precisions, optim_accelerator, seed_everything
 
 
 @dataclass
@@ -84,17 +70,10 @@ class DPOConfig:
 
 
 def loss_fn(config: DPOConfig):
-    """``f(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len) -> [N]`` for the config's loss."""
-    b, eps = config.beta, config.label_smoothing
-    table = {
-        "sigmoid": lambda c, r, rc, rr, lc, lr: dpo.dpo_sigmoid(c, r, rc, rr, b, eps),
-        "robust": lambda c, r, rc, rr, lc, lr: dpo.dpo_robust(c, r, rc, rr, b, eps),
-        "ipo": lambda c, r, rc, rr, lc, lr: dpo.ipo(c, r, rc, rr, lc, lr, b),
-        "simpo": lambda c, r, rc, rr, lc, lr: dpo.simpo(c, r, lc, lr, b, config.simpo_gamma),
-        "pm": lambda c, r, rc, rr, lc, lr: dpo.pm_dpo(c, r, b),
-        "cpm": lambda c, r, rc, rr, lc, lr: dpo.cpm_dpo(c, r, rc, rr, b, config.alpha),
-    }
-    return table[config.loss]
+    """``f(pairs) -> [N]``: the config's loss with its hyper-parameters."""
+    loss = dpo.DPO_LOSSES[config.loss]
+    hyper = {k: getattr(config, k) for k in loss.hyperparameters}
+    return lambda pairs: loss.fn(pairs, **hyper)
 
 
 def batch_logprobs(model, pairs: list[tuple], pad_id: int):
@@ -148,86 +127,39 @@ def run(config: DPOConfig) -> Path:
             pairs.append((p, enc.response(r.chosen), enc.response(r.rejected)))
     policy = load_causal_lm(trainable, tokenizer, path=init or None)
     pad_id = tokenizer.pad_token_id
-    if config.loss in REFERENCE_FREE:
-        ref_c = ref_r = torch.zeros(len(pairs))
-    else:
+    if dpo.DPO_LOSSES[config.loss].needs_reference:
         reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False).to(accelerator.device)
         ref_c, ref_r = _reference_logprobs(reference, pairs, pad_id, accelerator)
         del reference
+    else:
+        ref_c = ref_r = torch.zeros(len(pairs))
     # (prompt, chosen, rejected, reference log pi(chosen), reference log pi(rejected))
     items = [(*x, ref_c[i].item(), ref_r[i].item()) for i, x in enumerate(pairs)]
     train, held = holdout(items, config.data.eval_fraction, config.data.split_seed)
     require_examples(config.name, len(train), len(records), enc)
-    optimizer = adamw(policy.parameters(), accelerator, config.optim.lr, config.optim.weight_decay)
-    total, scheduler = stage_schedule(optimizer, config.optim, len(train), accelerator.num_processes)
-    bs, accum = config.optim.batch_size, config.optim.grad_accum
-    policy, optimizer = accelerator.prepare(policy, optimizer)
     f = loss_fn(config)
 
-    def step_loss(batch):
-        c, r, lc, lr = batch_logprobs(policy, batch, pad_id)
+    def batch_loss(model, batch):
+        c, r, lc, lr = batch_logprobs(model, batch, pad_id)
         rc = torch.tensor([x[3] for x in batch], device=c.device)
         rr = torch.tensor([x[4] for x in batch], device=c.device)
-        losses = f(c, r, rc, rr, lc, lr)
         margin = (c - rc) - (r - rr)
-        return losses.mean(), {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+        stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
+        return f(dpo.Pairs(c, r, rc, rr, lc, lr)).mean(), stats
 
-    rng = random.Random(config.seed)
-    step, window, start_batch = 0, None, 0
-    found, log = checkpoints.begin(accelerator, out, config, "step", checkpoints.MAY_CHANGE)
-    if found:
-        state, path = found
-        step, start_batch = checkpoints.resume_loop(state, rng, scheduler)
-        console.print(f"resumed {config.name} at step {step} from {path}")
-    from rich.progress import Progress
+    def evaluate(model):
+        with torch.no_grad():
+            loss, stats = batch_loss(model, held)
+        return {"eval/loss": loss.item(), **{f"eval/{k}": v for k, v in stats.items()}}
 
-    with Progress(console=console, transient=True, disable=not main) as progress:
-        task = progress.add_task(config.name, total=total, completed=step)
-        while step < total:
-            epoch_rng = rng.getstate()  # a checkpoint replays this epoch's order from here
-            for b, indices in enumerate(epoch_batches(len(train), bs, rng, accelerator.num_processes)):
-                if b < start_batch:
-                    continue
-                share, weight = process_share([train[i] for i in indices], accelerator)
-                with accelerator.accumulate(policy):
-                    loss, stats = step_loss(share)
-                    optimizer_step(
-                        accelerator,
-                        policy,
-                        optimizer,
-                        loss * weight,
-                        config.optim.max_grad_norm,
-                        f"{config.name}: step {step + 1}",
-                    )
-                local = torch.tensor([loss.item(), *stats.values()], device=accelerator.device)
-                batch = accelerator.reduce(local * weight, "mean") / accum  # the whole batch's loss and stats
-                window = batch if window is None else window + batch
-                if not accelerator.sync_gradients:  # within an accumulation window: no optimiser step yet
-                    continue
-                means, window = window.tolist(), None
-                row = {"train/loss": means[0], **{f"train/{k}": v for k, v in zip(stats, means[1:], strict=True)}}
-                row["train/lr"] = scheduler.get_last_lr()[0]
-                scheduler.step()
-                step += 1
-                progress.update(task, advance=1, description=f"{config.name}  loss {means[0]:.4f}")
-                if held and (step % config.logging.log_every == 0 or step == total):
-                    with torch.no_grad():
-                        held_loss, held_stats = step_loss(held)
-                    row |= {"eval/loss": held_loss.item(), **{f"eval/{k}": v for k, v in held_stats.items()}}
-                if log is not None and (step % config.logging.log_every == 0 or step == total):
-                    log.log(step, row)
-                if step >= total:
-                    break
-                if config.checkpoint_every and step % config.checkpoint_every == 0:
-                    state = checkpoints.loop_state(config, step, epoch_rng, b + 1, scheduler)
-                    checkpoints.save(
-                        accelerator, out / "checkpoints", f"step-{step:06d}", state, config.keep_checkpoints
-                    )
-            start_batch = 0
-    if log is not None:
-        log.close()
-    accelerator.wait_for_everyone()
-    final = gathered_model(accelerator, policy, lambda: load_causal_lm(trainable, tokenizer, path=init or None))
+    spec = Fit(
+        name=config.name,
+        batch_loss=batch_loss,
+        evaluate=evaluate if held else None,
+        eval_due=lambda step, end_of_epoch, last: step % config.logging.log_every == 0 or last,
+    )
+    fitted = fit(accelerator, policy, train, config, out, spec)
+    final = gathered_model(accelerator, fitted.model, lambda: load_causal_lm(trainable, tokenizer, path=init or None))
     if main:
         path = save_model(final, tokenizer, out / "model")
         # Read by `pmrlhf eval`: the loss's implicit target has the form of the PPO closed forms with coef = beta.
@@ -239,29 +171,8 @@ def run(config: DPOConfig) -> Path:
             "label_smoothing": config.label_smoothing if config.loss in ("sigmoid", "robust") else 0.0,
             "simpo_gamma": config.simpo_gamma if config.loss == "simpo" else None,
         }
-        summary = {
-            "loss": config.loss,
-            "penalty": f"dpo:{config.loss}",
-            "beta": 1.0,
-            "coef": config.beta,
-            "penalty_kwargs": {"alpha": config.alpha} if config.loss == "cpm" else {},
-            "objective": objective,
-            "steps": step,
-            "train_examples": len(train),
-            "data": report.summary(),
-        }
-        if config.data.source == "world":
-            from pmrlhf.evaluation.exact import compare_with_closed_forms
-            from pmrlhf.models import load_reward_model
-
-            reward_path = Path(config.run_dir) / "reward" / "model"
-            if reward_path.is_dir() and init:
-                device = accelerator.device
-                reference = load_causal_lm(config.model, tokenizer, path=init, trainable=False).to(device)
-                rm = load_reward_model(config.model, tokenizer, path=reward_path, trainable=False).to(device)
-                summary["world"] = compare_with_closed_forms(
-                    final.eval(), reference, rm, tokenizer, world_dir(config.run_dir), objective
-                )
+        write_objective(out, objective)
+        summary = {"steps": fitted.steps, "train_examples": len(train), "data": report.summary()}
         atomic_write_json(out / "summary.json", summary)
     done = finish_stage(out)
     if main:

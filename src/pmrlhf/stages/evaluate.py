@@ -16,10 +16,18 @@ from pmrlhf.config import DataConfig, ModelConfig, require
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
-from pmrlhf.io import atomic_write_json
+from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from pmrlhf.stages.common import console, on_the_main_process, process_device, seed_everything
-from pmrlhf.stages.run_folder import finish_stage, load_stage_records, say_encoding, stage_dir, stage_encoder, world_dir
+from pmrlhf.training.run_folder import (
+    OBJECTIVE,
+    finish_stage,
+    load_stage_records,
+    say_encoding,
+    stage_dir,
+    stage_encoder,
+    world_dir,
+)
+from pmrlhf.training.setup import on_the_main_process, process_device, seed_everything
 
 
 @dataclass
@@ -34,7 +42,7 @@ class EvalConfig:
     policies: dict[str, str] = field(default_factory=dict)  # name -> model path; {} = every <run_dir>/ppo*/model
     reference: str = ""  # "" = <run_dir>/sft/model
     reward: str = ""  # "" = <run_dir>/reward/model
-    beta: float = 1.0  # p_reward uses r / beta, unless a policy's stage summary records its own beta
+    beta: float = 1.0  # p_reward uses r / beta, unless the stage that trained a policy records its own
     pairs_per_prompt: int = 4  # sampled (y1, y2) pairs per prompt
     max_new_tokens: int = 16  # generation limit
     top_p: float = 1.0  # sampling of the evaluated pairs: the policy itself, untruncated
@@ -87,14 +95,26 @@ def _paths(config) -> tuple[Path, Path]:
 
 
 def discover_policies(run_dir: str | Path) -> dict[str, str]:
-    """Every ``<run_dir>/<stage>/model`` written by a policy-optimisation stage (its summary names a penalty)."""
+    """Every ``<run_dir>/<stage>/model`` written by a policy-optimisation stage (its ``objective.json`` says so)."""
     found = {}
-    for summary in sorted(Path(run_dir).glob("*/summary.json")):
-        if summary.parent.name.endswith(".partial"):  # a run that did not finish
+    for path in sorted(Path(run_dir).glob(f"*/{OBJECTIVE}")):
+        if path.parent.name.endswith(".partial"):  # a run that did not finish
             continue
-        if (summary.parent / "model").is_dir() and "penalty" in json.loads(summary.read_text()):
-            found[summary.parent.name] = str(summary.parent / "model")
+        if (path.parent / "model").is_dir() and json.loads(path.read_text())["method"] in ("ppo", "dpo"):
+            found[path.parent.name] = str(path.parent / "model")
     return found
+
+
+def policy_objective(path: str | Path, beta: float) -> dict:
+    """What the stage that wrote the policy at ``path`` optimised (its ``objective.json``). A model that no
+    policy-optimisation stage trained (the reference, or a path given in ``policies``) is placed against KL RLHF at coefficient 1 on
+    the unclipped reward ``r / beta``: its distance to that optimum is how far such training would have to move
+    it."""
+    written = Path(path).parent / OBJECTIVE
+    objective = json.loads(written.read_text()) if written.is_file() else {}
+    if objective.get("method") in ("ppo", "dpo"):
+        return objective
+    return {"method": "ppo", "penalty": "kl", "coef": 1.0, "beta": beta, "clip_reward_value": None}
 
 
 def _frozen_models(model: ModelConfig, tokenizer, ref_path, reward_path):
@@ -104,13 +124,6 @@ def _frozen_models(model: ModelConfig, tokenizer, ref_path, reward_path):
         load_causal_lm(model, tokenizer, ref_path, trainable=False).to(device),
         load_reward_model(model, tokenizer, reward_path, trainable=False).to(device),
     )
-
-
-def _reference_objective(beta: float) -> dict:
-    """A model no stage of this run trained (the reference, or a path given in ``policies``) is placed against
-    KL RLHF at coefficient 1 on the unclipped reward: its distance to that optimum is how far such training
-    would have to move it."""
-    return {"method": "ppo", "penalty": "kl", "coef": 1.0, "beta": beta, "clip_reward_value": None}
 
 
 @on_the_main_process
@@ -126,9 +139,9 @@ def run_eval(config: EvalConfig) -> Path:
         raise ValueError(f"no policies to evaluate: none found in {config.run_dir} and none given in policies")
     summary, instances, over_m = {}, {}, {}
     for name, path in {"reference (SFT)": str(ref_path), **policies}.items():
-        stage_summary = Path(path).parent / "summary.json"
-        meta = json.loads(stage_summary.read_text()) if stage_summary.is_file() else {}
-        beta = float(meta.get("beta", config.beta))
+        objective = policy_objective(path, config.beta)
+        # the reward is r / beta for PPO; a DPO-family loss's beta is the temperature of its optimum instead
+        beta = 1.0 if objective["method"] == "dpo" else float(objective["beta"])
         seed_everything(config.seed)  # the same randomness for every model
         policy = (
             reference
@@ -148,21 +161,15 @@ def run_eval(config: EvalConfig) -> Path:
                 config.batch_size,
             )
             metrics, inst = sec61_metrics(samples, beta)
-            metrics |= {
-                "beta": beta,
-                "path": path,
-                **{k: meta[k] for k in ("penalty", "coef", "penalty_kwargs") if k in meta},
-            }
+            metrics |= {"beta": beta, "path": path, "objective": objective}
             if config.data.source == "world":
                 from pmrlhf.data.world import World
                 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m
 
-                objective = meta.get("objective") or _reference_objective(beta)
                 dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
                     policy, reference, reward_model, tokenizer, world_dir(config.run_dir), objective, dist
                 )
-                metrics["objective"] = objective
                 over_m[name] = dist.conditional.tolist()
         summary[name], instances[name] = metrics, inst
         console.print(
@@ -171,9 +178,12 @@ def run_eval(config: EvalConfig) -> Path:
         )
     if over_m:
         from pmrlhf.data.world import World
-        from pmrlhf.evaluation.exact import rewards_over_m, truth_over_m
+        from pmrlhf.evaluation.exact import reward_model_gap, rewards_over_m, truth_over_m
 
         world = World.load(world_dir(config.run_dir))
+        gap = reward_model_gap(reward_model, tokenizer, world)
+        atomic_write_json(out / "reward_model.json", gap)
+        console.print(f"reward model: mean |p_theta - p*| over pairs of M(x) {gap['pair_gap_to_truth']:.3f}")
         scores, mask = rewards_over_m(reward_model, tokenizer, world)
         over_m["reward model"] = torch.softmax((scores / config.beta).masked_fill(~mask, float("-inf")), -1).tolist()
         over_m["ground truth"] = truth_over_m(world)["truth"].tolist()

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import DataConfig, ModelConfig, from_dict, to_dict
+from pmrlhf.config import DataConfig, ModelConfig, from_dict, merge_sections, to_dict
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
-from pmrlhf.io import atomic_write_json
+from pmrlhf.io import atomic_write_json, console
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.common import check_launch, console, on_the_main_process
-from pmrlhf.stages.run_folder import write_run_config
+from pmrlhf.stages.ppo.config import penalty_section
+from pmrlhf.training.run_folder import write_run_config
+from pmrlhf.training.setup import check_launch, on_the_main_process
 
 
 def default_variants() -> list[dict[str, Any]]:
@@ -59,7 +60,7 @@ class PipelineConfig:
     reward_model: ModelConfig = field(default_factory=ModelConfig)  # the reward model and critic
     sft: dict[str, Any] = field(default_factory=dict)  # overrides of the SFT stage's config
     reward: dict[str, Any] = field(default_factory=dict)  # overrides of the reward stage's config
-    ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "actor_lr": 3e-4, "top_p": 1.0})
+    ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "optim": {"lr": 3e-4}, "top_p": 1.0})
     variants: list[dict[str, Any]] = field(default_factory=default_variants)  # one PPO run each; "name" required
     dpo: dict[str, Any] = field(  # base DPO overrides
         default_factory=lambda: {"optim": {"lr": 3e-4, "epochs": 3, "batch_size": 16}}
@@ -90,14 +91,10 @@ class PipelineConfig:
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ValueError(f"every variant needs a distinct name, got {names}")
         for variant in self.variants:
-            merged = {
-                **shared,
-                "policy": to_dict(self.policy),
-                "reward": to_dict(self.reward_model),
-                **self.ppo,
-                **variant,
-            }
-            merged["data"] = data("rl", {"data": {**self.ppo.get("data", {}), **variant.get("data", {})}})
+            # a variant's sections (penalty, optim, ...) change only the keys they name in the base's
+            ppo_settings = merge_sections(penalty_section(self.ppo), penalty_section(variant))
+            merged = {**shared, "policy": to_dict(self.policy), "reward": to_dict(self.reward_model), **ppo_settings}
+            merged["data"] = data("rl", ppo_settings)
             cfg = from_dict(ppo.PPOConfig, merged)
             if cfg.policy.name_or_path == self.policy.name_or_path:  # the actor starts from this run's SFT model
                 cfg.policy = dataclasses.replace(cfg.policy, name_or_path="")
@@ -194,10 +191,9 @@ def demo_config(quick: bool = False, run_dir: str | None = None) -> PipelineConf
         ),
         ppo={
             "iterations": 250,
-            "actor_lr": 3e-4,
+            "optim": {"lr": 3e-4, "batch_size": 6},
             "top_p": 1.0,
             "prompts_per_iteration": 6,
-            "minibatch_size": 6,
             "max_new_tokens": 8,
             "data": {"max_response_tokens": 8},
         },

@@ -13,12 +13,12 @@ import torch
 from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, to_dict
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.io import MetricsLog, atomic_write_json, atomic_write_text
+from pmrlhf.io import atomic_write_json, console, progress_bar
 from pmrlhf.models import context_length, load_causal_lm, load_tokenizer, save_model
-from pmrlhf.stages import checkpoints
-from pmrlhf.stages.common import HALF_TYPES, console, gathered_model, load_precisions, process_state, seed_everything
-from pmrlhf.stages.guards import check_finite, check_weights_finite
-from pmrlhf.stages.run_folder import finish_stage, load_stage_records, stage_dir, tokenizer_source
+from pmrlhf.training import checkpoints
+from pmrlhf.training.guards import check_finite, check_weights_finite
+from pmrlhf.training.run_folder import finish_stage, load_stage_records, stage_dir, tokenizer_source, write_objective
+from pmrlhf.training.setup import HALF_TYPES, gathered_model, load_precisions, process_state, seed_everything
 
 
 @dataclass
@@ -86,21 +86,9 @@ def run(config: SFTConfig) -> Path:
         if longer and main:
             console.print(f"[yellow]SFT: {longer} examples are cut to the model's {context} positions[/yellow]")
 
-    log = None
-    if main:
-        atomic_write_text(out / "metrics.jsonl", checkpoints.truncated_metrics(out / "metrics.jsonl", step))
-        log = MetricsLog(
-            out / "metrics.jsonl",
-            config.logging.tensorboard,
-            config.logging.wandb,
-            config.logging.wandb_project,
-            run_name=f"{Path(config.run_dir).name}-sft",
-            resume=True,
-        )
+    log = checkpoints.metrics_log(out, config, step, f"{Path(config.run_dir).name}-sft") if main else None
 
-    from rich.progress import Progress
-
-    progress = Progress(console=console, transient=True, disable=not main)
+    progress = progress_bar(not main)
 
     class ToMetrics(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -184,6 +172,7 @@ def run(config: SFTConfig) -> Path:
     if main:
         log.close()
         path = save_model(plain, tokenizer, out / "model")
+        write_objective(out, {"method": "sft", "loss": "negative log-likelihood of the response tokens"})
         summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
         if final:
             summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}

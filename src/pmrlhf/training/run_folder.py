@@ -10,8 +10,8 @@ from pathlib import Path
 from pmrlhf.config import DataConfig, InputError, ModelConfig, save_config
 from pmrlhf.data.sources import LoadReport, load_records
 from pmrlhf.data.world import FILES, WorldConfig, ensure_world, resolve_world
-from pmrlhf.io import replace_dir
-from pmrlhf.stages.common import console, process_state
+from pmrlhf.io import atomic_write_json, console, replace_dir
+from pmrlhf.training.setup import process_state
 
 
 def stage_encoder(tokenizer, data: DataConfig, model: ModelConfig, path=None, new_tokens: int = 0):
@@ -77,6 +77,16 @@ def finish_stage(out: Path) -> Path:
     if process_state().is_main_process:
         replace_dir(out, final)
     return final
+
+
+def write_objective(out: Path, objective: dict) -> Path:
+    """``objective.json``: what a training stage optimised (method, loss or penalty, coefficient, alpha, scaling,
+    clipping), which ``pmrlhf eval`` reads to find the run's own optimum. The only thing of evaluation that a
+    training stage writes."""
+    return atomic_write_json(out / OBJECTIVE, objective)
+
+
+OBJECTIVE = "objective.json"
 
 
 def write_run_config(run_dir: str | Path, config) -> Path:

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import to_dict
-from pmrlhf.io import MetricsLog, atomic_write_text, read_jsonl, replace_dir
-from pmrlhf.stages.common import console
+from pmrlhf.io import MetricsLog, atomic_write_text, console, read_jsonl, replace_dir
 
 # Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
 MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
@@ -128,13 +127,17 @@ def begin(accelerator, out: Path, config, prefix: str, may_change: tuple[str, ..
     elif accelerator.is_main_process:
         move_aside(root, prefix)
     accelerator.wait_for_everyone()
-    log = None
-    if accelerator.is_main_process:
-        metrics = out / "metrics.jsonl"
-        atomic_write_text(metrics, truncated_metrics(metrics, found[0]["step"] if found else 0))
-        c = config.logging
-        log = MetricsLog(metrics, c.tensorboard, c.wandb, c.wandb_project, run_name=run_name, resume=True)
+    log = metrics_log(out, config, found[0]["step"] if found else 0, run_name) if accelerator.is_main_process else None
     return found, log
+
+
+def metrics_log(out: Path, config, step: int, run_name: str | None = None) -> MetricsLog:
+    """The stage's ``MetricsLog`` (main process only), keeping the lines of ``metrics.jsonl`` up to ``step`` (where
+    a resumed run picks up; 0 keeps none) and appending after them."""
+    metrics = out / "metrics.jsonl"
+    atomic_write_text(metrics, truncated_metrics(metrics, step))
+    c = config.logging
+    return MetricsLog(metrics, c.tensorboard, c.wandb, c.wandb_project, run_name=run_name, resume=True)
 
 
 def loop_state(config, step: int, epoch_rng, batch: int, scheduler, **extra) -> dict:

@@ -1,32 +1,14 @@
-"""Generation and scoring for on-policy RL: prompts in, a ``Trajectory`` of padded tensors out."""
+"""Sampling responses from a causal LM: a KV-cached loop (eager, or compiled over a static cache) that returns
+the policy's log-probability of every sampled token with the tokens."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
 from pmrlhf.data.tokenize import pad
-from pmrlhf.models.scoring import join, token_logprobs
-
-
-class Trajectory(NamedTuple):
-    """One batch of generated responses and everything PPO needs about them. ``B`` sequences, ``T`` tokens.
-
-    Sequences are ``prompt + response`` right-padded; per-token tensors are aligned with the token they
-    score (position ``t`` holds ``log pi(ids[t] | ids[<t])``), and ``response_mask`` marks response tokens.
-    """
-
-    ids: torch.Tensor  # [B, T] token ids
-    attention_mask: torch.Tensor  # [B, T] 1 on prompt and response tokens
-    response_mask: torch.Tensor  # [B, T] 1 on response tokens (the end-of-sequence token included)
-    logp: torch.Tensor  # [B, T] actor log-probabilities at sampling time
-    ref_logp: torch.Tensor  # [B, T] reference log-probabilities
-    values: torch.Tensor  # [B, T] critic values of the state before each token (zeros without a critic)
-    scores: torch.Tensor  # [B] reward-model scores of the whole response
-    prompt_index: torch.Tensor  # [B] which prompt of the batch each sample answers (groups for RLOO)
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -199,30 +181,3 @@ def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, bat
             responses.append(row[:cut])
             logps.append(lp[:cut])
     return responses, logps
-
-
-def critic_values(critic, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """Values aligned with tokens: position ``t`` holds V(state before token t), read at position ``t - 1``."""
-    return torch.nn.functional.pad(critic(ids, attn)[:, :-1], (1, 0))
-
-
-@torch.no_grad()
-def score(
-    reference,
-    reward_model,
-    critic,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    response_logp: list[list[float]],
-    prompt_index: torch.Tensor,
-    pad_id: int,
-) -> Trajectory:
-    """Reference log-probabilities, critic values and reward-model scores; the actor's come from sampling."""
-    device = next(reference.parameters()).device
-    ids, attn, resp = (t.to(device) for t in join(prompts, responses, pad_id))
-    logp = torch.zeros(resp.shape, dtype=torch.float32, device=device)
-    logp[resp.bool()] = torch.tensor([x for row in response_logp for x in row], dtype=torch.float32, device=device)
-    ref_logp = token_logprobs(reference, ids, attn) * resp
-    values = critic_values(critic, ids, attn) * resp if critic is not None else torch.zeros_like(logp)
-    scores = reward_model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
-    return Trajectory(ids, attn, resp, logp, ref_logp, values, scores, prompt_index.to(device))

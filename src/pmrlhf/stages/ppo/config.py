@@ -1,0 +1,223 @@
+"""The PPO stage's config: every setting of ``pmrlhf ppo``, the paper's flags as aliases of its penalty section,
+and the combinations refused because they optimise no stated objective (``docs/ppo.md``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from pmrlhf.config import ConfigError, DataConfig, LoggingConfig, ModelConfig, OptimConfig, one_of, require
+from pmrlhf.data.world import WorldConfig
+from pmrlhf.objectives import rl
+from pmrlhf.objectives.penalties import get_penalty
+
+PAPER_FLAGS = ("kl_ctl", "ent_ctl", "alpha_ctl")  # the reference code's flag names, accepted as aliases
+
+# Settings that moved, and where to: an old config that names one is refused with its new place.
+MOVED = {
+    "actor_lr": "optim.lr",
+    "ppo_epochs": "optim.epochs",
+    "minibatch_size": "optim.batch_size",
+    "max_grad_norm": "optim.max_grad_norm",
+    "warmup_iterations": "optim.warmup_ratio (a share of the iterations)",
+    "target_kl": "adaptive_kl.target",
+    "kl_estimator": "penalty.kl_estimator",
+    "kl_placement": "penalty.placement",
+    "maxent_tau": "penalty.tau",
+}
+
+
+@dataclass
+class PenaltyConfig:
+    """The regulariser of the objective: a penalty of ``objectives.penalties`` and its arguments."""
+
+    name: str = "kl"  # kl | pm | cpm_token | cpm_sequence | maxent; entropy (the paper's) is pm or cpm_token
+    coef: float | None = None  # its coefficient; None: 0.1 for kl (the paper's kl_ctl), 1 for the others (ent_ctl)
+    alpha: float = 0.3  # alpha of conditional PM (the paper's alpha_ctl)
+    tau: float = 1.0  # tau of maxent
+    kl_estimator: str = "k1"  # for kl: k1 in the reward; k2 or k3 only with placement loss
+    # for kl: "reward" (k1 per token, eq. (2.3)) or "loss" (k2 of the whole response, the same objective; k3, the
+    # forward KL(pi_ref || pi)), differentiated as in GRPO but per response
+    placement: str = "reward"
+
+    def coefficient(self) -> float:
+        if self.coef is not None:
+            return self.coef
+        return 0.1 if self.name == "kl" else 1.0
+
+    def kwargs(self) -> dict:
+        """The penalty's keyword arguments."""
+        if self.name.startswith("cpm"):
+            return {"alpha": self.alpha}
+        return {"tau": self.tau} if self.name == "maxent" else {}
+
+    def kl_in_loss(self) -> str | None:
+        """The KL estimator that goes into the loss instead of the reward, or None."""
+        return self.kl_estimator if self.name == "kl" and self.placement == "loss" else None
+
+    def validate(self) -> None:
+        get_penalty(self.name)
+        one_of("penalty.placement", self.placement, ("reward", "loss"))
+        one_of("penalty.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        if self.name == "kl" and self.placement == "reward" and self.kl_estimator != "k1":
+            raise ValueError(
+                f"kl_estimator {self.kl_estimator} as a reward is not a KL penalty (a reward -coef * k3 follows "
+                "E r - coef KL(pi || pi_ref) + coef KL(pi_ref || pi); k2 collapses onto one answer): use k1, or "
+                "set placement: loss, where k2 gives the gradient of KL(pi || pi_ref) and k3 of KL(pi_ref || pi)"
+            )
+        if self.name == "kl" and self.placement == "loss" and self.kl_estimator == "k1":
+            raise ValueError(
+                "kl_estimator k1 in the loss has zero expected gradient: use k2 or k3 there, or k1 as a reward"
+            )
+        if self.placement == "loss" and self.name != "kl":
+            raise ValueError(f"placement: loss is for penalty kl, not {self.name!r}")
+        if self.name.startswith("cpm"):
+            require(0 < self.alpha <= 1, f"penalty.alpha must be in (0, 1], got {self.alpha}")
+
+
+@dataclass
+class AdaptiveKLConfig:
+    """Ziegler et al.'s proportional controller of the penalty's coefficient."""
+
+    target: float = 0.0  # the sequence KL the coefficient is moved towards; 0 keeps the coefficient fixed
+    horizon: int = 10_000  # responses over which an error of the KL is corrected
+
+
+def penalty_section(data: dict) -> dict:
+    """``data`` with a ``penalty`` given as a name (the paper's ``penalty: kl``) written as its section."""
+    penalty = data.get("penalty")
+    return {**data, "penalty": {"name": penalty}} if isinstance(penalty, str) else data
+
+
+@dataclass
+class PPOConfig:
+    """Stage 3 (``pmrlhf ppo``). Defaults: the paper's PPO settings (Sec. 6, its reference code)."""
+
+    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
+    name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
+    seed: int = 0  # seed of sampling, shuffling and initialisation
+    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))
+    policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
+    reward: ModelConfig = field(default_factory=ModelConfig)  # reward model and critic; "" = <run_dir>/reward/model
+    # --- the objective ---
+    penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the regulariser: name, coef, alpha, ...
+    beta: float = 1.0  # the reward is clip(r_theta) / beta (Sec. 6's form; 1 gives the reference code's)
+    clip_reward_value: float = 5.0  # the reward model's score r_theta is clipped to +-this (before / beta)
+    normalize_reward: bool = False  # standardise scores with running mean and std before scaling
+    adaptive_kl: AdaptiveKLConfig = field(default_factory=AdaptiveKLConfig)  # moves the coefficient; off by default
+    # --- advantages ---
+    advantage: str = "gae"  # gae (critic) | rloo | group_mean (critic-free)
+    samples_per_prompt: int = 1  # responses per prompt (>= 2 for rloo / group_mean)
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise advantages over the batch
+    # --- optimisation ---
+    iterations: int = 100  # PPO iterations (generate + train)
+    prompts_per_iteration: int = 16  # prompts per iteration, over all processes
+    # the actor's optimiser: epochs are passes over each iteration's trajectories, batch_size the sequences of a
+    # gradient step on each process; the schedule runs over the iterations
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=1, batch_size=16))
+    critic_lr: float = 5e-4  # the critic's learning rate (the rest of its optimiser is the actor's)
+    clip: float = 0.2  # PPO ratio clip
+    value_clip: float = 0.2  # value clip
+    vf_coef: float = 1.0  # weight of the value loss
+    ptx_coef: float = 0.0  # PPO-ptx: weight of the SFT log-likelihood term; 0 disables
+    ema_decay: float = 0.0  # EMA of the actor's weights (saved as model-ema); 0 disables
+    # --- generation ---
+    max_new_tokens: int = 16  # generation limit
+    top_p: float = 0.9  # nucleus sampling
+    temperature: float = 1.0  # sampling temperature
+    # torch.compile the decoding step over a static KV cache: a one-time compile (seconds on CPU) for faster
+    # sampling; for long runs, not with sharded parameters
+    compile_sampler: bool = False
+    # --- running ---
+    checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
+    keep_checkpoints: int = 2  # how many checkpoints to keep
+    resume: bool = False  # continue from the last checkpoint in <run_dir>/<name>/checkpoints
+    # no | bf16 | fp16; None: the half type policy.dtype names, else what `accelerate launch` was configured
+    # with (no outside it). With mixed precision the actor and critic keep float32 weights and compute under
+    # autocast, and the frozen reference and reward model are held in the half type.
+    mixed_precision: str | None = None
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))
+
+    @classmethod
+    def canonical_keys(cls, data: dict) -> dict:
+        """``data`` with the paper's flags as this config's keys, one to one: ``penalty: kl`` (a name) is
+        ``penalty.name``, and ``entropy`` is ``cpm_token``, or ``pm`` where ``alpha_ctl`` is 0 (its code's switch);
+        ``kl_ctl`` is ``penalty.coef`` where the penalty is kl and ``ent_ctl`` where it is not (the other is
+        unused, as there); ``alpha_ctl`` is ``penalty.alpha``. A setting that moved is refused with its place."""
+        moved = [f"{k} is now {MOVED[k]}" for k in data if k in MOVED]
+        if moved:
+            raise ConfigError(f"{'; '.join(moved)} (docs/ppo.md)")
+        data = penalty_section(data)
+        penalty = dict(data.get("penalty") or {})
+        flags = {k: data[k] for k in PAPER_FLAGS if k in data}
+        data = {k: v for k, v in data.items() if k not in PAPER_FLAGS}
+        if "alpha_ctl" in flags:
+            _set_once(penalty, "alpha", flags["alpha_ctl"], "alpha_ctl")
+        if penalty.get("name") == "entropy":
+            alpha = float(penalty.get("alpha", PenaltyConfig.alpha))
+            penalty["name"] = "cpm_token" if alpha > 0 else "pm"
+        flag = "kl_ctl" if penalty.get("name", PenaltyConfig.name) == "kl" else "ent_ctl"
+        if flag in flags:
+            _set_once(penalty, "coef", flags[flag], flag)
+        return {**data, "penalty": penalty} if penalty else data
+
+    def validate(self) -> None:
+        self.penalty.validate()
+        if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
+            raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise ValueError(f"advantage={self.advantage} needs samples_per_prompt >= 2")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use no, bf16 or fp16")
+        if self.beta <= 0 or self.max_new_tokens < 1 or self.iterations < 1:
+            raise ValueError("need beta > 0, max_new_tokens >= 1 and iterations >= 1")
+        for name in ("prompts_per_iteration", "samples_per_prompt"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(
+            self.optim.epochs == int(self.optim.epochs),
+            f"optim.epochs must be a whole number of passes over each iteration's samples, got {self.optim.epochs}",
+        )
+        require(self.optim.grad_accum == 1, "PPO takes no gradient accumulation: set optim.grad_accum to 1")
+        require(self.adaptive_kl.horizon >= 1, f"adaptive_kl.horizon must be >= 1, got {self.adaptive_kl.horizon}")
+        require(
+            0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 samples from the whole distribution), got {self.top_p}"
+        )
+        require(
+            self.temperature > 0,
+            f"temperature must be > 0, got {self.temperature}: PPO needs sampling from a distribution, not greedy "
+            "decoding",
+        )
+        require(self.clip_reward_value > 0, f"clip_reward_value must be > 0, got {self.clip_reward_value}")
+
+
+def _set_once(section: dict, key: str, value, flag: str) -> None:
+    if key in section:
+        raise ConfigError(f"{flag} and penalty.{key} are the same setting: give one of them")
+    section[key] = value
+
+
+def objective(config: PPOConfig, coef: float, moments) -> dict:
+    """What a run of ``config`` optimised, for ``pmrlhf eval`` to find its optimum: the penalty and its arguments,
+    the coefficient as it ended (``coef``: the adaptive controller moves it) and as it started, and how the score
+    was turned into the reward (beta, clip, and the standardisation ``moments`` ended with, which sets the
+    optimum's temperature too)."""
+    c, p = config, config.penalty
+    return {
+        "method": "ppo",
+        "penalty": p.name,
+        "coef": coef,
+        "initial_coef": p.coefficient(),
+        "adaptive_coef": c.adaptive_kl.target > 0,
+        "alpha": p.kwargs().get("alpha"),
+        "tau": p.kwargs().get("tau"),
+        "kl_estimator": p.kl_estimator if p.name == "kl" else None,
+        "kl_placement": p.placement if p.name == "kl" else None,
+        "beta": c.beta,
+        "clip_reward_value": c.clip_reward_value,
+        "reward_normalization": (
+            {"mean": moments.mean, "std": math.sqrt(moments.var + 1e-8)} if c.normalize_reward else None
+        ),
+    }
