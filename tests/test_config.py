@@ -44,3 +44,44 @@ def test_the_pipeline_dpo_section_keeps_the_demo_batch():
     """The demo's DPO runs take 16 comparisons a batch, as they did before sections merged with stage defaults."""
     cfg = PipelineConfig().stage_configs()["dpo"]
     assert (cfg.optim.lr, cfg.optim.epochs, cfg.optim.batch_size) == (3e-4, 3, 16)
+
+
+COMMAND_CONFIGS = {
+    "world": "pmrlhf.data.world:WorldConfig",
+    "sft": "pmrlhf.stages.sft:SFTConfig",
+    "rm": "pmrlhf.stages.reward:RewardConfig",
+    "ppo": "pmrlhf.stages.ppo:PPOConfig",
+    "dpo": "pmrlhf.stages.dpo:DPOConfig",
+    "eval": "pmrlhf.stages.evaluate:EvalConfig",
+    "probe": "pmrlhf.stages.evaluate:ProbeConfig",
+    "run": "pmrlhf.stages.pipeline:PipelineConfig",
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_CONFIGS))
+def test_help_lists_every_setting_with_its_default_and_description(command):
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from pmrlhf.cli import app
+    from pmrlhf.config import describe
+
+    module, name = COMMAND_CONFIGS[command].split(":")
+    rows = describe(getattr(importlib.import_module(module), name))
+    assert all(doc for _, _, doc in rows), [key for key, _, doc in rows if not doc]  # a setting without a word
+    out = " ".join(CliRunner().invoke(app, [command, "--help"], terminal_width=400).output.split())
+    for key, default, doc in rows:
+        shown = f"{key}: " if default == "section" else f"{key} = {default!r}: "
+        assert shown + " ".join(doc.split())[:40] in out, key
+
+
+def test_a_setting_is_described_by_the_comment_on_its_line_or_the_lines_above():
+    from pmrlhf.config import field_docs
+    from pmrlhf.stages.ppo import PPOConfig, PenaltyConfig
+
+    docs = field_docs(PenaltyConfig)
+    assert docs["tau"] == "tau of maxent"
+    assert docs["placement"].startswith('for kl: "reward" (k1 per token, eq. (2.3)) or "loss"')
+    assert docs["placement"].endswith("differentiated as in GRPO but per response")
+    assert field_docs(PPOConfig)["mixed_precision"].startswith("no | bf16 | fp16; None: the half type")

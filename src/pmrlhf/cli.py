@@ -10,7 +10,39 @@ app = typer.Typer(
     help="RLHF that matches the spread of human preferences: KL, PM and conditional PM RLHF, and the DPO family.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
 )
+
+
+def settings(config: str) -> type:
+    """A command class whose ``--help`` ends with every setting of ``config`` (``module:Class``): its key, default
+    and one-line description (``config.describe``). Built when help is asked for, so that the command line starts
+    without importing the stages."""
+    from typer.core import TyperCommand
+
+    class WithSettings(TyperCommand):
+        @property
+        def epilog(self) -> str:
+            import importlib
+
+            from pmrlhf.config import describe
+
+            module, name = config.split(":")
+            rows = [
+                (k, d, doc.replace("<", "\\<"))
+                for k, d, doc in describe(getattr(importlib.import_module(module), name))
+            ]
+            lines = [
+                f"- `{key}` = `{default!r}`: {doc}" if default != "section" else f"- `{key}`: {doc}"
+                for key, default, doc in rows
+            ]
+            return "**Settings** (in the YAML file, or `--set key=value`):\n\n" + "\n".join(lines)
+
+        @epilog.setter
+        def epilog(self, value) -> None:  # click sets it on construction; the property above is the one used
+            pass
+
+    return WithSettings
 
 
 @app.callback()
@@ -120,7 +152,7 @@ def main() -> None:
         os._exit(code)
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.data.world:WorldConfig"))
 def world(
     out: Path = typer.Option(Path("runs/demo/world"), help="Folder to write the world into."),
     config: Path | None = ConfigOpt,
@@ -134,7 +166,7 @@ def world(
     typer.echo(f"wrote {path}")
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.stages.sft:SFTConfig"))
 def sft(
     config: Path | None = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -147,7 +179,7 @@ def sft(
     _wrote(_run(stage.run, _resumed(_config(stage.SFTConfig, config, overrides, run_dir), resume)))
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.stages.reward:RewardConfig"))
 def rm(
     config: Path | None = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -160,7 +192,7 @@ def rm(
     _wrote(_run(stage.run, _resumed(_config(stage.RewardConfig, config, overrides, run_dir), resume)))
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.stages.ppo:PPOConfig"))
 def ppo(
     config: Path | None = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -173,7 +205,7 @@ def ppo(
     _wrote(_run(stage.run, _resumed(_config(stage.PPOConfig, config, overrides, run_dir), resume)))
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.stages.dpo:DPOConfig"))
 def dpo(
     config: Path | None = ConfigOpt,
     overrides: list[str] = SetOpt,
@@ -186,7 +218,7 @@ def dpo(
     _wrote(_run(stage.run, _resumed(_config(stage.DPOConfig, config, overrides, run_dir), resume)))
 
 
-@app.command("eval")
+@app.command("eval", cls=settings("pmrlhf.stages.evaluate:EvalConfig"))
 def eval_(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
     """Sec. 6.1 metrics (PM divergence, length, perplexity, entropy, KL) for every policy of a run."""
     from pmrlhf.stages import evaluate as stage
@@ -194,7 +226,7 @@ def eval_(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_di
     _wrote(_run(stage.run_eval, _config(stage.EvalConfig, config, overrides, run_dir)))
 
 
-@app.command()
+@app.command(cls=settings("pmrlhf.stages.evaluate:ProbeConfig"))
 def probe(config: Path | None = ConfigOpt, overrides: list[str] = SetOpt, run_dir: Path | None = RunDirOpt) -> None:
     """Is preference collapse happening? Reference vs reward-model preferences on sampled pairs (Figs. 3-4)."""
     from pmrlhf.stages import evaluate as stage
@@ -210,7 +242,7 @@ def report(run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder with
     _wrote(_run(write_report, run_dir))
 
 
-@app.command("run")
+@app.command("run", cls=settings("pmrlhf.stages.pipeline:PipelineConfig"))
 def run_(
     config: Path = typer.Argument(..., help="Pipeline YAML: data, models, stage settings, PPO variants."),
     overrides: list[str] = SetOpt,

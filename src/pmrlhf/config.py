@@ -284,6 +284,52 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: list[st
         raise ConfigError(f"{where}{e}") from None
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """Each field's one-line description, read from the class's source: the comment on the line that declares it,
+    or else the comment lines right above it. Comments are where the settings are documented in the code, and
+    ``--help`` shows them from there."""
+    import inspect
+    import io
+    import re
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments, code = {}, set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+            code.update(range(tok.start[0], tok.end[0] + 1))
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs = {}
+    for number, line in enumerate(source.splitlines(), 1):
+        match = re.match(r"    (\w+)\s*:", line)
+        if not match or match.group(1) not in names or match.group(1) in docs:
+            continue
+        above = []
+        while number - len(above) - 1 in comments and number - len(above) - 1 not in code:
+            above.insert(0, comments[number - len(above) - 1])
+        docs[match.group(1)] = comments.get(number) or " ".join(above)
+    return docs
+
+
+def describe(cls: type, default: Any = None, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """``(dotted key, default, description)`` of every setting of ``cls``, its sections' settings after each
+    section, with the defaults ``cls()`` gives them (a stage's section may differ from the bare sub-config's)."""
+    default = cls() if default is None else default
+    docs, rows = field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            what = docs.get(f.name) or (type(value).__doc__ or "").strip().split("\n")[0]
+            rows.append((prefix + f.name, "section", what))
+            rows += describe(type(value), value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, docs.get(f.name, "")))
+    return rows
+
+
 def save_config(config: Any, path: Path | str) -> Path:
     """Write the resolved config as YAML, atomically."""
     from pmrlhf.io import atomic_write_text

@@ -107,9 +107,9 @@ def discover_policies(run_dir: str | Path) -> dict[str, str]:
 
 def policy_objective(path: str | Path, beta: float) -> dict:
     """What the stage that wrote the policy at ``path`` optimised (its ``objective.json``). A model that no
-    policy-optimisation stage trained (the reference, or a path given in ``policies``) is placed against KL RLHF at coefficient 1 on
-    the unclipped reward ``r / beta``: its distance to that optimum is how far such training would have to move
-    it."""
+    policy-optimisation stage trained (the reference, or a path given in ``policies``) is placed against KL RLHF
+    at coefficient 1 on the unclipped reward ``r / beta``: its distance to that optimum is how far such training
+    would have to move it."""
     written = Path(path).parent / OBJECTIVE
     objective = json.loads(written.read_text()) if written.is_file() else {}
     if objective.get("method") in ("ppo", "dpo"):

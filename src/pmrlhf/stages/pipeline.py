@@ -60,6 +60,7 @@ class PipelineConfig:
     reward_model: ModelConfig = field(default_factory=ModelConfig)  # the reward model and critic
     sft: dict[str, Any] = field(default_factory=dict)  # overrides of the SFT stage's config
     reward: dict[str, Any] = field(default_factory=dict)  # overrides of the reward stage's config
+    # overrides of every PPO variant's config
     ppo: dict[str, Any] = field(default_factory=lambda: {"iterations": 600, "optim": {"lr": 3e-4}, "top_p": 1.0})
     variants: list[dict[str, Any]] = field(default_factory=default_variants)  # one PPO run each; "name" required
     dpo: dict[str, Any] = field(  # base DPO overrides
