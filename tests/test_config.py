@@ -78,7 +78,7 @@ def test_help_lists_every_setting_with_its_default_and_description(command):
 
 def test_a_setting_is_described_by_the_comment_on_its_line_or_the_lines_above():
     from pmrlhf.config import field_docs
-    from pmrlhf.stages.ppo import PPOConfig, PenaltyConfig
+    from pmrlhf.stages.ppo import PenaltyConfig, PPOConfig
 
     docs = field_docs(PenaltyConfig)
     assert docs["tau"] == "tau of maxent"

@@ -59,9 +59,8 @@ def run(config: PPOConfig) -> Path:
 class PPOTrainer:
     def __init__(self, config: PPOConfig):
         self.config = c = config
-        self.accelerator = acc = stage_accelerator(
-            c.policy, c.optim.batch_size, c.optim.max_grad_norm, c.mixed_precision
-        )
+        acc = stage_accelerator(c.policy, c.optim.batch_size, c.optim.max_grad_norm, c.mixed_precision)
+        self.accelerator = acc
         if c.prompts_per_iteration % acc.num_processes:
             # unequal shares can mean unequal numbers of minibatches, and DDP would wait for the missing ones
             raise ValueError(
@@ -213,17 +212,9 @@ class PPOTrainer:
 
     def _score(self, prompts, responses, logps, group) -> Trajectory:
         """Reference log-probabilities, critic values, reward-model scores."""
+        models = (self.reference, self.reward_model, self.critic)
         with self._autocast():
-            traj = score(
-                self.reference,
-                self.reward_model,
-                self.critic,
-                prompts,
-                responses,
-                logps,
-                group,
-                self.tokenizer.pad_token_id,
-            )
+            traj = score(*models, prompts, responses, logps, group, self.tokenizer.pad_token_id)
         check_finite(self._where(), "a reward-model score", traj.scores, "the reward model (reward.name_or_path)")
         return traj
 
