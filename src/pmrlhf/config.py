@@ -44,7 +44,7 @@ class ModelConfig:
     """Where a model comes from and how it is held in memory."""
 
     name_or_path: str = ""  # a Hugging Face name, a local folder, or "" to build a tiny model (tiny_arch)
-    tiny_arch: str = "gpt2"  # architecture of the tiny model built from config when name_or_path is "": gpt2 | llama
+    tiny_arch: str = "gpt2"  # architecture of the tiny model built from config: gpt2 | llama | opt | qwen2 | gpt_neox
     tiny_layers: int = 2  # transformer blocks of the tiny model
     tiny_hidden: int = 64  # hidden size of the tiny model
     tiny_heads: int = 4  # attention heads of the tiny model

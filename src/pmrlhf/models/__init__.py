@@ -17,6 +17,9 @@ from pmrlhf.io import atomic_dir
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+TINY_ARCHS = ("gpt2", "llama", "opt", "qwen2", "gpt_neox")  # the recipes' families, and the next ones users try
+
+
 def tiny_config(
     arch: str,
     vocab_size: int,
@@ -26,13 +29,20 @@ def tiny_config(
     max_positions: int = 128,
     pad_token_id: int | None = None,
     eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
 ):
-    """A small transformer config of a real architecture (no download): GPT-2 or Llama."""
-    from transformers import GPT2Config, LlamaConfig
+    """A small transformer config of a real architecture (no download), with what sets each family apart: GPT-2
+    (learned positions, tied embeddings), Llama and Qwen2 (RoPE, grouped-query attention with half as many
+    key-value heads, RMSNorm, untied; Qwen2 with biases on q, k, v), OPT (learned positions offset by 2, a final
+    layer norm, ReLU), GPT-NeoX / Pythia (parallel attention and MLP, partial rotary, untied). No dropout, so
+    that a seeded run repeats. ``bos_token_id`` defaults to the end-of-sequence token, as in GPT-2 and OPT."""
+    from transformers import AutoConfig
 
-    if arch == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab_size,
+    bos = eos_token_id if bos_token_id is None else bos_token_id
+    shared = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos)
+    kv = max(1, heads // 2)
+    settings = {
+        "gpt2": dict(
             n_positions=max_positions,
             n_embd=hidden,
             n_layer=layers,
@@ -40,25 +50,53 @@ def tiny_config(
             resid_pdrop=0.0,
             embd_pdrop=0.0,
             attn_pdrop=0.0,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            bos_token_id=eos_token_id,
-        )
-    if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
+        ),
+        "llama": dict(
             hidden_size=hidden,
             intermediate_size=hidden * 4,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=heads,
+            num_key_value_heads=kv,
             max_position_embeddings=max_positions,
-            pad_token_id=pad_token_id,
-            eos_token_id=eos_token_id,
-            bos_token_id=eos_token_id,
             tie_word_embeddings=False,
-        )
-    raise ValueError(f"unknown tiny architecture {arch!r}; use 'gpt2' or 'llama'")
+        ),
+        "qwen2": dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=max_positions,
+            tie_word_embeddings=False,
+        ),
+        "opt": dict(
+            hidden_size=hidden,
+            ffn_dim=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=max_positions,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            layerdrop=0.0,
+        ),
+        "gpt_neox": dict(
+            hidden_size=hidden,
+            intermediate_size=hidden * 4,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_positions,
+            rotary_pct=0.25,
+            use_parallel_residual=True,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            tie_word_embeddings=False,
+        ),
+    }
+    if arch not in settings:
+        raise ValueError(f"unknown tiny architecture {arch!r}; use one of {', '.join(TINY_ARCHS)}")
+    return AutoConfig.for_model(arch, **settings[arch], **shared)
 
 
 def _tiny_from(cfg: ModelConfig, tokenizer):

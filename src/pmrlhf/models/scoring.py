@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from pmrlhf.data.tokenize import pad
 
@@ -17,11 +18,73 @@ def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> t
     return ids, attn, resp
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """``log pi(ids[t] | ids[<t])`` at every position ``t >= 1``, as ``[B, T]`` with column 0 set to 0."""
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return torch.nn.functional.pad(logp, (1, 0))
+# Architectures whose logits are their output embedding applied to the last hidden state and nothing after it
+# (no soft-capping, no logit scale): for them the full-vocabulary logits of a batch are never held at once.
+HEAD_ONLY = frozenset({"gpt2", "llama", "mistral", "opt", "qwen2", "qwen3", "gpt_neox"})
+CHUNK_BYTES = 2**28  # float32 logits of one chunk of tokens: 256 MiB
+
+
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """``log pi(ids[t] | ids[<t])`` at every position ``t >= 1``, as ``[B, T]`` with column 0 set to 0.
+
+    The naive form holds the logits of every token over the whole vocabulary in float32, ``[B, T, V]``, twice
+    (logits and log-softmax): at V = 128k, T = 1024, B = 8, 4 GB each, the memory peak of every PPO and DPO step.
+    For ``HEAD_ONLY`` architectures the output embedding is replaced, for this one forward pass, by a head that
+    turns the last hidden states into the sampled tokens' log-probabilities a chunk of ``chunk_bytes`` of logits
+    at a time; in a pass that builds a graph, each chunk's logits are recomputed in the backward pass instead of
+    kept (activation checkpointing). The swap happens inside the model's own forward pass, so autocast, DDP,
+    FSDP and DeepSpeed see the pass they always see. The arithmetic per token is the naive form's, and where the
+    batch fits in one chunk the result is the same bit for bit.
+    """
+    causal_lm = _causal_lm(model)
+    if getattr(causal_lm.config, "model_type", None) not in HEAD_ONLY:
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return torch.nn.functional.pad(logp, (1, 0))
+    head = causal_lm.get_output_embeddings()
+    rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))  # the last position has no next token: dropped below
+    causal_lm.set_output_embeddings(_LogProbHead(head, targets, rows))
+    try:
+        logp = model(input_ids=ids, attention_mask=attn).logits[..., 0].float()
+    finally:
+        causal_lm.set_output_embeddings(head)
+    return torch.nn.functional.pad(logp[:, :-1], (1, 0))
+
+
+class _LogProbHead(torch.nn.Module):
+    """An output embedding that returns, in place of logits ``[B, T, V]``, the log-probability of ``targets``
+    ``[B, T]`` as ``[B, T, 1]``, ``rows`` tokens at a time."""
+
+    def __init__(self, head: torch.nn.Module, targets: torch.Tensor, rows: int):
+        super().__init__()
+        self.head, self.targets, self.rows = head, targets, rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        B, T, H = hidden.shape
+        flat, targets = hidden.reshape(B * T, H), self.targets.reshape(B * T)
+        keep_graph = torch.is_grad_enabled() and flat.requires_grad
+        pieces = []
+        for s in range(0, B * T, self.rows):
+            args = (flat[s : s + self.rows], targets[s : s + self.rows])
+            pieces.append(checkpoint(self._logp, *args, use_reentrant=False) if keep_graph else self._logp(*args))
+        return torch.cat(pieces).view(B, T, 1)
+
+    def _logp(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.head(hidden).float()
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _causal_lm(model):
+    """The transformers model inside the wrappers of training (DDP, DeepSpeed's engine, PEFT, torch.compile)."""
+    for _ in range(4):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+            model = model.module
+    return model
 
 
 @torch.no_grad()

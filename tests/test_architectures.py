@@ -1,0 +1,94 @@
+"""The architectures the recipes name, and the next ones users try, on tiny random-weight configs: the
+log-probabilities every stage trains on, computed a chunk of the vocabulary's logits at a time, equal the naive
+full-vocabulary form in value and gradient, under every wrapper training puts around a model."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from pmrlhf.models import TINY_ARCHS, tiny_config
+from pmrlhf.models.scoring import HEAD_ONLY, token_logprobs
+
+VOCAB = 301  # odd, so that no chunk of rows divides the batch evenly
+
+
+def tiny(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(arch, VOCAB, pad_token_id=0, eos_token_id=1)).train()
+
+
+def naive(model, ids, attn):
+    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    return torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (3, 11), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 8:] = 0  # right padding, as the stages join prompt and response
+    return ids, attn
+
+
+def grads(model) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("rows", [1_000_000, 4])  # one chunk; chunks of 4 tokens (9 of them, the last short)
+def test_chunked_logprobs_equal_the_naive_form_in_value_and_gradient(arch, rows):
+    assert arch in HEAD_ONLY
+    model, (ids, attn) = tiny(arch), batch()
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    expected = naive(model, ids, attn)
+    (expected * weights).sum().backward()
+    expected_grads = grads(model)
+    got = token_logprobs(model, ids, attn, chunk_bytes=4 * VOCAB * rows)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert dict(model.named_modules()).keys() == dict(tiny(arch).named_modules()).keys()  # the head is back
+
+
+def test_one_chunk_is_the_naive_form_bit_for_bit():
+    """Where a batch's logits fit in one chunk (every run of the synthetic world), nothing changes at all."""
+    model, (ids, attn) = tiny("gpt2"), batch()
+    with torch.no_grad():
+        assert torch.equal(token_logprobs(model, ids, attn), naive(model, ids, attn))
+
+
+def test_chunked_logprobs_under_lora_and_bf16_autocast():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama"), LoraConfig(r=4, task_type="CAUSAL_LM"))
+    ids, attn = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = naive(model, ids, attn)
+        got = token_logprobs(model, ids, attn, chunk_bytes=4 * VOCAB * 5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_an_architecture_with_a_transform_after_its_head_is_scored_the_naive_way():
+    """Gemma-2 soft-caps its logits after the output embedding: swapping that embedding would skip the cap."""
+    from transformers import Gemma2Config
+
+    cfg = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        final_logit_softcapping=2.0,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    ids, attn = batch()
+    assert cfg.model_type not in HEAD_ONLY
+    with torch.no_grad():
+        torch.testing.assert_close(token_logprobs(model, ids, attn), naive(model, ids, attn), rtol=0, atol=0)
