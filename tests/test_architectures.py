@@ -92,3 +92,77 @@ def test_an_architecture_with_a_transform_after_its_head_is_scored_the_naive_way
     assert cfg.model_type not in HEAD_ONLY
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(model, ids, attn), naive(model, ids, attn), rtol=0, atol=0)
+
+
+def distinct_parameters(*models) -> int:
+    """Elements of every distinct parameter tensor the models hold between them (shared ones counted once)."""
+    seen = {}
+    for model in models:
+        for p in model.parameters():
+            seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def test_lora_ppo_holds_one_copy_of_each_base_and_its_frozen_roles_stay_the_base(trained, tmp_path, tiny_world_config):
+    """With LoRA on the policy and the reward model, the reference is the actor's base with the adapter off and
+    the reward model the critic's: the parameters held are one base of each plus adapters. After updates that
+    move the adapters, the frozen roles still score as the SFT and reward models loaded on their own do."""
+    from helpers import copy_run, ppo_config
+    from pmrlhf.config import ModelConfig
+    from pmrlhf.models import WithoutAdapter, load_causal_lm, load_reward_model
+    from pmrlhf.models.scoring import join, token_logprobs
+    from pmrlhf.stages import ppo
+
+    run = copy_run(trained, tmp_path / "run")
+    lora = {"lora_r": 4, "lora_target_modules": ["c_attn"]}
+    trainer = ppo.PPOTrainer(ppo_config(run, tiny_world_config, policy=lora, reward=lora, optim={"lr": 3e-2}))
+    assert isinstance(trainer.reference, WithoutAdapter) and isinstance(trainer.reward_model, WithoutAdapter)
+    sft = load_causal_lm(ModelConfig(), trainer.tokenizer, run / "sft" / "model", trainable=False)
+    rm = load_reward_model(ModelConfig(), trainer.tokenizer, run / "reward" / "model", trainable=False)
+    adapters = sum(p.numel() for n, p in trainer.actor_module.named_parameters() if "lora_" in n)
+    critic_extra = sum(
+        p.numel() for n, p in trainer.critic.named_parameters() if "lora_" in n or "modules_to_save" in n
+    )
+    held = distinct_parameters(trainer.actor_module, trainer.reference, trainer.reward_model, trainer.critic)
+    assert held == distinct_parameters(sft) + adapters + distinct_parameters(rm) + critic_extra
+    for _ in range(2):
+        trainer.step()
+    prompts = trainer.prompts[:4]
+    ids, attn, resp = join(prompts, [[5, 6, 7, 1]] * 4, trainer.tokenizer.pad_token_id)
+    with torch.no_grad():
+        moved = token_logprobs(trainer.actor_module, ids, attn)
+        torch.testing.assert_close(token_logprobs(trainer.reference, ids, attn), token_logprobs(sft, ids, attn))
+        scores = trainer.reward_model(input_ids=ids, attention_mask=attn).logits
+        torch.testing.assert_close(scores, rm(input_ids=ids, attention_mask=attn).logits)
+    assert not torch.allclose(moved * resp, token_logprobs(sft, ids, attn) * resp)  # the adapter did move
+
+
+def test_lora_dpo_takes_its_reference_from_the_policy_base_without_loading_a_copy(
+    trained, tmp_path, tiny_world_config, monkeypatch
+):
+    from helpers import copy_run
+    from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+    from pmrlhf.io import read_jsonl
+    from pmrlhf.stages import dpo
+
+    run = copy_run(trained, tmp_path / "run")
+    loads = []
+    real = dpo.load_causal_lm
+    monkeypatch.setattr(dpo, "load_causal_lm", lambda *a, **k: loads.append(k.get("trainable", True)) or real(*a, **k))
+    common = dict(
+        run_dir=str(run),
+        world=tiny_world_config,
+        data=DataConfig(portion="reward", limit=48),
+        checkpoint_every=0,
+        optim=OptimConfig(lr=1e-3, epochs=1, batch_size=16),
+        logging=LoggingConfig(log_every=1),
+    )
+    lora = ModelConfig(lora_r=4, lora_target_modules=["c_attn"])
+    dpo.run(dpo.DPOConfig(name="lora", model=lora, **common))
+    assert loads == [True]  # the policy alone; the two-copy form loads a frozen reference too
+    loads.clear()
+    dpo.run(dpo.DPOConfig(name="full", **common))
+    assert loads == [True, False]
+    # at the start the adapted policy is its base, so the first loss is log 2 in both forms
+    for name in ("lora", "full"):
+        assert next(iter(read_jsonl(run / name / "metrics.jsonl")))["train/loss"] == pytest.approx(0.693147, abs=1e-6)

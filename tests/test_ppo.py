@@ -16,6 +16,7 @@ from pmrlhf.io import read_jsonl
 from pmrlhf.models.sampling import generate
 from pmrlhf.stages import ppo, reward, sft
 from pmrlhf.stages.ppo import rollout
+from pmrlhf.training.setup import frozen_autocast
 
 
 def ppo_settings(**data) -> ppo.PPOConfig:
@@ -128,7 +129,7 @@ def test_bf16_mixed_precision_keeps_float32_masters_and_half_frozen_models(train
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.actor.parameters(), strict=True))
 
     prompts = [trainer.prompts[i] for i in range(6)]
-    with trainer._autocast():
+    with frozen_autocast(trainer.accelerator):
         responses, logps = generate(trainer.actor, prompts, trainer.tokenizer, 8, 1.0, 1.0)
     ids, attn, resp = join(prompts, responses, trainer.tokenizer.pad_token_id)
     actor = trainer.accelerator.unwrap_model(trainer.actor, keep_fp32_wrapper=False)  # drops the autocast

@@ -282,6 +282,30 @@ class Critic(nn.Module):
         return backbone.score(hidden).squeeze(-1).float()
 
 
+class WithoutAdapter:
+    """A frozen model that is a trained model's base: the LoRA-adapted ``model`` called with its adapter switched
+    off (TRL's way of holding PPO's and DPO's reference). No second copy of the weights is held: only the base
+    the adapter sits on, which training leaves as it was. Calls run without gradients."""
+
+    def __init__(self, model):
+        if not hasattr(model, "disable_adapter"):
+            raise ValueError("WithoutAdapter needs a model with a LoRA adapter (lora_r > 0)")
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad(), self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+    def get_base_model(self):  # what scoring looks inside for the architecture
+        return self.model.get_base_model()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def to(self, device):  # it moves with the model it is the base of
+        return self
+
+
 def unwrap_for_saving(model):
     """The plain ``transformers`` model to save: LoRA merged, wrappers removed."""
     if isinstance(model, Critic):

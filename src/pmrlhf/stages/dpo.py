@@ -18,7 +18,7 @@ from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, r
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
-from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
+from pmrlhf.models import WithoutAdapter, load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
 from pmrlhf.training.fit import Fit, fit
@@ -128,7 +128,10 @@ def run(config: DPOConfig) -> Path:
     policy = load_causal_lm(trainable, tokenizer, path=init or None)
     pad_id = tokenizer.pad_token_id
     if dpo.DPO_LOSSES[config.loss].needs_reference:
-        reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False).to(accelerator.device)
+        if config.model.lora_r:  # the policy's base with its adapter off: no second copy of the weights
+            reference = WithoutAdapter(policy.to(accelerator.device))
+        else:
+            reference = load_causal_lm(frozen, tokenizer, path=init or None, trainable=False).to(accelerator.device)
         ref_c, ref_r = _reference_logprobs(reference, pairs, pad_id, accelerator)
         del reference
     else:

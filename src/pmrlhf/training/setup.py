@@ -117,6 +117,16 @@ def check_launch() -> None:
         )
 
 
+def frozen_autocast(accelerator):
+    """The accelerator's mixed precision for what ``accelerator.prepare`` does not wrap: frozen models, and
+    sampling, where one region over every token casts the weights once instead of at each step. A no-op without
+    mixed precision."""
+    import contextlib
+
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    return contextlib.nullcontext() if half is None else torch.autocast(accelerator.device.type, dtype=half)
+
+
 def parameters_sharded(accelerator) -> bool:
     """Whether no process holds whole parameters (FSDP; ZeRO-3 is refused): every forward pass then gathers them
     from all processes, so every process must make the same passes, and saving means gathering first."""

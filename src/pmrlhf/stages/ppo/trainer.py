@@ -3,7 +3,6 @@ per step."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from pmrlhf.config import to_dict
 from pmrlhf.io import atomic_write_json, console, progress_bar
-from pmrlhf.models import Critic, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.sampling import CompiledDecoding, generate
 from pmrlhf.models.scoring import critic_values, token_logprobs
 from pmrlhf.objectives import rl
@@ -38,6 +37,7 @@ from pmrlhf.training.run_folder import (
     write_objective,
 )
 from pmrlhf.training.setup import (
+    frozen_autocast,
     gathered_model,
     load_precisions,
     mean_over_processes,
@@ -70,7 +70,6 @@ class PPOTrainer:
         self.sharded_parameters = parameters_sharded(acc)
         if c.compile_sampler and self.sharded_parameters:
             raise ValueError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
-        self.half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.out = stage_dir(c.run_dir, c.name, c, resumable=True)
         seed_everything(c.seed + acc.process_index)
         run = Path(c.run_dir)
@@ -105,15 +104,19 @@ class PPOTrainer:
     def _load_roles(self) -> None:
         """The actor and the frozen reference from the SFT model; the frozen reward model, and the critic from it
         (InstructGPT, DeepSpeed-Chat). With mixed precision the trained roles keep float32 weights and the frozen
-        ones are held in the half type."""
+        ones are held in the half type. A role trained with LoRA holds the only copy of its base: the reference
+        is the actor with its adapter off, and the reward model the critic with its adapter off."""
         c, acc = self.config, self.accelerator
         mixed = acc.mixed_precision
         (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
         self._fresh_actor = lambda: load_causal_lm(policy, self.tokenizer, path=self.policy_path)
         self._fresh_critic = lambda: Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
         actor = self._fresh_actor()
-        self.reference = load_causal_lm(reference, self.tokenizer, path=self.policy_path, trainable=False)
-        self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=self.reward_path, trainable=False)
+        critic_is_reward = c.advantage == "gae" and c.reward.lora_r > 0
+        if not c.policy.lora_r:
+            self.reference = load_causal_lm(reference, self.tokenizer, path=self.policy_path, trainable=False)
+        if not critic_is_reward:
+            self.reward_model = load_reward_model(frozen_reward, self.tokenizer, path=self.reward_path, trainable=False)
         critic = self._fresh_critic() if c.advantage == "gae" else None
         # the schedules step once per iteration, and are built on the optimisers before accelerate wraps them
         actor_opt = adamw(actor.parameters(), acc, c.optim.lr, c.optim.weight_decay)
@@ -126,6 +129,10 @@ class PPOTrainer:
             critic_opt = adamw(critic.parameters(), acc, c.critic_lr, c.optim.weight_decay)
             self.critic_sched = lr_schedule(critic_opt, c.optim, c.iterations)
             self.critic, self.critic_opt = acc.prepare(critic, critic_opt)
+        if c.policy.lora_r:
+            self.reference = WithoutAdapter(self.actor_module)
+        if critic_is_reward:
+            self.reward_model = WithoutAdapter(acc.unwrap_model(self.critic).model)
         self.reference.to(acc.device)
         self.reward_model.to(acc.device)
 
@@ -197,7 +204,7 @@ class PPOTrainer:
     def _generate(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
         """Responses, with the actor's log-probabilities of the sampled tokens."""
         c = self.config
-        with self._autocast():
+        with frozen_autocast(self.accelerator):
             return generate(
                 self.actor_module,
                 prompts,
@@ -213,7 +220,7 @@ class PPOTrainer:
     def _score(self, prompts, responses, logps, group) -> Trajectory:
         """Reference log-probabilities, critic values, reward-model scores."""
         models = (self.reference, self.reward_model, self.critic)
-        with self._autocast():
+        with frozen_autocast(self.accelerator):
             traj = score(*models, prompts, responses, logps, group, self.tokenizer.pad_token_id)
         check_finite(self._where(), "a reward-model score", traj.scores, "the reward model (reward.name_or_path)")
         return traj
@@ -318,14 +325,6 @@ class PPOTrainer:
 
     def _where(self) -> str:
         return f"{self.config.name}: iteration {self.iteration + 1}"
-
-    def _autocast(self):
-        """Mixed precision for what ``accelerator.prepare`` does not wrap: the frozen models, and sampling, where
-        one region over every token casts the actor's weights once instead of at each step. A no-op without
-        mixed precision."""
-        if self.half is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.accelerator.device.type, dtype=self.half)
 
     def _all_done(self, done: torch.Tensor) -> bool:
         """Whether sampling may stop. With parameters sharded (FSDP) each forward pass gathers them from every
