@@ -166,3 +166,35 @@ def test_lora_dpo_takes_its_reference_from_the_policy_base_without_loading_a_cop
     # at the start the adapted policy is its base, so the first loss is log 2 in both forms
     for name in ("lora", "full"):
         assert next(iter(read_jsonl(run / name / "metrics.jsonl")))["train/loss"] == pytest.approx(0.693147, abs=1e-6)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_the_reward_model_reads_its_score_at_the_end_of_sequence_token_in_training_and_in_scoring(arch):
+    """With pad = eos (GPT-2, Llama-3, any tokenizer without a pad token) transformers reads a classifier's score
+    at the last token that is not the pad token: the one before the end of sequence. Every stage here reads it
+    at the last attended token, the end of sequence itself, in training (``reward.score_batch``) and in scoring
+    (PPO's ``rollout.score`` and evaluation's ``reward_scores``) alike."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pmrlhf.models.scoring import join, reward_scores, sequence_scores
+    from pmrlhf.stages.reward import score_batch
+
+    eos = pad = 1
+    cfg = tiny_config(arch, VOCAB, pad_token_id=pad, eos_token_id=eos)
+    cfg.num_labels = 1
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11, eos], [12, 13, 14, 15, eos]]
+    ids, attn, _ = join(prompts, responses, pad)
+    with torch.no_grad():
+        hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        per_token = model.score(hidden)[..., 0]
+        at_eos = per_token[torch.arange(2), attn.sum(-1) - 1]
+        read = sequence_scores(model, ids, attn)
+        torch.testing.assert_close(read, at_eos)
+        before_eos = per_token[torch.arange(2), attn.sum(-1) - 2]
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=attn).logits[:, 0], before_eos)
+        trained_on, _ = score_batch(model, [(p, [r]) for p, r in zip(prompts, responses, strict=True)], pad)
+        torch.testing.assert_close(trained_on[:, 0], read)
+        torch.testing.assert_close(reward_scores(model, prompts, responses, pad), read)
+    assert type(model.score) is torch.nn.Linear  # the head is back

@@ -36,7 +36,7 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, chunk_bytes: in
     FSDP and DeepSpeed see the pass they always see. The arithmetic per token is the naive form's, and where the
     batch fits in one chunk the result is the same bit for bit.
     """
-    causal_lm = _causal_lm(model)
+    causal_lm = _transformers_model(model)
     if getattr(causal_lm.config, "model_type", None) not in HEAD_ONLY:
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -75,7 +75,43 @@ class _LogProbHead(torch.nn.Module):
         return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def _causal_lm(model):
+def sequence_scores(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """A reward model's score of each sequence ``[B]``, read at its last attended token: the end-of-sequence token
+    that closes a response, or the last token of one cut at its length limit.
+
+    transformers' sequence classifiers read the last token that is not the pad token, which is the token before
+    the end of sequence wherever the two are one token (GPT-2, Llama-3 and every tokenizer without a pad token):
+    the score would then not see whether the response ended. Here the score head is replaced, for this one
+    forward pass, by one that puts the last attended token's score at every position, so that whichever position
+    the model reads, training, PPO and evaluation all read that one; through the model's own forward pass, as DDP,
+    FSDP and DeepSpeed need. A model without a ``score`` head is read as transformers reads it.
+    """
+    inner = _transformers_model(model)
+    head = getattr(inner, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    last = attn.shape[1] - 1 - attn.flip(-1).argmax(-1)
+    inner.score = _AtToken(head, last)
+    try:
+        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    finally:
+        inner.score = head
+
+
+class _AtToken(torch.nn.Module):
+    """A score head whose output at every position of a sequence is its score at position ``index``."""
+
+    def __init__(self, head: torch.nn.Module, index: torch.Tensor):
+        super().__init__()
+        self.head, self.index = head, index
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        scores = self.head(hidden)  # [B, T, labels]
+        at = scores[torch.arange(scores.shape[0], device=scores.device), self.index.to(scores.device)]
+        return at[:, None, :].expand_as(scores)
+
+
+def _transformers_model(model):
     """The transformers model inside the wrappers of training (DDP, DeepSpeed's engine, PEFT, torch.compile)."""
     for _ in range(4):
         if hasattr(model, "get_base_model"):
@@ -120,7 +156,7 @@ def reward_scores(
     out = []
     for s in range(0, len(prompts), batch_size):
         ids, attn, _ = join(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id)
-        out.append(model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, 0].float().cpu())
+        out.append(sequence_scores(model, ids.to(device), attn.to(device)).cpu())
     return torch.cat(out)
 
 

@@ -22,6 +22,7 @@ from pmrlhf.data.tokenize import Encoder, pad
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
+from pmrlhf.models.scoring import sequence_scores
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.training.fit import BestModel, Fit, fit
 from pmrlhf.training.run_folder import (
@@ -88,7 +89,7 @@ def score_batch(model, batch, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
             slots.append((n, k))
     ids, attn = pad(seqs, pad_id, "right")
     device = next(model.parameters()).device
-    flat = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, 0].float()
+    flat = sequence_scores(model, ids.to(device), attn.to(device))
     scores = torch.zeros(len(batch), K, device=device)
     mask = torch.zeros(len(batch), K, dtype=torch.bool, device=device)
     n_idx = torch.tensor([s[0] for s in slots], device=device)

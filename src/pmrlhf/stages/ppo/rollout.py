@@ -11,7 +11,7 @@ import torch
 
 from pmrlhf.config import DataConfig
 from pmrlhf.data.world import WorldConfig
-from pmrlhf.models.scoring import critic_values, join, token_logprobs
+from pmrlhf.models.scoring import critic_values, join, sequence_scores, token_logprobs
 from pmrlhf.training.run_folder import load_stage_records
 
 
@@ -103,7 +103,7 @@ def score(
     logp[resp.bool()] = torch.tensor([x for row in response_logp for x in row], dtype=torch.float32, device=device)
     ref_logp = token_logprobs(reference, ids, attn) * resp
     values = critic_values(critic, ids, attn) * resp if critic is not None else torch.zeros_like(logp)
-    scores = reward_model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    scores = sequence_scores(reward_model, ids, attn)
     return Trajectory(ids, attn, resp, logp, ref_logp, values, scores, prompt_index.to(device))
 
 
