@@ -13,6 +13,7 @@ import torch
 from helpers import copy_run, model_weights, ppo_config, torchrun, world_comparison
 from pmrlhf.config import ConfigError, ModelConfig, from_dict
 from pmrlhf.io import read_jsonl
+from pmrlhf.models import TINY_ARCHS
 from pmrlhf.models.sampling import generate
 from pmrlhf.stages import ppo, reward, sft
 from pmrlhf.stages.ppo import rollout
@@ -238,7 +239,7 @@ def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):
     assert out["reference_mass_outside_m"] < pm["cpm_target_mass_outside_m"] <= 1
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_sampled_logprobs_equal_teacher_forced_logprobs(arch):
     """The KV-cached sampler over left-padded prompts against a plain forward pass over right-padded text."""
     from pmrlhf.config import ModelConfig

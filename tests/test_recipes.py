@@ -62,23 +62,50 @@ def tldr_rows(n: int) -> list[dict]:
     return rows
 
 
-def tiny_model(path: Path, arch: str, texts: list[str]) -> str:
-    """A byte-level BPE tokenizer trained on ``texts`` and an untrained tiny model of ``arch``, saved to ``path``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+# Each recipe's model family, and a tokenizer trained here that behaves as its real one does.
+FAMILY = {"opt": ("opt", "opt"), "llama2": ("llama", "llama2"), "llama3": ("llama", "llama3")}
+
+
+def recipe_tokenizer(style: str, texts: list[str]):
+    """A tokenizer trained on ``texts`` in the manner of a recipe's: ``opt`` (byte-level BPE, a pad token, BOS =
+    EOS = ``</s>`` put before every text), ``llama2`` (SentencePiece-style ``▁`` pieces with byte fallback
+    alphabet, ``<s>`` before every text, no pad token) or ``llama3`` (byte-level BPE, ``<|begin_of_text|>``
+    before every text, no pad token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {
+        "opt": {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "</s>", "unk_token": "<unk>"},
+        "llama2": {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"},
+        "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+    }[style]
+    bpe = Tokenizer(models.BPE(unk_token=specials.get("unk_token")))
+    if style == "llama2":
+        bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = []
+    else:
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    ordered = list(dict.fromkeys(specials.values()))
+    bpe.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=300, special_tokens=ordered, initial_alphabet=alphabet)
+    )
+    bos = specials["bos_token"]
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bpe.token_to_id(bos))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **specials)
+
+
+def tiny_model(path: Path, arch: str, style: str, texts: list[str]) -> str:
+    """A tokenizer of ``style`` (``recipe_tokenizer``) and an untrained tiny model of ``arch``, saved to ``path``."""
+    from transformers import AutoModelForCausalLM
 
     from pmrlhf.models import save_model, tiny_config
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>", bos_token="</s>")
+    tok = recipe_tokenizer(style, texts)
     cfg = tiny_config(
         arch,
         len(tok),
@@ -88,6 +115,7 @@ def tiny_model(path: Path, arch: str, texts: list[str]) -> str:
         max_positions=1024,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     save_model(AutoModelForCausalLM.from_config(cfg), tok, path)
     return str(path)
@@ -106,8 +134,10 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
     local = tmp_path / "data.jsonl"
     local.write_text("".join(json.dumps(r) + "\n" for r in rows))
     texts = [r["prompt"] + r["chosen"] + r["rejected"] for r in rows]
-    arch = "llama" if "llama" in config.policy.name_or_path.lower() else "gpt2"
-    model = tiny_model(tmp_path / "tiny", arch, texts)
+    name = config.policy.name_or_path.lower()
+    family = "opt" if "opt" in name else "llama2" if "llama-2" in name else "llama3"
+    arch, style = FAMILY[family]
+    model = tiny_model(tmp_path / "tiny", arch, style, texts)
 
     data["run_dir"] = str(tmp_path / "run")
     data["data"]["source"] = str(local)
@@ -132,3 +162,49 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
     # The recipe's own data handling ran: the 20/40/40 split gave each stage its portion of the 40 rows.
     sft_summary = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())
     assert sft_summary["train_examples"] + sft_summary["eval_examples"] == 8
+    # The family's BOS starts every prompt the stages encode, and a tokenizer without a pad token pads with EOS.
+    from pmrlhf.data.tokenize import Encoder
+    from pmrlhf.models import load_tokenizer
+
+    tok = load_tokenizer(tmp_path / "run" / "sft" / "model")
+    assert Encoder(tok).prompt(rows[0]["prompt"])[0] == tok.bos_token_id
+    assert (tok.pad_token == tok.eos_token) == (style != "opt")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt_neox"])
+def test_the_families_users_try_next_run_a_recipe_end_to_end(arch, tmp_path):
+    """Qwen2 and GPT-NeoX / Pythia (byte-level BPE without BOS, as theirs) through the OPT recipe's pipeline:
+    SFT, reward model, PPO with GAE and with RLOO, DPO and PM-DPO, evaluation."""
+    data = yaml.safe_load(next(r for r in RECIPES if r.stem.startswith("opt")).read_text())
+    rows = hh_rows(40)
+    local = tmp_path / "data.jsonl"
+    local.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_model(tmp_path / "tiny", arch, "llama3", [r["prompt"] + r["chosen"] + r["rejected"] for r in rows])
+    data |= {
+        "run_dir": str(tmp_path / "run"),
+        "variants": [
+            {"name": "ppo-kl", "penalty": "kl", "kl_ctl": 1.0},
+            {
+                "name": "ppo-cpm-rloo",
+                "penalty": "entropy",
+                "alpha_ctl": 0.3,
+                "advantage": "rloo",
+                "samples_per_prompt": 2,
+            },
+        ],
+        "dpo_variants": [{"name": "dpo", "loss": "sigmoid"}, {"name": "dpo-pm", "loss": "pm"}],
+    }
+    data["data"]["source"] = str(local)
+    for role in ("policy", "reward_model"):
+        data[role] |= {"name_or_path": model, "dtype": "float32"}
+    data["sft"]["optim"] |= {"batch_size": 4}
+    data["reward"]["optim"] |= {"batch_size": 4}
+    data["ppo"] |= {"iterations": 2, "prompts_per_iteration": 4, "max_new_tokens": 6, "checkpoint_every": 0}
+    data["ppo"]["optim"] |= {"batch_size": 4}
+    for section in ("eval", "probe"):
+        data[section] |= {"max_new_tokens": 6, "data": {"limit": 4}}
+    pipeline.run(from_dict(pipeline.PipelineConfig, data))
+    summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
+    assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-cpm-rloo", "dpo", "dpo-pm"}
+    assert all(m["length"] >= 1 for m in summary.values())
+    assert json.loads((tmp_path / "run" / "ppo-cpm-rloo" / "objective.json").read_text())["penalty"] == "cpm_token"

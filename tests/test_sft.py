@@ -32,3 +32,25 @@ def test_activation_checkpointing_follows_the_model_config_not_trls_default(
     )
     sft.run(config)
     assert seen == [checkpointing]
+
+
+def test_sft_trains_on_the_token_ids_every_later_stage_uses_even_where_tokens_merge_across_the_boundary():
+    """Tokenised as one text, prompt "xa" + response "b" is [x, ab]: the response's first token would swallow the
+    prompt's last. SFT takes the ids the encoder gives every stage, so its response mask is the one PPO and DPO
+    compute (``scoring.join``), on the same tokens."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from pmrlhf.data.records import Demonstration
+    from pmrlhf.data.tokenize import Encoder
+    from pmrlhf.models.scoring import join
+
+    vocab = {"<pad>": 0, "</s>": 1, "x": 2, "a": 3, "b": 4, "ab": 5}
+    bpe = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>")
+    assert tok("xab", add_special_tokens=False)["input_ids"] == [2, 5]  # the merge across the boundary
+    encoder = Encoder(tok)
+    [row] = sft.encoded([Demonstration(prompt="xa", response="b")], encoder)
+    assert row == {"input_ids": [2, 3, 4, 1], "completion_mask": [0, 0, 1, 1]}
+    ids, _, response_mask = join([encoder.prompt("xa")], [encoder.response("b")], tok.pad_token_id)
+    assert ids[0].tolist() == row["input_ids"] and response_mask[0].tolist() == row["completion_mask"]

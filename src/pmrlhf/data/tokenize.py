@@ -25,6 +25,7 @@ class Encoder:
     overflow: str = "truncate_left"
     counts: Counter = field(default_factory=Counter)
     capped_by: int | None = None  # the model's positions, where they lowered max_prompt_tokens
+    _start: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.overflow not in ("truncate_left", "skip"):
@@ -66,10 +67,9 @@ class Encoder:
         return [ids for ids in (self.prompt(t) for t in texts) if ids is not None]
 
     def prompt(self, text: str) -> list[int] | None:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", False):
-            ids = [bos] + ids
+        """The prompt's ids, after the special tokens the tokenizer puts before a text (Llama's and OPT's BOS), as
+        the model saw them in pre-training; none of those it puts after one (the response follows)."""
+        ids = self.start_tokens() + self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             if self.overflow == "skip":
                 self.counts["prompts skipped (too long)"] += 1
@@ -77,6 +77,15 @@ class Encoder:
             self.counts["prompts truncated from the left"] += 1
             ids = ids[-self.max_prompt_tokens :]
         return ids
+
+    def start_tokens(self) -> list[int]:
+        """The special tokens the tokenizer puts before every text: those before a one-word text's own ids."""
+        if self._start is None:
+            plain = self.tokenizer("x", add_special_tokens=False)["input_ids"]
+            full = self.tokenizer("x")["input_ids"]
+            at = next((i for i in range(len(full)) if full[i : i + len(plain)] == plain), 0)
+            self._start = list(full[:at])
+        return self._start
 
     def response(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

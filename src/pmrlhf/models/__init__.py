@@ -166,6 +166,14 @@ def _finish(model, cfg: ModelConfig, task_type: str):
     return model
 
 
+def _fit_vocabulary(model, tokenizer) -> None:
+    """Give ``model`` an embedding for every token of ``tokenizer`` (one that adds tokens to the checkpoint's,
+    such as a pad token, has more) and the tokenizer's pad token."""
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
     """The policy or the reference: from ``path``, ``cfg.name_or_path``, or a tiny model built from config."""
     from transformers import AutoModelForCausalLM
@@ -185,9 +193,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     else:
         model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), **kw)
     fuse_activations(model)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
+    _fit_vocabulary(model, tokenizer)
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -224,7 +230,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
         c.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(c, **kw)
     fuse_activations(model)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    _fit_vocabulary(model, tokenizer)
     if not trainable:
         model.requires_grad_(False).eval()
         return model

@@ -14,10 +14,18 @@ from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, t
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console, progress_bar
-from pmrlhf.models import context_length, load_causal_lm, load_tokenizer, save_model
+from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.training import checkpoints
 from pmrlhf.training.guards import check_finite, check_weights_finite
-from pmrlhf.training.run_folder import finish_stage, load_stage_records, stage_dir, tokenizer_source, write_objective
+from pmrlhf.training.run_folder import (
+    finish_stage,
+    load_stage_records,
+    require_examples,
+    stage_dir,
+    stage_encoder,
+    tokenizer_source,
+    write_objective,
+)
 from pmrlhf.training.setup import HALF_TYPES, gathered_model, load_precisions, process_state, seed_everything
 
 
@@ -54,6 +62,19 @@ def _resume_point(root: Path, config: SFTConfig) -> Path | None:
     return done[-1]
 
 
+def encoded(records, encoder) -> list[dict]:
+    """Demonstrations as TRL takes them tokenised: ``input_ids`` (prompt and response, the response ending with
+    the end of sequence) and ``completion_mask`` (1 on the response's tokens); prompts the encoder skips are left
+    out."""
+    rows = []
+    for r in records:
+        prompt = encoder.prompt(r.prompt)
+        if prompt is not None:
+            response = encoder.response(r.response)
+            rows.append({"input_ids": prompt + response, "completion_mask": [0] * len(prompt) + [1] * len(response)})
+    return rows
+
+
 def run(config: SFTConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     from datasets import Dataset
@@ -74,17 +95,17 @@ def run(config: SFTConfig) -> Path:
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
     train, held = holdout(records, config.data.eval_fraction, config.data.split_seed)
-    to_ds = lambda rs: Dataset.from_list([{"prompt": r.prompt, "completion": r.response} for r in rs])  # noqa: E731
     mixed = HALF_TYPES.get(config.model.dtype, "no")  # a half dtype trains float32 weights under autocast
     trainable = load_precisions(config.model, mixed)[0]
     model = load_causal_lm(trainable, tokenizer)
-    max_length = config.data.max_prompt_tokens + config.data.max_response_tokens
-    context = context_length(trainable, tokenizer)
-    if context is not None and max_length > context:  # past it the position embeddings have no entry
-        max_length = context
-        longer = sum(len(tokenizer(r.prompt + r.response)["input_ids"]) > context for r in train)
-        if longer and main:
-            console.print(f"[yellow]SFT: {longer} examples are cut to the model's {context} positions[/yellow]")
+    # Token ids from the encoder every later stage uses, rather than TRL's tokenisation of prompt + response as one
+    # text: where tokens merge across the boundary, or a prompt's truncation differs, the SFT model would otherwise
+    # learn from other token sequences than PPO and DPO feed it. The loss is on the response tokens alone.
+    encoder = stage_encoder(tokenizer, config.data, trainable)
+    to_ds = lambda rs: Dataset.from_list(encoded(rs, encoder))  # noqa: E731
+    train_ds, held_ds = to_ds(train), to_ds(held)
+    require_examples(config.name, len(train_ds), len(records), encoder)
+    max_length = encoder.max_prompt_tokens + encoder.max_response_tokens
 
     log = checkpoints.metrics_log(out, config, step, f"{Path(config.run_dir).name}-sft") if main else None
 
@@ -138,7 +159,7 @@ def run(config: SFTConfig) -> Path:
         lr_scheduler_type=config.optim.scheduler,
         max_grad_norm=config.optim.max_grad_norm or 0.0,
         logging_steps=config.logging.log_every,
-        eval_strategy="epoch" if held else "no",
+        eval_strategy="epoch" if len(held_ds) else "no",
         save_strategy="steps" if config.checkpoint_every else "no",
         save_steps=max(config.checkpoint_every, 1),
         save_total_limit=config.keep_checkpoints,
@@ -156,8 +177,8 @@ def run(config: SFTConfig) -> Path:
     trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=to_ds(train),
-        eval_dataset=to_ds(held) if held else None,
+        train_dataset=train_ds,
+        eval_dataset=held_ds if len(held_ds) else None,
         processing_class=tokenizer,
         callbacks=[ToMetrics()],
     )
@@ -167,13 +188,18 @@ def run(config: SFTConfig) -> Path:
     finally:
         progress.stop()
     check_weights_finite("SFT: after training", trainer.model)  # steps since the last log are not checked yet
-    final = trainer.evaluate() if held else {}
+    final = trainer.evaluate() if len(held_ds) else {}
     plain = gathered_model(trainer.accelerator, trainer.model, lambda: load_causal_lm(trainable, tokenizer))
     if main:
         log.close()
         path = save_model(plain, tokenizer, out / "model")
         write_objective(out, {"method": "sft", "loss": "negative log-likelihood of the response tokens"})
-        summary = {"train_examples": len(train), "eval_examples": len(held), "data": report.summary()}
+        summary = {
+            "train_examples": len(train_ds),
+            "eval_examples": len(held_ds),
+            "data": report.summary(),
+            "encoding": dict(encoder.counts),
+        }
         if final:
             summary |= {"eval_loss": final["eval_loss"], "eval_perplexity": math.exp(min(final["eval_loss"], 50))}
         atomic_write_json(out / "summary.json", summary)
