@@ -198,3 +198,35 @@ def test_the_reward_model_reads_its_score_at_the_end_of_sequence_token_in_traini
         torch.testing.assert_close(trained_on[:, 0], read)
         torch.testing.assert_close(reward_scores(model, prompts, responses, pad), read)
     assert type(model.score) is torch.nn.Linear  # the head is back
+
+
+def test_a_response_cut_at_max_new_tokens_has_no_end_of_sequence_and_is_scored_at_its_last_token():
+    """Generation that reaches ``max_new_tokens`` leaves the response unfinished: no EOS is added, the reward model
+    reads its last token, and PPO's reward for the response sits on that token."""
+    from transformers import AutoModelForSequenceClassification
+
+    from pmrlhf.models.sampling import generate
+    from pmrlhf.models.scoring import join, sequence_scores
+    from pmrlhf.objectives.rl import shape_rewards
+
+    class Tok:
+        eos_token_id, pad_token_id = 1, 0
+
+    model = tiny("llama").eval()
+    model.register_forward_hook(lambda module, args, out: out.logits[..., Tok.eos_token_id].fill_(-1e9))
+    prompts = [[5, 6, 7], [8, 9]]
+    responses, logps = generate(model, prompts, Tok, max_new_tokens=4, top_p=1.0, temperature=1.0)
+    assert [len(r) for r in responses] == [4, 4] and all(Tok.eos_token_id not in r for r in responses)
+    assert [len(lp) for lp in logps] == [4, 4]
+    cfg = tiny_config("llama", VOCAB, pad_token_id=0, eos_token_id=1)
+    cfg.num_labels = 1
+    reward_model = AutoModelForSequenceClassification.from_config(cfg).eval()
+    ids, attn, resp = join(prompts, responses, Tok.pad_token_id)
+    with torch.no_grad():
+        per_token = reward_model.score(reward_model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state)
+        last = attn.sum(-1) - 1
+        scores = sequence_scores(reward_model, ids, attn)
+    torch.testing.assert_close(scores, per_token[torch.arange(2), last, 0])
+    rewards = shape_rewards(scores, torch.zeros(resp.shape), resp, 1.0, 1.0, 5.0)
+    assert torch.equal(rewards.nonzero()[:, 1], last)
+    torch.testing.assert_close(rewards[torch.arange(2), last], scores.clamp(-5, 5))
