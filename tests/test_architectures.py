@@ -213,7 +213,11 @@ def test_a_response_cut_at_max_new_tokens_has_no_end_of_sequence_and_is_scored_a
         eos_token_id, pad_token_id = 1, 0
 
     model = tiny("llama").eval()
-    model.register_forward_hook(lambda module, args, out: out.logits[..., Tok.eos_token_id].fill_(-1e9))
+
+    def never_end(module, args, out):
+        out.logits[..., Tok.eos_token_id] = -1e9
+
+    model.register_forward_hook(never_end)
     prompts = [[5, 6, 7], [8, 9]]
     responses, logps = generate(model, prompts, Tok, max_new_tokens=4, top_p=1.0, temperature=1.0)
     assert [len(r) for r in responses] == [4, 4] and all(Tok.eos_token_id not in r for r in responses)
