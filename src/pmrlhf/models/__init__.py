@@ -40,7 +40,14 @@ def tiny_config(
 
     bos = eos_token_id if bos_token_id is None else bos_token_id
     shared = dict(vocab_size=vocab_size, pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=bos)
-    kv = max(1, heads // 2)
+    sizes = dict(
+        hidden_size=hidden,
+        intermediate_size=hidden * 4,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=max_positions,
+    )
+    grouped = dict(num_key_value_heads=max(1, heads // 2), tie_word_embeddings=False)
     settings = {
         "gpt2": dict(
             n_positions=max_positions,
@@ -51,42 +58,19 @@ def tiny_config(
             embd_pdrop=0.0,
             attn_pdrop=0.0,
         ),
-        "llama": dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-        ),
-        "qwen2": dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            max_position_embeddings=max_positions,
-            tie_word_embeddings=False,
-        ),
-        "opt": dict(
-            hidden_size=hidden,
+        "llama": sizes | grouped,
+        "qwen2": sizes | grouped,
+        "opt": {k: v for k, v in sizes.items() if k != "intermediate_size"}
+        | dict(
             ffn_dim=hidden * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
             word_embed_proj_dim=hidden,
-            max_position_embeddings=max_positions,
             dropout=0.0,
             attention_dropout=0.0,
             activation_dropout=0.0,
             layerdrop=0.0,
         ),
-        "gpt_neox": dict(
-            hidden_size=hidden,
-            intermediate_size=hidden * 4,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            max_position_embeddings=max_positions,
+        "gpt_neox": sizes
+        | dict(
             rotary_pct=0.25,
             use_parallel_residual=True,
             attention_dropout=0.0,
