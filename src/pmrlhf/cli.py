@@ -296,6 +296,25 @@ def _print_report(path: Path) -> None:
 
 
 @app.command()
+def plan(
+    config: Path = typer.Argument(..., help="Pipeline YAML (a recipe): its models, batches and lengths."),
+    accelerate_config: Path | None = typer.Option(
+        None, "--accelerate-config", help="The accelerate config the run will launch with (DDP on one GPU without)."
+    ),
+    gpus: int | None = typer.Option(None, "--gpus", help="GPUs (processes); the accelerate config's by default."),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", help="GiB of memory of each GPU."),
+    overrides: list[str] = SetOpt,
+) -> None:
+    """The memory each GPU needs for every training stage of a pipeline, and whether it fits (no download)."""
+    from pmrlhf.stages import pipeline
+    from pmrlhf.stages.plan import Launch, plan_pipeline, table
+
+    cfg = _config(pipeline.PipelineConfig, config, overrides, None)
+    launch = Launch.from_accelerate(accelerate_config, gpus)
+    typer.echo(table(_run(lambda c: plan_pipeline(c, launch), cfg), launch, gpu_memory))
+
+
+@app.command()
 def theory(
     out: Path = typer.Option(Path("runs/theory"), help="Folder for the figures and the table of checks."),
     seed: int = typer.Option(0, help="Seed of the random instances the closed forms are checked on."),
