@@ -6,7 +6,7 @@ one PPO iteration holds, with full fine-tuning and with LoRA.
 
 Each form runs in a process of its own on an untrained tiny Llama (one layer, width 64: the vocabulary's
 logits dominate, as they do in the actor's step of a real model) and reports how far its resident memory rose
-above what the model and batch already held (the peak resident set size, ``ru_maxrss``; the rise includes the
+above what the model and batch already held (the peak resident set size, ``VmHWM``; the rise includes the
 weights' gradients, 63 MiB). Target: the chunked form's rise at most a third of the naive one's.
 
 For PPO (GAE, a critic; untrained tiny Llamas of that vocabulary, 2 layers of width 64, as actor and reward
@@ -21,12 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 VOCAB = 128_256
 TARGET = 1 / 3
+
+
+def status_kib(field: str) -> int:
+    """``VmHWM`` (the peak resident memory of this process) or ``VmRSS``, in KiB; not ``ru_maxrss``, which
+    survives ``exec`` and would start at the launching process's peak."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
 
 
 def rise(form: str, batch: int, tokens: int) -> float:
@@ -52,9 +58,9 @@ def rise(form: str, batch: int, tokens: int) -> float:
         def logprobs():
             return token_logprobs(model, ids, attn)
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = status_kib("VmHWM")
     logprobs().sum().backward()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (status_kib("VmHWM") - before) / 1024
 
 
 def ppo_roles(lora: bool) -> dict:
@@ -96,9 +102,9 @@ def ppo_roles(lora: bool) -> dict:
         "reward": adapter,
     }
     trainer = ppo.PPOTrainer(from_dict(ppo.PPOConfig, settings))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = status_kib("VmHWM")
     trainer.step()
-    rise_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    rise_mib = (status_kib("VmHWM") - before) / 1024
     optimisers = (trainer.actor_opt, trainer.critic_opt)
     states = {id(t) for o in optimisers for st in o.state.values() for t in st.values() if torch.is_tensor(t)}
     held, seen = {}, set()

@@ -153,3 +153,53 @@ def test_holdout_is_stable_and_non_empty():
     items = list(range(20))
     train, held = holdout(items, 0.1)
     assert len(held) == 2 and sorted(train + held) == items and holdout(items, 0.1) == (train, held)
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_conversations_take_the_tokenizers_chat_template_when_asked(tmp_path):
+    """A conversation's prompt keeps its messages: with ``data.chat_template`` the encoder renders them with the
+    tokenizer's template, opening the assistant's turn, as a chat model was tuned on; without, the hh-rlhf layout.
+    A tokenizer without a template is refused when one is asked for."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pmrlhf.config import InputError
+    from pmrlhf.data.tokenize import Encoder
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"}]
+    conv = write_jsonl(
+        tmp_path / "conv.jsonl",
+        [
+            {
+                "prompt": messages,
+                "chosen": [{"role": "assistant", "content": "Blue."}],
+                "rejected": [{"role": "assistant", "content": "Green."}],
+            }
+        ],
+    )
+    (record,), _ = load_records(DataConfig(source=conv), "comparison")
+    assert record.prompt == "\n\nSystem: Be brief.\n\nHuman: What color is the sky?\n\nAssistant:"
+    assert list(record.prompt.messages) == messages
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(
+        [CHAT_TEMPLATE, str(record.prompt)],
+        trainers.BpeTrainer(
+            vocab_size=200, special_tokens=["<|eot_id|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|eot_id|>", pad_token="<|eot_id|>")
+    with pytest.raises(InputError, match="the tokenizer has no chat template"):
+        Encoder.from_data(tok, DataConfig(chat_template=True))
+    tok.chat_template = CHAT_TEMPLATE
+    templated = Encoder.from_data(tok, DataConfig(chat_template=True)).prompt(record.prompt)
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert templated == tok(rendered, add_special_tokens=False)["input_ids"]
+    plain = Encoder.from_data(tok, DataConfig()).prompt(record.prompt)
+    assert plain == tok(str(record.prompt), add_special_tokens=False)["input_ids"] != templated

@@ -109,6 +109,8 @@ class DataConfig:
 
     source: str = "world"  # "world" (the synthetic world of the run), a local .jsonl/.json/.parquet/.csv, or a Hub name
     format: str = "auto"  # record converter: auto | demonstration | comparison | ranking | prompt | hh_rlhf | ...
+    # conversations (trl_conversational) through the tokenizer's chat template instead of the hh-rlhf text layout
+    chat_template: bool = False
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the source's column name
     hf_split: str = "train"  # split of a Hub dataset
     hf_config: str | None = None  # configuration name of a Hub dataset

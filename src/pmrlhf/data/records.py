@@ -13,6 +13,18 @@ from dataclasses import dataclass
 from typing import Any
 
 
+class ChatPrompt(str):
+    """A conversation's prompt: its text in the hh-rlhf layout, and the messages it came from, which an encoder
+    asked to use the tokenizer's chat template (``data.chat_template``) renders with that template instead."""
+
+    messages: tuple[dict[str, str], ...]
+
+    def __new__(cls, text: str, messages):
+        prompt = super().__new__(cls, text)
+        prompt.messages = tuple(dict(m) for m in messages)
+        return prompt
+
+
 @dataclass(frozen=True)
 class Demonstration:
     prompt: str
@@ -145,10 +157,11 @@ def trl_conversational(row: dict[str, Any]) -> dict[str, Any]:
     """TRL's conversational preference format: ``prompt`` and ``chosen``/``rejected`` as message lists.
 
     Rendered in the hh-rlhf layout (``\\n\\nHuman: ...\\n\\nAssistant:``) so that every model sees one format;
-    apply a chat template upstream for models that need their own.
+    the prompt keeps its messages (``ChatPrompt``), for the tokenizer's chat template where ``data.chat_template``
+    asks for it.
     """
     out: dict[str, Any] = {}
-    prompt = _render_messages(row.get("prompt"), "prompt") + _ASSISTANT
+    prompt = ChatPrompt(_render_messages(row.get("prompt"), "prompt") + _ASSISTANT, row["prompt"])
     for key in ("chosen", "rejected"):
         if key not in row:
             raise RowError(key, f"missing column '{key}'")

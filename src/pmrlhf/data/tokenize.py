@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pmrlhf.config import DataConfig, InputError
+from pmrlhf.data.records import ChatPrompt
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Encoder:
     overflow: str = "truncate_left"
     counts: Counter = field(default_factory=Counter)
     capped_by: int | None = None  # the model's positions, where they lowered max_prompt_tokens
+    chat_template: bool = False  # conversations' prompts through the tokenizer's chat template
     _start: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -48,7 +50,9 @@ class Encoder:
             response = new_tokens or min(response, max(context // 2, context - prompt))
             prompt = min(prompt, context - response)
         cut = min(data.max_response_tokens, context - prompt) if capped_by else data.max_response_tokens
-        return cls(tokenizer, prompt, cut, data.prompt_overflow, capped_by=capped_by)
+        if data.chat_template and getattr(tokenizer, "chat_template", None) is None:
+            raise InputError("data.chat_template is set, but the tokenizer has no chat template")
+        return cls(tokenizer, prompt, cut, data.prompt_overflow, capped_by=capped_by, chat_template=data.chat_template)
 
     def summary(self) -> str:
         """What encoding changed, for a person: empty when nothing was cut or skipped."""
@@ -68,8 +72,14 @@ class Encoder:
 
     def prompt(self, text: str) -> list[int] | None:
         """The prompt's ids, after the special tokens the tokenizer puts before a text (Llama's and OPT's BOS), as
-        the model saw them in pre-training; none of those it puts after one (the response follows)."""
-        ids = self.start_tokens() + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        the model saw them in pre-training; none of those it puts after one (the response follows). A
+        conversation's prompt, with ``chat_template``, is its messages in the tokenizer's chat template, ending
+        with the opening of the assistant's turn."""
+        if self.chat_template and isinstance(text, ChatPrompt):
+            messages = list(text.messages)
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        else:
+            ids = self.start_tokens() + self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.max_prompt_tokens:
             if self.overflow == "skip":
                 self.counts["prompts skipped (too long)"] += 1
