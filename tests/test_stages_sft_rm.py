@@ -60,7 +60,8 @@ def test_reward_model_beats_chance_clearly_against_the_truth(pipeline):
 
     tok = load_tokenizer(pipeline / "reward" / "model")
     model = load_reward_model(ModelConfig(), tok, pipeline / "reward" / "model", trainable=False)
-    assert reward_model_gap(model, tok, World.load(pipeline / "world"))["pair_gap_to_truth"] < 0.2
+    world = World.load(pipeline / "world")
+    assert reward_model_gap(*rewards_over_m(model, tok, world), world)["pair_gap_to_truth"] < 0.2
 
 
 def test_kwise_listwise_reward_model(pipeline):

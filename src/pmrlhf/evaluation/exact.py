@@ -100,11 +100,10 @@ def truth_over_m(world: World) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
-def reward_model_gap(reward_model, tokenizer, world: World) -> dict[str, float]:
+def reward_model_gap(scores: torch.Tensor, mask: torch.Tensor, world: World) -> dict[str, float]:
     """How far the reward model's preferences are from the truth's: the mean over every pair of distinct responses
-    in M(x) of ``|sigma(r_theta(y1) - r_theta(y2)) - sigma(r*(y1) - r*(y2))|``."""
-    scores, mask = rewards_over_m(reward_model, tokenizer, world)
+    in M(x) of ``|sigma(r_theta(y1) - r_theta(y2)) - sigma(r*(y1) - r*(y2))|``; ``scores``, ``mask`` as
+    ``rewards_over_m`` gives them."""
     truth = truth_over_m(world)["reward"]
     learned = torch.sigmoid(scores[:, :, None] - scores[:, None, :])
     true = torch.sigmoid(truth[:, :, None] - truth[:, None, :])
@@ -157,6 +156,12 @@ def effective_reward(scores: torch.Tensor, objective: dict) -> torch.Tensor:
     if clip is not None:
         scores = torch.clamp(scores, -clip, clip)
     return scores / objective["beta"]
+
+
+def reward_beta(objective: dict) -> float:
+    """The beta of the reward model's preferences ``p_reward`` (scores over beta) a run is compared with: PPO's
+    reward is ``r / beta``; a DPO-family loss's beta is the temperature of its optimum instead, so 1."""
+    return 1.0 if objective["method"] == "dpo" else float(objective["beta"])
 
 
 def objective_coef(objective: dict) -> float:
@@ -303,7 +308,7 @@ def compare_with_closed_forms(
     coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
     r = effective_reward(scores, objective).masked_fill(~mask, float("-inf"))
     ref_seq = torch.where(mask, ref.logp.exp(), 0)
-    beta = 1.0 if objective["method"] == "dpo" else objective["beta"]
+    beta = reward_beta(objective)
     below = None
     if objective.get("penalty") in ("cpm_token", "cpm"):
         below = policy_over_m(reference, tokenizer, world, below=math.log(alpha)).logp

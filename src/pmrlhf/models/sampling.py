@@ -10,6 +10,8 @@ import torch
 
 from pmrlhf.data.tokenize import pad
 
+SAMPLING_BATCH = 64  # prompts decoded together, unless a compiled decoding takes them all at once
+
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     """Logits with everything outside the top-p nucleus set to -inf (the most likely token always stays)."""
@@ -120,7 +122,7 @@ def generate(
     max_new_tokens: int,
     top_p: float,
     temperature: float,
-    batch_size: int = 64,
+    batch_size: int = SAMPLING_BATCH,
     all_done: Callable[[torch.Tensor], bool] = lambda done: bool(done.all()),
     inference_mode: bool = True,
     decoding: CompiledDecoding | None = None,

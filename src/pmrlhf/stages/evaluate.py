@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import DataConfig, ModelConfig, require
-from pmrlhf.data.world import WorldConfig
+from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.evaluation.exact import (
+    compare_with_closed_forms,
+    policy_over_m,
+    reward_beta,
+    reward_model_gap,
+    rewards_over_m,
+    truth_over_m,
+)
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
 from pmrlhf.io import atomic_write_json, console
@@ -140,8 +148,7 @@ def run_eval(config: EvalConfig) -> Path:
     summary, instances, over_m = {}, {}, {}
     for name, path in {"reference (SFT)": str(ref_path), **policies}.items():
         objective = policy_objective(path, config.beta)
-        # the reward is r / beta for PPO; a DPO-family loss's beta is the temperature of its optimum instead
-        beta = 1.0 if objective["method"] == "dpo" else float(objective["beta"])
+        beta = reward_beta(objective)
         seed_everything(config.seed)  # the same randomness for every model
         policy = (
             reference
@@ -163,9 +170,6 @@ def run_eval(config: EvalConfig) -> Path:
             metrics, inst = sec61_metrics(samples, beta)
             metrics |= {"beta": beta, "path": path, "objective": objective}
             if config.data.source == "world":
-                from pmrlhf.data.world import World
-                from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m
-
                 dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
                     policy, reference, reward_model, tokenizer, world_dir(config.run_dir), objective, dist
@@ -177,14 +181,11 @@ def run_eval(config: EvalConfig) -> Path:
             f"perplexity {metrics['perplexity']:.2f}  entropy {metrics['entropy']:.2f}  KL {metrics['kl']:.3f}"
         )
     if over_m:
-        from pmrlhf.data.world import World
-        from pmrlhf.evaluation.exact import reward_model_gap, rewards_over_m, truth_over_m
-
         world = World.load(world_dir(config.run_dir))
-        gap = reward_model_gap(reward_model, tokenizer, world)
+        scores, mask = rewards_over_m(reward_model, tokenizer, world)
+        gap = reward_model_gap(scores, mask, world)
         atomic_write_json(out / "reward_model.json", gap)
         console.print(f"reward model: mean |p_theta - p*| over pairs of M(x) {gap['pair_gap_to_truth']:.3f}")
-        scores, mask = rewards_over_m(reward_model, tokenizer, world)
         over_m["reward model"] = torch.softmax((scores / config.beta).masked_fill(~mask, float("-inf")), -1).tolist()
         over_m["ground truth"] = truth_over_m(world)["truth"].tolist()
         atomic_write_json(out / "over_m.json", over_m)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import InputError, ModelConfig
+from pmrlhf.models.sampling import SAMPLING_BATCH
 
 GIB = 2**30
 
@@ -304,7 +305,7 @@ def _plan_ppo(name: str, config, launch: Launch, mixed: bool) -> StagePlan:
     }
     batch = config.optim.batch_size
     passes = {
-        "sampling (KV cache)": kv_cache(policy_cfg, min(sequences, 64), length),
+        "sampling (KV cache)": kv_cache(policy_cfg, min(sequences, SAMPLING_BATCH), length),
         "actor update": _pass(actor, batch, length, "logprobs", config.policy.gradient_checkpointing),
         "critic update": (_pass(critic, batch, length, "scores", config.reward.gradient_checkpointing) if gae else 0),
     }
