@@ -20,7 +20,8 @@ from pmrlhf.objectives import rl
 V, L = 3, 2
 COEF = 0.7
 # (penalty, kwargs): every registered penalty with each option that changes what it computes. The alphas put
-# some responses (cpm_sequence) or tokens (cpm_token) on each side of the threshold in this MDP.
+# some responses (cpm_sequence, cpm_mean), tokens (cpm_token) or prefixes (cpm_prefix) on each side of the
+# threshold in this MDP.
 CASES = [
     ("kl", {}),
     ("pm", {}),
@@ -30,6 +31,10 @@ CASES = [
     ("cpm_token", {"alpha": 0.3}),
     ("cpm_token", {"alpha": 0.45}),
     ("cpm", {"alpha": 0.3}),
+    ("cpm_mean", {"alpha": 0.3}),
+    ("cpm_mean", {"alpha": 0.45}),
+    ("cpm_prefix", {"alpha": 0.1}),
+    ("cpm_prefix", {"alpha": 0.3}),
 ]
 
 
@@ -127,16 +132,49 @@ def test_expected_update_is_the_exact_gradient_of_the_stated_objective(name, kwa
 
 
 def test_the_thresholds_split_this_mdp():
-    """Each alpha above has responses (or tokens) on both sides, so both branches of each rule are exercised."""
+    """Each alpha above has responses (or tokens, or prefixes) on both sides, so both branches of each rule are
+    exercised; for cpm_prefix some responses switch to the KL form at their second token only."""
     _, ref, _ = mdp()
     ref_lp = ref_logprobs(ref, responses())
-    seq = ref_lp.sum(-1).exp()
+    by_rule = {
+        "cpm_sequence": ref_lp.sum(-1).exp(),
+        "cpm_mean": (ref_lp.mean(-1)).exp(),
+        "cpm_token": ref_lp.exp(),
+        "cpm": ref_lp.exp(),
+        "cpm_prefix": ref_lp.cumsum(-1).exp(),
+    }
     for name, kwargs in CASES:
-        if name == "cpm_sequence":
-            assert (seq >= kwargs["alpha"]).any() and (seq < kwargs["alpha"]).any()
-        elif "alpha" in kwargs:
-            tok = ref_lp.exp()
-            assert (tok >= kwargs["alpha"]).any() and (tok < kwargs["alpha"]).any()
+        if "alpha" in kwargs:
+            values = by_rule[name]
+            assert (values >= kwargs["alpha"]).any() and (values < kwargs["alpha"]).any(), (name, kwargs)
+            if name == "cpm_prefix":
+                assert ((values[:, 0] >= kwargs["alpha"]) & (values[:, 1] < kwargs["alpha"])).any()
+
+
+@pytest.mark.parametrize("name,kwargs", [c for c in CASES if c[0] != "maxent"])
+def test_reference_term_gives_the_enumerated_optimum(name, kwargs):
+    """``pm_with_reference(r / coef, c)`` maximises the stated objective: no response moves it up, checked against
+    ``optimal.solve`` on the enumerated responses."""
+    from pmrlhf.objectives import optimal as O
+
+    _, ref, reward = mdp()
+    ys = responses()
+    ref_lp = ref_logprobs(ref, ys)
+    c = PEN.reference_term(name, ref_lp, torch.ones_like(ref_lp), **kwargs)
+    r = reward[ys[:, 0], ys[:, 1]] / COEF
+    pi = O.pm_with_reference(r, c)
+    solved = O.solve(r, torch.ones_like(r), lambda p, _: -(torch.log(p) - c))
+    torch.testing.assert_close(pi, solved, atol=1e-9, rtol=0)
+    # and it is the stated objective's optimum: E[r] - coef E[regulariser] at pi beats any perturbation of it
+    def value(p):
+        logp = p.log()[:, None] * torch.tensor([1.0, 0.0], dtype=torch.float64)  # the sequence log-prob on token 1
+        reg = PEN.REGULARIZERS[name](logp, ref_lp, torch.ones_like(ref_lp), **kwargs)
+        return (p * (r * COEF - COEF * reg)).sum()
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        other = torch.softmax(pi.log() + 0.3 * torch.randn(len(pi), generator=g, dtype=torch.float64), -1)
+        assert value(pi) > value(other)
 
 
 def test_def_4_1_spread_over_the_tokens_is_biased_under_reward_to_go():

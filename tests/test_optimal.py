@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pmrlhf.objectives import fdivergence as F
 from pmrlhf.objectives import optimal as O
 
 TOL = 1e-5
@@ -95,33 +96,33 @@ def test_max_entropy_closed_form(inst, tau):
 
 
 @fast
-@given(instances(), st.floats(0.2, 3.0), st.sampled_from(sorted(O.F_DIVERGENCES)))
+@given(instances(), st.floats(0.2, 3.0), st.sampled_from(sorted(F.F_DIVERGENCES)))
 def test_f_divergence_rlhf_closed_form_is_the_optimum(inst, beta, name):
     r, ref = inst
-    assert_optimum(r, ref, O.f_divergence_regularizer(beta, name), O.f_divergence_rlhf(r, ref, beta, name))
+    assert_optimum(r, ref, F.f_divergence_regularizer(beta, name), F.f_divergence_rlhf(r, ref, beta, name))
 
 
 def test_f_divergence_optimum_hits_zero_where_f_prime_is_finite_at_zero():
     """chi^2 has f'(0) = -2: a low-reward response gets exactly zero probability, and the solver agrees."""
     r = torch.tensor([[3.0, 0.0, -4.0]])
     ref = torch.tensor([[0.2, 0.3, 0.5]])
-    pi = O.f_divergence_rlhf(r, ref, 1.0, "chi2")
+    pi = F.f_divergence_rlhf(r, ref, 1.0, "chi2")
     assert pi[0, 2] == 0
     # KKT by hand: pi_i = ref_i (1 + (r_i - mu) / 2) on the support {0, 1}: 0.2 (1 + (3 - mu)/2)
     # + 0.3 (1 + (0 - mu)/2) = 0.8 - 0.25 mu = 1  =>  mu = -0.8; the third has (r - mu) = -3.2 < f'(0) = -2.
     torch.testing.assert_close(pi[0], torch.tensor([0.58, 0.42, 0.0]))
-    torch.testing.assert_close(O.solve(r, ref, O.f_divergence_regularizer(1.0, "chi2")), pi, atol=1e-9, rtol=0)
+    torch.testing.assert_close(O.solve(r, ref, F.f_divergence_regularizer(1.0, "chi2")), pi, atol=1e-9, rtol=0)
 
 
 def test_any_alpha_divergence_by_name():
     r, ref = torch.tensor([[1.0, 0.0, -1.0]]), torch.tensor([[0.5, 0.25, 0.25]])
     for a in (-1.0, 0.3, 3.0):
-        gen = O.f_divergence("alpha", alpha=a)
-        assert_optimum(r, ref, O.f_divergence_regularizer(0.5, gen), O.f_divergence_rlhf(r, ref, 0.5, gen))
+        gen = F.f_divergence("alpha", alpha=a)
+        assert_optimum(r, ref, F.f_divergence_regularizer(0.5, gen), F.f_divergence_rlhf(r, ref, 0.5, gen))
     with pytest.raises(ValueError, match="alpha not in"):
-        O.f_divergence("alpha", alpha=1.0)
+        F.f_divergence("alpha", alpha=1.0)
     with pytest.raises(ValueError, match="unknown f-divergence"):
-        O.f_divergence("hellinger2")
+        F.f_divergence("hellinger2")
 
 
 def test_solver_against_a_grid_search():
@@ -181,11 +182,11 @@ def test_eq_5_2_binary_kl_rlhf_preference_is_the_product_of_reference_and_reward
     torch.testing.assert_close(binary(O.kl_rlhf(r, ref, beta)), expected)
 
 
-@pytest.mark.parametrize("name", sorted(O.F_DIVERGENCES))
+@pytest.mark.parametrize("name", sorted(F.F_DIVERGENCES))
 def test_sec_5_1_f_divergence_rlhf_is_biased_at_beta_1_unless_reverse_kl(name):
     r = torch.randn(40, 4, generator=torch.Generator().manual_seed(7)) * 2
     uniform = torch.full_like(r, 0.25)
-    gap = (O.f_divergence_rlhf(r, uniform, 1.0, name) - O.preference_matching(r)).abs().max().item()
+    gap = (F.f_divergence_rlhf(r, uniform, 1.0, name) - O.preference_matching(r)).abs().max().item()
     if name == "reverse_kl":
         assert gap < 1e-10
     else:
@@ -251,16 +252,16 @@ def test_eq_5_3_is_not_the_f_divergence_optimum_the_paper_says_it_is():
     mu = 0.5, so it prefers y1 with 0.625; eq. (5.3) gives 1.5 / (1.5 + 1) = 0.600. For reverse KL they agree."""
     r = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     ref = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
-    exact = O.f_divergence_rlhf(r, ref, 1.0, "chi2")
+    exact = F.f_divergence_rlhf(r, ref, 1.0, "chi2")
     torch.testing.assert_close(exact[0, 0], torch.tensor(0.625, dtype=torch.float64))
-    torch.testing.assert_close(O.eq_5_3_binary(r, ref, 1.0, "chi2")[0], torch.tensor(0.6, dtype=torch.float64))
+    torch.testing.assert_close(F.eq_5_3_binary(r, ref, 1.0, "chi2")[0], torch.tensor(0.6, dtype=torch.float64))
     g = torch.Generator().manual_seed(3)
     # rewards where every generator's (f')^{-1}(r) is defined and positive, as eq. (5.3) needs
     r = -0.1 - 0.8 * torch.rand(30, 2, generator=g, dtype=torch.float64)
     ref = torch.softmax(torch.randn(30, 2, generator=g, dtype=torch.float64), -1)
-    for name in sorted(O.F_DIVERGENCES):
-        pi = O.f_divergence_rlhf(r, ref, 1.0, name)
-        preference = O.eq_5_3_binary(r, ref, 1.0, name)
+    for name in sorted(F.F_DIVERGENCES):
+        pi = F.f_divergence_rlhf(r, ref, 1.0, name)
+        preference = F.eq_5_3_binary(r, ref, 1.0, name)
         assert ((preference > 0) & (preference < 1)).all()
         gap = (pi[:, 0] / pi.sum(-1) - preference).abs().max().item()
         assert gap < 1e-9 if name == "reverse_kl" else gap > 1e-3, name

@@ -211,7 +211,7 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     assert cpm["tv_to_own_target"] < 0.1
     assert cpm["tv_to_reward_model"] < min(0.2, kl["tv_to_reward_model"] - 0.15)
     assert cpm["pm_divergence_uniform_pairs"] < kl["pm_divergence_uniform_pairs"] / 2
-    assert cpm["mass_outside_m"] < cpm["cpm_target_mass_outside_m"] + 0.1
+    assert cpm["mass_outside_m"] < cpm["own_target_mass_outside_m"] + 0.1
 
 
 def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):
@@ -236,7 +236,7 @@ def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):
     pm = compare_with_closed_forms(
         reference, reference, flat, tok, run / "world", objective | {"alpha": 0.0}, max_new_tokens=8
     )
-    assert out["reference_mass_outside_m"] < pm["cpm_target_mass_outside_m"] <= 1
+    assert out["reference_mass_outside_m"] < pm["own_target_mass_outside_m"] <= 1
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

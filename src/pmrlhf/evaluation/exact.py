@@ -14,7 +14,7 @@ import torch
 
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import World
-from pmrlhf.models.scoring import reward_scores, sequence_logprobs
+from pmrlhf.models.scoring import response_token_logprobs, reward_scores
 
 
 @dataclass
@@ -57,14 +57,45 @@ def _scatter(
     return out, mask
 
 
-def policy_over_m(model, tokenizer, world: World, below: float | None = None) -> OverM:
-    """The policy's exact log-probabilities of every response in M(x), for every prompt of the world. With
-    ``below``, only the tokens whose log-probability is below it are added up (per-token conditional PM)."""
+def policy_over_m(model, tokenizer, world: World) -> OverM:
+    """The policy's exact log-probabilities of every response in M(x), for every prompt of the world."""
+    return tokens_over_m(model, tokenizer, world).sequences
+
+
+@dataclass
+class TokensOverM:
+    """Per prompt and response of M(x), the model's log-probability of each token: ``logp [P, k, L]``, ``tokens``
+    the response-token mask ``[P, k, L]``, ``mask [P, k]`` as in ``OverM``."""
+
+    logp: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def sequences(self) -> OverM:
+        return OverM(torch.where(self.mask, (self.logp * self.tokens).sum(-1).double(), float("-inf")), self.mask)
+
+    def reference_term(self, penalty: str, **kwargs) -> torch.Tensor:
+        """``penalties.reference_term`` of every response, reading this model as the reference, ``[P, k]``."""
+        from pmrlhf.objectives.penalties import reference_term
+
+        P, k, L = self.logp.shape
+        c = reference_term(penalty, self.logp.reshape(P * k, L).double(), self.tokens.reshape(P * k, L), **kwargs)
+        return torch.where(self.mask, c.reshape(P, k), 0.0)
+
+
+def tokens_over_m(model, tokenizer, world: World) -> TokensOverM:
+    """The model's teacher-forced log-probability of every token of every response in M(x)."""
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
     prompts, responses, where = _pairs(world, encoder)
-    logp, _ = sequence_logprobs(model, prompts, responses, tokenizer.pad_token_id, below=below)
-    k = max(len(p.responses) for p in world.prompts)
-    return OverM(*_scatter(logp, where, len(world.prompts), k, float("-inf")))
+    logp, tokens = response_token_logprobs(model, prompts, responses, tokenizer.pad_token_id)
+    P, k, L = len(world.prompts), max(len(p.responses) for p in world.prompts), logp.shape[1]
+    out = torch.zeros(P, k, L)
+    marks = torch.zeros(P, k, L)
+    mask = torch.zeros(P, k, dtype=torch.bool)
+    for row, (i, j) in enumerate(where):
+        out[i, j], marks[i, j], mask[i, j] = logp[row], tokens[row], True
+    return TokensOverM(out, marks, mask)
 
 
 def lengths_over_m(tokenizer, world: World) -> torch.Tensor:
@@ -174,15 +205,15 @@ def own_target(
     r: torch.Tensor,
     ref: torch.Tensor,
     mask: torch.Tensor,
-    ref_below_alpha: torch.Tensor | None = None,
+    ref_tokens: TokensOverM | None = None,
     lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The optimum over M(x) of the objective the run optimised, ``[P, k]``, conditional on M(x); None where
     it is not determined by M(x) alone (the forward KL's normaliser runs over every response).
 
     ``r``: ``effective_reward`` (-inf off the mask); ``ref``: the reference's sequence probabilities;
-    ``ref_below_alpha``: per response, the sum of its tokens' reference log-probabilities below log alpha
-    (``cpm_token``); ``lengths``: tokens per response (IPO, SimPO).
+    ``ref_tokens``: the reference's token log-probabilities (PPO: each penalty's ``reference_term``);
+    ``lengths``: tokens per response (IPO, SimPO).
     """
     from pmrlhf.objectives import dpo, optimal
 
@@ -200,17 +231,16 @@ def own_target(
             mask=mask,
         )
     penalty = objective["penalty"]
-    if penalty == "kl":
-        return None if objective.get("kl_estimator") == "k3" else optimal.kl_rlhf(r, ref, coef)
-    if penalty == "pm":
-        return optimal.max_entropy(r, coef)
+    if penalty == "kl" and objective.get("kl_estimator") == "k3":
+        return None
     if penalty == "maxent":
         return optimal.max_entropy(r, coef * objective["tau"])
-    if penalty == "cpm_sequence":
-        return optimal.conditional_pm(r / coef, ref, alpha)
-    if penalty in ("cpm_token", "cpm"):
-        return torch.softmax(r / coef + ref_below_alpha, -1)
-    raise ValueError(f"no optimum known for penalty {penalty!r}")
+    return optimal.pm_with_reference(r / coef, ref_tokens.reference_term(penalty, **penalty_kwargs(objective)))
+
+
+def penalty_kwargs(objective: dict) -> dict:
+    """The keyword arguments of a PPO run's penalty, from its recorded objective."""
+    return {"alpha": objective.get("alpha") or 0.0} if objective["penalty"].startswith("cpm") else {}
 
 
 @torch.no_grad()
@@ -219,7 +249,7 @@ def targets_mass_outside_m(
     reward_model,
     tokenizer,
     world: World,
-    ref: OverM,
+    ref_tokens: TokensOverM,
     r: torch.Tensor,
     mask: torch.Tensor,
     objective: dict,
@@ -228,18 +258,19 @@ def targets_mass_outside_m(
     seed: int = 0,
 ) -> dict[str, float]:
     """How much mass the KL RLHF optimum of the run's reward and coefficient puts outside M(x), and for a
-    ``cpm_sequence`` run its own (Def. 4.1) optimum, averaged over prompts.
+    conditional PM run (``cpm_*``) its own optimum, averaged over prompts.
 
-    Over M(x) both optima are exact (``r`` is ``effective_reward`` there). Off it they weigh each response by
-    ``ref(y) e^{r(y)/coef}`` (KL; conditional PM where ``ref(y) < alpha``) or ``e^{r(y)/coef}`` (conditional
-    PM where ``ref(y) >= alpha``). Their sums over every response the reference can write within
-    ``max_new_tokens`` are estimated without bias from ``samples`` responses of the reference per prompt:
+    Both weigh each response by ``e^{r(y)/coef + c(y)}``, with ``c`` the part of ``log pi_ref(y|x)`` the penalty
+    keeps (``penalties.reference_term``; all of it for KL). Over M(x) that is exact (``r`` is
+    ``effective_reward`` there). The sums over every response the reference can write within ``max_new_tokens``
+    are estimated without bias from ``samples`` responses of the reference per prompt:
     ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The sampling is seeded and leaves the
     caller's random state as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
     """
     from pmrlhf.models.sampling import generate
+    from pmrlhf.objectives.penalties import reference_term
 
-    coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
+    coef = objective_coef(objective)
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
     prompts = [encoder.prompt(p.prompt) for p in world.prompts]
     in_m = [{tuple(encoder.response(y)) for y in p.responses} for p in world.prompts]
@@ -249,24 +280,24 @@ def targets_mass_outside_m(
         responses, logps = generate(reference, repeated, tokenizer, max_new_tokens, 1.0, 1.0, batch_size=256)
     raw = reward_scores(reward_model, repeated, responses, tokenizer.pad_token_id).double()
     scores = effective_reward(raw, objective) / coef
-    ref_logp = torch.tensor([sum(lp) for lp in logps], dtype=torch.float64)
+    width = max(len(lp) for lp in logps)
+    token_ref = torch.zeros(len(logps), width, dtype=torch.float64)
+    tokens = torch.zeros(len(logps), width)
+    for i, lp in enumerate(logps):
+        token_ref[i, : len(lp)], tokens[i, : len(lp)] = torch.tensor(lp, dtype=torch.float64), 1
+    ref_logp = (token_ref * tokens).sum(-1)
     off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
-    # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact below
-    kl_terms = torch.where(off, scores, float("-inf")).reshape(-1, samples)
-    log_alpha = math.log(alpha) if alpha > 0 else float("-inf")  # alpha 0: every response is in M(x) for PM
-    cpm_scores = torch.where(ref_logp >= log_alpha, scores - ref_logp, scores)
-    cpm_terms = torch.where(off, cpm_scores, float("-inf")).reshape(-1, samples)
-    log_n = math.log(samples)
-    ref_logp_m = ref.logp.masked_fill(~mask, float("-inf"))
     r_c = (r / coef).masked_fill(~mask, float("-inf"))
-    kl_in = torch.logsumexp(ref_logp_m + r_c, -1)
-    cpm_in = torch.logsumexp(torch.where(ref_logp_m >= log_alpha, r_c, ref_logp_m + r_c), -1)
+    rules = [("kl_target", "kl", {})]
+    if objective.get("penalty", "").startswith("cpm"):
+        rules.append(("own_target", objective["penalty"], penalty_kwargs(objective)))
     out = {}
-    estimates = [("kl_target", kl_in, kl_terms)]
-    if objective.get("penalty") == "cpm_sequence":  # Def. 4.1's optimum at the run's own alpha
-        estimates.append(("cpm_target", cpm_in, cpm_terms))
-    for name, inside, terms in estimates:
-        outside = torch.logsumexp(terms, -1) - log_n
+    for name, penalty, kwargs in rules:
+        # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact
+        kept = reference_term(penalty, token_ref, tokens, **kwargs)
+        terms = torch.where(off, scores + kept - ref_logp, float("-inf")).reshape(-1, samples)
+        inside = torch.logsumexp(r_c + ref_tokens.reference_term(penalty, **kwargs), -1)
+        outside = torch.logsumexp(terms, -1) - math.log(samples)
         out[f"{name}_mass_outside_m"] = torch.sigmoid(outside - inside).mean().item()
     return out
 
@@ -302,16 +333,14 @@ def compare_with_closed_forms(
 
     world = World.load(world_path)
     pol = policy_dist if policy_dist is not None else policy_over_m(policy, tokenizer, world)
-    ref = policy_over_m(reference, tokenizer, world)
+    ref_tokens = tokens_over_m(reference, tokenizer, world)
+    ref = ref_tokens.sequences
     scores, mask = rewards_over_m(reward_model, tokenizer, world)
     truth = truth_over_m(world)
     coef, alpha = objective_coef(objective), objective.get("alpha") or 0.0
     r = effective_reward(scores, objective).masked_fill(~mask, float("-inf"))
     ref_seq = torch.where(mask, ref.logp.exp(), 0)
     beta = reward_beta(objective)
-    below = None
-    if objective.get("penalty") in ("cpm_token", "cpm"):
-        below = policy_over_m(reference, tokenizer, world, below=math.log(alpha)).logp
     lengths = lengths_over_m(tokenizer, world) if objective.get("loss") in ("ipo", "simpo") else None
     targets = {
         "kl_target": optimal.kl_rlhf(r, ref_seq, coef),
@@ -323,7 +352,7 @@ def compare_with_closed_forms(
     # DPO never sees the reward model: its losses are driven by the comparisons' labels, drawn in the world as BTL
     # with the true reward r*, so its optimum is taken at r*
     own_r = truth["reward"].masked_fill(~mask, float("-inf")) if objective["method"] == "dpo" else r
-    own = own_target(objective, own_r, ref_seq, mask, below, lengths)
+    own = own_target(objective, own_r, ref_seq, mask, ref_tokens, lengths)
     out: dict[str, float] = {}
     for model_name, dist in (("", pol), ("reference_", ref)):
         for target_name, target in targets.items():
@@ -347,7 +376,7 @@ def compare_with_closed_forms(
             reward_model,
             tokenizer,
             world,
-            ref,
+            ref_tokens,
             r,
             mask,
             objective,

@@ -1,6 +1,6 @@
 """The paper's theory made concrete: Figs. 2 and 9, and numeric checks of Thms. 1-4, Prop. 3.7 and Sec. 5.1.
 
-Everything here is computed from ``pmrlhf.objectives.optimal``: each closed form against the numeric
+Everything here is computed from ``pmrlhf.objectives.optimal`` and ``fdivergence``: each closed form against the numeric
 maximiser ``solve`` on random instances, and each of the paper's claims as a measured number.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from pmrlhf.evaluation.plots import SEQUENTIAL as _CMAP
 from pmrlhf.evaluation.plots import save_figure, subplots
+from pmrlhf.objectives import fdivergence as F
 from pmrlhf.objectives import optimal as O
 
 
@@ -121,14 +122,14 @@ def run_checks(seed: int = 0) -> list[Check]:
         )
     # rewards in (-0.9, -0.1), where every generator's (f')^{-1} that eq. (5.3) evaluates is defined and positive
     r_53 = -0.1 - 0.8 * torch.rand(r[:, :2].shape, generator=torch.Generator().manual_seed(seed + 2), dtype=r.dtype)
-    for name in sorted(O.F_DIVERGENCES):
+    for name in sorted(F.F_DIVERGENCES):
         checks.append(
             Check(
                 "Sec. 5.1",
                 f"f-divergence RLHF ({name}) closed form vs numeric optimum, beta = 0.5",
                 _gap(
-                    O.f_divergence_rlhf(r, ref, 0.5, name),
-                    O.solve(r, ref, O.f_divergence_regularizer(0.5, name)),
+                    F.f_divergence_rlhf(r, ref, 0.5, name),
+                    O.solve(r, ref, F.f_divergence_regularizer(0.5, name)),
                 ),
                 True,
             )
@@ -137,16 +138,16 @@ def run_checks(seed: int = 0) -> list[Check]:
             Check(
                 "Sec. 5.1" + ("" if name == "reverse_kl" else " (only if)"),
                 f"f-divergence RLHF ({name}) vs PM policy, beta = 1, uniform reference",
-                _gap(O.f_divergence_rlhf(r, uniform, 1.0, name), pm),
+                _gap(F.f_divergence_rlhf(r, uniform, 1.0, name), pm),
                 name == "reverse_kl",
             )
         )
-        pi2 = O.f_divergence_rlhf(r_53, ref[:, :2], 1.0, name)
+        pi2 = F.f_divergence_rlhf(r_53, ref[:, :2], 1.0, name)
         checks.append(
             Check(
                 "Eq. (5.3) (as stated)",
                 f"binary preference of the f-divergence optimum ({name}) vs eq. (5.3), beta = 1",
-                _gap(pi2[:, 0] / pi2.sum(-1), O.eq_5_3_binary(r_53, ref[:, :2], 1.0, name)),
+                _gap(pi2[:, 0] / pi2.sum(-1), F.eq_5_3_binary(r_53, ref[:, :2], 1.0, name)),
                 name == "reverse_kl",
             )
         )

@@ -124,27 +124,33 @@ def _transformers_model(model):
 
 
 @torch.no_grad()
-def sequence_logprobs(
-    model,
-    prompts: list[list[int]],
-    responses: list[list[int]],
-    pad_id: int,
-    batch_size: int = 64,
-    below: float | None = None,
+def response_token_logprobs(
+    model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(log pi(y|x) [B], number of response tokens [B])`` for every pair, teacher-forced. With ``below``, the
-    sum is over the response tokens whose log-probability is below it only."""
+    """``(log pi(T_t | T_<t, x) [B, L], mask [B, L])`` of every response token, teacher-forced, each row's tokens
+    from column 0 (``L`` the longest response)."""
     device = next(model.parameters()).device
-    totals, lengths = [], []
+    width = max((len(r) for r in responses), default=0)
+    out = torch.zeros(len(prompts), width)
+    mask = torch.zeros(len(prompts), width)
     for s in range(0, len(prompts), batch_size):
         ids, attn, resp = (
             t.to(device) for t in join(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id)
         )
-        logp = token_logprobs(model, ids, attn)
-        counted = resp if below is None else resp * (logp < below)
-        totals.append((logp * counted).sum(-1).cpu())
-        lengths.append(resp.sum(-1).cpu())
-    return torch.cat(totals), torch.cat(lengths)
+        logp = token_logprobs(model, ids, attn).cpu()
+        for i, row in enumerate(resp.cpu().bool()):
+            n = int(row.sum())
+            out[s + i, :n] = logp[i][row]
+            mask[s + i, :n] = 1
+    return out, mask
+
+
+def sequence_logprobs(
+    model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log pi(y|x) [B], number of response tokens [B])`` for every pair, teacher-forced."""
+    logp, mask = response_token_logprobs(model, prompts, responses, pad_id, batch_size)
+    return (logp * mask).sum(-1), mask.sum(-1).long()
 
 
 @torch.no_grad()

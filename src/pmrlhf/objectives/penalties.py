@@ -15,6 +15,10 @@ with the sequence-level regulariser each penalty names (``REGULARIZERS`` states 
 * ``pm``  -> ``log pi(y|x)``, the PM regulariser of eq. (3.10);
 * ``cpm_sequence`` -> Def. 4.1: ``log pi(y|x) - 1[pi_ref(y|x) < alpha] log pi_ref(y|x)``;
 * ``cpm_token``    -> the reference code's rule: ``sum_t log pi(T_t) - 1[pi_ref(T_t) < alpha] log pi_ref(T_t)``;
+* ``cpm_mean``     -> Def. 4.1 on the length-normalised reference probability:
+  ``log pi(y|x) - 1[mean_t log pi_ref(T_t) < log alpha] log pi_ref(y|x)``;
+* ``cpm_prefix``   -> per token, on the prefix's reference probability:
+  ``sum_t log pi(T_t) - 1[pi_ref(T_<=t | x) < alpha] log pi_ref(T_t)``;
 * ``maxent`` -> ``tau log pi(y|x)``.
 
 That needs each token's penalty to be fixed by the tokens up to it: reward-to-go credits token t with the
@@ -88,9 +92,46 @@ def cpm_sequence(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
     return _masked(logp, mask) + torch.where(_last_token(mask), correction, torch.zeros_like(logp))
 
 
+def cpm_mean(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Def. 4.1 with the condition on the response's geometric-mean token probability: ``pi_ref(y|x)^(1/|y|) >=
+    alpha``, i.e. the mean of its tokens' ``log pi_ref`` at least ``log alpha``.
+
+    Def. 4.1's ``pi_ref(y|x) >= alpha`` cannot be set on real text: a 200-token answer has ``pi_ref`` near
+    e^-150 however natural it is, so any alpha that admits it admits everything shorter. The per-token mean does
+    not fall with length: an LM's natural text has a mean near its per-token entropy's exponent whatever its
+    length. Like ``cpm_sequence`` the condition depends on every token, so its term sits on the last one.
+    """
+    _check_alpha(alpha)
+    mean_ref = _masked(ref_logp, mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    seq_ref = _masked(ref_logp, mask).sum(-1, keepdim=True)
+    correction = torch.where(mean_ref < math.log(alpha), -seq_ref, torch.zeros_like(seq_ref))
+    return _masked(logp, mask) + torch.where(_last_token(mask), correction, torch.zeros_like(logp))
+
+
+def cpm_prefix(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Conditional PM per token, on the reference probability of the response so far: ``log pi(T_t)`` while
+    ``pi_ref(T_1..T_t | x) >= alpha``, ``log pi(T_t) - log pi_ref(T_t)`` from the first token where it drops below.
+
+    The prefix probability only falls, so the KL form applies to a suffix of the response: from the point where
+    it leaves what the reference writes with probability alpha. A response whose whole ``pi_ref(y|x) >= alpha``
+    is PM-regularised throughout, as Def. 4.1 has it; one off that set keeps ``e^r`` times the reference's
+    probability of its tail after the split, where Def. 4.1 keeps ``pi_ref(y|x) e^r``. Unlike Def. 4.1's rule,
+    each token's penalty is fixed by the tokens up to it, so it stays on its token (no term on the last one)
+    and the condition never switches on and off inside a response, as the per-token rule's does.
+    """
+    _check_alpha(alpha)
+    prefix = torch.cumsum(_masked(ref_logp, mask), -1)
+    return _masked(torch.where(prefix >= math.log(alpha), logp, logp - ref_logp), mask)
+
+
 def maxent(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """``tau * log pi(T_t)``: maximum-entropy RL; ``tau = 1`` is PM RLHF (3.10), other ``tau`` are not PM."""
     return _masked(tau * logp, mask)
+
+
+def _log(alpha: float) -> float:
+    """``log alpha``; alpha 0 (the paper's switch to unconditional PM) exempts every response."""
+    return math.log(alpha) if alpha > 0 else -math.inf
 
 
 def _check_alpha(alpha: float) -> None:
@@ -103,6 +144,8 @@ PENALTIES: dict[str, Penalty] = {
     "pm": pm,
     "cpm_token": cpm_token,
     "cpm_sequence": cpm_sequence,
+    "cpm_mean": cpm_mean,
+    "cpm_prefix": cpm_prefix,
     "cpm": cpm_token,
     "maxent": maxent,
 }
@@ -123,15 +166,36 @@ def _seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked(x, mask).sum(-1)
 
 
+def _prefix_ref(ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``log pi_ref(T_1..T_t | x)`` at each token t of the response."""
+    return torch.cumsum(_masked(ref_logp, mask), -1)
+
+
 REGULARIZERS: dict[str, Callable[..., torch.Tensor]] = {
     "kl": lambda logp, ref_logp, mask: _seq(logp, mask) - _seq(ref_logp, mask),
     "pm": lambda logp, ref_logp, mask: _seq(logp, mask),
     "cpm_sequence": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < math.log(alpha), _seq(ref_logp, mask), 0.0)
+        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha), _seq(ref_logp, mask), 0.0)
     ),
     "cpm_token": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - _seq(torch.where(ref_logp < math.log(alpha), ref_logp, 0.0), mask)
+        _seq(logp, mask) - _seq(torch.where(ref_logp < _log(alpha), ref_logp, 0.0), mask)
+    ),
+    "cpm_mean": lambda logp, ref_logp, mask, alpha: (
+        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha) * mask.sum(-1), _seq(ref_logp, mask), 0.0)
+    ),
+    "cpm_prefix": lambda logp, ref_logp, mask, alpha: (
+        _seq(logp, mask) - _seq(torch.where(_prefix_ref(ref_logp, mask) < _log(alpha), ref_logp, 0.0), mask)
     ),
     "maxent": lambda logp, ref_logp, mask, tau=1.0: tau * _seq(logp, mask),
 }
 REGULARIZERS["cpm"] = REGULARIZERS["cpm_token"]
+
+
+def reference_term(name: str, ref_logp: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``c(y)``, ``[B]``, for a penalty whose regulariser is ``log pi(y|x) - c(y)``: the part of
+    ``log pi_ref(y|x)`` it keeps (all of it for kl, none for pm, what each conditional rule's condition selects).
+    The optimum of ``E r - coef E[regulariser]`` is then ``e^{r / coef + c(y)}`` normalised
+    (``optimal.pm_with_reference``). ``maxent`` is not of this form unless ``tau = 1``."""
+    if name == "maxent" and kwargs.get("tau", 1.0) != 1.0:
+        raise ValueError("maxent with tau != 1 regularises tau * log pi, not log pi - c")
+    return -REGULARIZERS[name](torch.zeros_like(ref_logp), ref_logp, mask, **kwargs)

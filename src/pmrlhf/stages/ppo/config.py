@@ -31,7 +31,7 @@ MOVED = {
 class PenaltyConfig:
     """The regulariser of the objective: a penalty of ``objectives.penalties`` and its arguments."""
 
-    name: str = "kl"  # kl | pm | cpm_token | cpm_sequence | maxent; entropy (the paper's) is pm or cpm_token
+    name: str = "kl"  # kl | pm | cpm_token | cpm_sequence | cpm_mean | cpm_prefix | maxent (entropy: pm or cpm_token)
     coef: float | None = None  # its coefficient; None: 0.1 for kl (the paper's kl_ctl), 1 for the others (ent_ctl)
     alpha: float = 0.3  # alpha of conditional PM (the paper's alpha_ctl)
     tau: float = 1.0  # tau of maxent
