@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless an NVIDIA GPU is visible; TORCH_SPEC overrides it either way.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo theory test lint clean upgrade-check constraints
+.PHONY: setup demo theory study test lint clean upgrade-check constraints
 
 setup: $(VENV)/.installed
 
@@ -21,6 +21,11 @@ demo: setup
 
 theory: setup
 	$(BIN)/pmrlhf theory --out runs/theory
+
+# The conditional-rule study (docs/study.md): five seeds in the default world, then in the text-like one.
+study: setup
+	$(BIN)/pmrlhf sweep configs/study/words.yaml
+	$(BIN)/pmrlhf sweep configs/study/text.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -165,6 +165,7 @@ def test_reference_term_gives_the_enumerated_optimum(name, kwargs):
     pi = O.pm_with_reference(r, c)
     solved = O.solve(r, torch.ones_like(r), lambda p, _: -(torch.log(p) - c))
     torch.testing.assert_close(pi, solved, atol=1e-9, rtol=0)
+
     # and it is the stated objective's optimum: E[r] - coef E[regulariser] at pi beats any perturbation of it
     def value(p):
         logp = p.log()[:, None] * torch.tensor([1.0, 0.0], dtype=torch.float64)  # the sequence log-prob on token 1

@@ -1,5 +1,6 @@
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ def test_profiles_lengths_and_truth():
         torch.testing.assert_close(torch.softmax(torch.tensor(p.reward), -1), torch.tensor(p.truth))
         assert abs(sum(p.ref) - 1) < 1e-9
     minority = [p for p in w.prompts if p.profile == "minority"]
-    assert minority and all(any(0.05 <= t <= 0.2 for t in p.truth) for p in minority)
+    assert minority and all(0.05 <= p.truth[p.minority[0]] <= 0.2 for p in minority)
+    assert all(p.minority == [] for p in w.prompts if p.profile != "minority")
     assert all(max(p.truth) >= 0.75 for p in w.prompts if p.profile == "lopsided")
     assert all(max(p.truth) < 0.5 for p in w.prompts if p.profile == "even")
 
@@ -126,3 +128,56 @@ def test_a_stage_records_the_world_it_used_and_refuses_another_before_writing(tm
     done = runner.invoke(app, ["rm", "--run-dir", str(tmp_path), "--set", "optim.epochs=1"])
     assert done.exit_code == 0, done.output
     assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["world"]["n_prompts"] == 3
+
+
+def test_text_world_is_a_tree_of_long_answers_labelled_by_two_groups():
+    """Answers of 8-40 words that share a prefix and part at a branching point, a reference that decides only at
+    those points, and a population preference that is the groups' mixture, with the minority's favourite
+    answer an answer the majority does not favour."""
+    config = WorldConfig(kind="text", n_prompts=12, n_comparisons=20000)
+    w = World.generate(config)
+    for p in w.prompts:
+        words = [r.split() for r in p.responses]
+        assert all(8 <= len(x) <= 40 for x in words) and [len(x) for x in words] == p.words
+        shared = len(os.path.commonprefix(words))
+        assert shared >= config.segment_words  # the first segment is every answer's
+        assert len({tuple(x) for x in words}) == len(words)
+        assert all(a[: len(b)] != b for a in words for b in words if a is not b)  # no answer is another's prefix
+        (share_maj, r_maj), (share_min, r_min) = p.groups
+        mixture = share_maj * torch.softmax(torch.tensor(r_maj, dtype=torch.float64), -1) + share_min * torch.softmax(
+            torch.tensor(r_min), -1
+        )
+        torch.testing.assert_close(mixture, torch.tensor(p.truth, dtype=torch.float64))
+        torch.testing.assert_close(torch.softmax(torch.tensor(p.reward), -1), torch.tensor(p.truth))
+        assert share_min == pytest.approx(1 / 11)
+        assert p.minority[0] == int(torch.tensor(r_min).argmax()) != int(torch.tensor(r_maj).argmax())
+    # Labels follow the mixture of the groups' BTL models: the share of wins of the minority's favourite over
+    # each other answer is the groups' mixture of BTL probabilities, which r* alone would not give.
+    p = w.prompts[0]
+    wins, total = {}, {}
+    for row in w.comparisons(config.n_comparisons, torch.Generator().manual_seed(1)):
+        if row["prompt"] != p.prompt:
+            continue
+        c, r = p.responses.index(row["chosen"]), p.responses.index(row["rejected"])
+        key = (min(c, r), max(c, r))
+        total[key] = total.get(key, 0) + 1
+        wins[key] = wins.get(key, 0) + (c == key[0])
+    (share_maj, r_maj), (share_min, r_min) = p.groups
+    for (a, b), n in total.items():
+        expected = share_maj / (1 + math.exp(r_maj[b] - r_maj[a])) + share_min / (1 + math.exp(r_min[b] - r_min[a]))
+        assert wins[(a, b)] / n == pytest.approx(expected, abs=4 * math.sqrt(0.25 / n))
+
+
+def test_text_world_reference_decides_only_at_branching_points():
+    """The demonstrators' next word given a prefix, under q, is certain everywhere but at the tree's branching
+    points: at most k - 1 of an answer's 8-40 words are a choice, as most of an LM's tokens are near-certain."""
+    w = World.generate(WorldConfig(kind="text", n_prompts=6))
+    for p in w.prompts:
+        words = [tuple(r.split()) for r in p.responses]
+        for y in words:
+            choices = 0
+            for t in range(len(y)):
+                below = sum(q for x, q in zip(words, p.ref, strict=True) if x[:t] == y[:t])
+                here = sum(q for x, q in zip(words, p.ref, strict=True) if x[: t + 1] == y[: t + 1])
+                choices += here < below - 1e-12
+            assert 1 <= choices <= len(words) - 1

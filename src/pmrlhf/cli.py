@@ -256,6 +256,23 @@ def run_(
     _print_report(_run(pipeline.run, cfg))
 
 
+@app.command(cls=settings("pmrlhf.stages.sweep:SweepConfig"))
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep YAML: pipeline settings, the grid of methods, the seeds."),
+    overrides: list[str] = SetOpt,
+    quick: bool = typer.Option(False, "--quick", help="The config's quick form (its quick section), for a test."),
+    resume: bool = ResumeOpt,
+) -> None:
+    """Methods x an alpha or beta grid x seeds on one world: a table with 95 % intervals, and the study's figures."""
+    from pmrlhf.stages import sweep as sweep_stage
+
+    cfg = _config(sweep_stage.SweepConfig, config, overrides, None)
+    if quick:
+        cfg = cfg.quick_form()
+    cfg.resume = cfg.resume or resume
+    _wrote(_run(sweep_stage.run, cfg))
+
+
 @app.command()
 def demo(
     quick: bool = typer.Option(False, "--quick", help="A smaller world and budget (about a minute)."),

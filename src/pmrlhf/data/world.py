@@ -15,6 +15,13 @@ The data a pipeline sees is generated the way real RLHF data is:
   (eq. (2.1)), with optional label noise;
 * rankings of K responses are drawn from the Plackett-Luce model with r* (App. A.1).
 
+With ``kind: text`` the world is closer to text: each prompt's answers are the leaves of a tree of word segments
+(8-40 words, sharing prefixes the way sentences do, so a rare answer leaves a common one mid-response), the
+demonstrators choose at each branching point of the tree (every other token is certain given its prefix, as most
+of an LM's tokens are), and the labelers come from two groups, a majority and a minority of ``minority_share``
+with a different favourite answer (as in MaxMin-RLHF's 10:1 set-up). The population's preference over M(x) is
+the mixture of the groups' Plackett-Luce distributions, and r* is its log (Def. 3.2 for the mixture).
+
 Everything is written as ordinary files: ``sft.jsonl``, ``comparisons.jsonl``, ``rankings.jsonl``,
 ``prompts.jsonl``, a word-level tokenizer in Hugging Face format (``tokenizer/``), and ``truth.json`` with,
 for every prompt, M(x), r*, the true preference proportions and q.
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +42,7 @@ from pmrlhf.io import atomic_dir
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SEP = ":"
 PROFILES = ("even", "lopsided", "minority")
+KINDS = ("words", "text")
 
 
 @dataclass
@@ -55,6 +63,10 @@ class WorldConfig:
     ref_floor: float = 0.02  # every answer keeps at least this share of q, so a reference model can learn it
     uniform_share: float = 0.3  # share of labelled pairs drawn uniformly over M(x) rather than from q
     label_noise: float = 0.0  # probability a labeler's answer is flipped
+    kind: str = "words"  # words: answers of min_words..max_words words; text: leaves of a tree of segments
+    segment_words: int = 8  # text: longest segment between branching points (the first: 1-2 times this)
+    minority_share: float = 1 / 11  # text: share of labelers in the minority group
+    minority_preference: float = 0.7  # text: the minority group's Plackett-Luce probability of its favourite
     seed: int = 0  # everything in the world follows from this
 
     def validate(self) -> None:
@@ -70,6 +82,13 @@ class WorldConfig:
             raise ValueError("need 0 <= ref_floor < 1 / responses_per_prompt")
         if not 0 <= self.label_noise < 0.5 or not 0 <= self.uniform_share <= 1:
             raise ValueError("need 0 <= label_noise < 0.5 and 0 <= uniform_share <= 1")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.kind == "text":
+            if self.segment_words < 3 or self.vocab_words < 2:
+                raise ValueError("a text world needs segment_words >= 3 and vocab_words >= 2")
+            if not 0 <= self.minority_share < 0.5 or not 0 < self.minority_preference < 1:
+                raise ValueError("need 0 <= minority_share < 0.5 and 0 < minority_preference < 1")
 
 
 @dataclass
@@ -81,6 +100,8 @@ class PromptTruth:
     truth: list[float]  # softmax(r*): the population's preference proportions
     ref: list[float]  # q(y|x): the demonstrators' biased distribution
     words: list[int]  # response lengths in words (tokens, without the end-of-sequence token)
+    minority: list[int] = field(default_factory=list)  # the answers a minority prefers (indices into M(x))
+    groups: list = field(default_factory=list)  # labeler groups as [share, their reward over M(x)]; []: all r*
 
 
 class World:
@@ -98,18 +119,22 @@ class World:
         config = config or WorldConfig()
         config.validate()
         g = torch.Generator().manual_seed(config.seed)
+        if config.kind == "text":
+            return cls(config, [_text_prompt(i, config, g) for i in range(config.n_prompts)])
         prompts = []
         for i in range(config.n_prompts):
             profile = PROFILES[i % len(PROFILES)]
             k = config.responses_per_prompt
             responses, words = _responses(k, config, g)
-            truth = _profile_probs(profile, k, g)
+            truth, minority = _profile_probs(profile, k, g)
             reward = torch.log(truth) - torch.log(truth).mean()
             log_q = -config.length_bias * torch.tensor(words, dtype=torch.float64)
             log_q = log_q + config.ref_noise * torch.randn(k, generator=g, dtype=torch.float64)
             q = (1 - k * config.ref_floor) * torch.softmax(log_q, -1) + config.ref_floor
             prompts.append(
-                PromptTruth(f"q{i} {SEP}", profile, responses, reward.tolist(), truth.tolist(), q.tolist(), words)
+                PromptTruth(
+                    f"q{i} {SEP}", profile, responses, reward.tolist(), truth.tolist(), q.tolist(), words, minority
+                )
             )
         return cls(config, prompts)
 
@@ -131,7 +156,8 @@ class World:
                 a, b = torch.multinomial(dist, 2, replacement=True, generator=g).tolist()
                 if a != b:
                     break
-            a_wins = torch.rand(1, generator=g).item() < 1 / (1 + math.exp(p.reward[b] - p.reward[a]))
+            reward = self._labeler(p, g)
+            a_wins = torch.rand(1, generator=g).item() < 1 / (1 + math.exp(reward[b] - reward[a]))
             if torch.rand(1, generator=g).item() < self.config.label_noise:
                 a_wins = not a_wins
             win, lose = (a, b) if a_wins else (b, a)
@@ -142,7 +168,7 @@ class World:
         out = []
         for p in self._prompt_draws(n, g):
             idx = torch.randperm(len(p.responses), generator=g)[: self.config.ranking_k]
-            r = torch.tensor(p.reward)[idx]
+            r = torch.tensor(self._labeler(p, g))[idx]
             # Plackett-Luce sampling: sorting r + Gumbel noise draws a ranking with probability (A.1).
             gumbel = -torch.log(-torch.log(torch.rand(len(idx), generator=g, dtype=torch.float64)))
             order = torch.argsort(r + gumbel, descending=True)
@@ -150,6 +176,14 @@ class World:
                 {"prompt": p.prompt, "responses": [p.responses[i] for i in idx.tolist()], "ranking": order.tolist()}
             )
         return out
+
+    @staticmethod
+    def _labeler(p: PromptTruth, g: torch.Generator) -> list[float]:
+        """The reward a labeler answers with: r*, or in a world of groups that of a group drawn by its share."""
+        if not p.groups:
+            return p.reward
+        shares = torch.tensor([share for share, _ in p.groups], dtype=torch.float64)
+        return p.groups[int(torch.multinomial(shares, 1, generator=g))][1]
 
     def _prompt_draws(self, n: int, g: torch.Generator) -> list[PromptTruth]:
         idx = torch.randint(len(self.prompts), (n,), generator=g).tolist()
@@ -246,8 +280,9 @@ def _responses(k: int, config: WorldConfig, g: torch.Generator) -> tuple[list[st
     return responses, lengths
 
 
-def _profile_probs(profile: str, k: int, g: torch.Generator) -> torch.Tensor:
-    """Population preference proportions over M(x) for a profile, in random order."""
+def _profile_probs(profile: str, k: int, g: torch.Generator) -> tuple[torch.Tensor, list[int]]:
+    """Population preference proportions over M(x) for a profile, in random order, and where the minority answer
+    went (the minority profile; [] for the others)."""
 
     def dirichlet(alpha: float, n: int) -> torch.Tensor:
         x = torch._standard_gamma(torch.full((n,), alpha, dtype=torch.float64), generator=g)
@@ -263,7 +298,60 @@ def _profile_probs(profile: str, k: int, g: torch.Generator) -> torch.Tensor:
         p = torch.cat([minority, (1 - minority) * dirichlet(3.0, k - 1)])
     p = p.clamp(min=1e-3)
     p = p / p.sum()
-    return p[torch.randperm(k, generator=g)]
+    order = torch.randperm(k, generator=g)
+    return p[order], [int((order == 0).nonzero())] if profile == "minority" else []
+
+
+def _text_prompt(i: int, config: WorldConfig, g: torch.Generator) -> PromptTruth:
+    """One prompt of a text world: its answers are the leaves of a random tree of word segments (a leaf split into
+    two continuations until there are ``responses_per_prompt``); q chooses at each split."""
+    k, seg = config.responses_per_prompt, config.segment_words
+
+    def segment(lo: int, hi: int, first_not: set[int]) -> list[int]:
+        n = int(torch.randint(lo, hi + 1, (1,), generator=g))
+        words = torch.randint(config.vocab_words, (n,), generator=g).tolist()
+        while words[0] in first_not:  # two continuations of one prefix differ at their first word
+            words[0] = int(torch.randint(config.vocab_words, (1,), generator=g))
+        return words
+
+    leaves: list[tuple[list[int], float]] = [(segment(seg, 2 * seg, set()), 0.0)]  # (words, log q)
+    while len(leaves) < k:
+        words, log_q = leaves.pop(int(torch.randint(len(leaves), (1,), generator=g)))
+        split = torch.log_softmax(config.ref_noise * 1.5 * torch.randn(2, generator=g, dtype=torch.float64), -1)
+        first = segment(3, seg, set())
+        leaves += [
+            (words + first, log_q + split[0].item()),
+            (words + segment(3, seg, {first[0]}), log_q + split[1].item()),
+        ]
+    order = torch.randperm(k, generator=g).tolist()
+    leaves = [leaves[j] for j in order]
+    q = torch.softmax(torch.tensor([lq for _, lq in leaves], dtype=torch.float64), -1)
+    q = (1 - k * config.ref_floor) * q + config.ref_floor
+    # the majority's preferences are lopsided or even as the words world's; the minority's favourite is another
+    # answer, the rest sharing what is left alike
+    majority, _ = _profile_probs(PROFILES[i % 2], k, g)
+    favourite = int(majority.argmax())
+    others = [j for j in range(k) if j != favourite]
+    minority_answer = others[int(torch.randint(len(others), (1,), generator=g))]
+    minority = torch.full((k,), (1 - config.minority_preference) / (k - 1), dtype=torch.float64)
+    minority[minority_answer] = config.minority_preference
+    truth = (1 - config.minority_share) * majority + config.minority_share * minority
+    reward = torch.log(truth) - torch.log(truth).mean()
+    texts = [" " + " ".join(f"w{w}" for w in words) for words, _ in leaves]
+    return PromptTruth(
+        f"q{i} {SEP}",
+        "groups",
+        texts,
+        reward.tolist(),
+        truth.tolist(),
+        q.tolist(),
+        [len(words) for words, _ in leaves],
+        [minority_answer],
+        groups=[
+            ((1 - config.minority_share), torch.log(majority).tolist()),
+            (config.minority_share, torch.log(minority).tolist()),
+        ],
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -55,11 +55,14 @@ class EvalConfig:
     max_new_tokens: int = 16  # generation limit
     top_p: float = 1.0  # sampling of the evaluated pairs: the policy itself, untruncated
     batch_size: int = 64  # sequences per forward pass
+    # world: reference samples per prompt that estimate the KL and conditional PM optima's mass outside M(x); 0: none
+    optimum_samples: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)  # dtype and loading options for every model
 
     def validate(self) -> None:
         _check_sampling(self)
         require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        require(self.optimum_samples >= 0, f"optimum_samples must be >= 0, got {self.optimum_samples}")
 
 
 @dataclass
@@ -172,7 +175,15 @@ def run_eval(config: EvalConfig) -> Path:
             if config.data.source == "world":
                 dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
-                    policy, reference, reward_model, tokenizer, world_dir(config.run_dir), objective, dist
+                    policy,
+                    reference,
+                    reward_model,
+                    tokenizer,
+                    world_dir(config.run_dir),
+                    objective,
+                    dist,
+                    max_new_tokens=config.max_new_tokens if config.optimum_samples else 0,
+                    reference_samples=config.optimum_samples,
                 )
                 over_m[name] = dist.conditional.tolist()
         summary[name], instances[name] = metrics, inst

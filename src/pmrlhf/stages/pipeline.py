@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,9 @@ def _done(run_dir: Path, name: str) -> bool:
     return (run_dir / name / "summary.json").is_file()
 
 
-def run(config: PipelineConfig) -> Path:
-    """Run every stage that is not finished yet; return the report's path."""
+def run(config: PipelineConfig, finished: Callable[[str], None] | None = None) -> Path:
+    """Run every stage that is not finished yet; return the report's path. ``finished(name)`` is called as each
+    training stage is done or found done (a sweep's progress)."""
     check_launch()  # before the first stage, not hours later at the stage that would go wrong
     configs = config.stage_configs()
     run_dir = Path(config.run_dir)
@@ -146,12 +148,14 @@ def run(config: PipelineConfig) -> Path:
     for name, stage_run in steps:
         if _done(run_dir, name) and not config.force:
             console.print(f"[dim]{name}: already done, reusing {run_dir / name}[/dim]")
-            continue
-        console.rule(name)
-        t = time.perf_counter()
-        configs[name].resume = config.resume  # every training stage can resume
-        stage_run(configs[name])
-        timings[name] = time.perf_counter() - t
+        else:
+            console.rule(name)
+            t = time.perf_counter()
+            configs[name].resume = config.resume  # every training stage can resume
+            stage_run(configs[name])
+            timings[name] = time.perf_counter() - t
+        if finished is not None:
+            finished(name)
     eval_cfg = configs["eval"]
     if not eval_cfg.policies:
         eval_cfg.policies = {n: str(run_dir / n / "model") for n in [*variants, *dpo_variants]}

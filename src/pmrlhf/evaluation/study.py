@@ -1,0 +1,237 @@
+"""A study over seeds: every method's exact world metrics as a mean with a 95 % interval, the differences from the
+standard-RLHF baseline that the seeds support, and the figures a reviewer asks for.
+
+Reads only what ``pmrlhf eval`` wrote in each seed's run folder (``eval/summary.json``, ``eval/over_m.json``) and
+the world's ``truth.json``. Seeds share the world, so the truth is one; each seed trains its own SFT and reward
+model, so the seeds are paired: a difference between two methods is taken seed by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from pmrlhf.data.world import World
+from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
+
+REFERENCE = "reference (SFT)"
+# the exact metrics of eval's ``world`` section a study reports, with their labels
+METRICS = {
+    "pm_divergence_uniform_pairs": "exact PM divergence",
+    "mass_outside_m": "mass outside M(x)",
+    "tv_to_own_target": "TV to own optimum",
+    "tv_to_truth": "TV to truth",
+    "minority_share": "minority's answers",
+}
+# two-sided 95 % quantiles of Student's t, by degrees of freedom
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+_T975 += [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass
+class Interval:
+    """Mean of ``n`` values and the half-width of its 95 % t-interval (0 for one value)."""
+
+    mean: float
+    half: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Interval:
+        values = [v for v in values if v == v]  # NaN: a metric a method does not have (no own optimum)
+        if not values:
+            return cls(math.nan, math.nan, 0)
+        n = len(values)
+        if n == 1:
+            return cls(values[0], 0.0, 1)
+        t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+        return cls(statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(n), n)
+
+    @property
+    def low(self) -> float:
+        return self.mean - self.half
+
+    @property
+    def high(self) -> float:
+        return self.mean + self.half
+
+    def excludes_zero(self) -> bool:
+        return self.n > 1 and (self.low > 0 or self.high < 0)
+
+    def __str__(self) -> str:
+        return "n/a" if self.n == 0 else f"{self.mean:.3f} ± {self.half:.3f}"
+
+
+def minority_share(conditional: list[list[float]], world: World) -> float:
+    """The probability, within M(x), a distribution gives the answers a minority prefers, averaged over the prompts
+    that have such answers (NaN where none has)."""
+    shares = [sum(conditional[i][j] for j in p.minority) for i, p in enumerate(world.prompts) if p.minority]
+    return statistics.fmean(shares) if shares else math.nan
+
+
+def seed_metrics(run_dir: Path, world: World) -> dict[str, dict]:
+    """Per policy of one seed's run: its recorded objective and every metric of ``METRICS``."""
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    over_m = json.loads((run_dir / "eval" / "over_m.json").read_text())
+    out = {}
+    for name, m in summary.items():
+        row = {k: m["world"][k] for k in METRICS if k in m["world"]}
+        row["minority_share"] = minority_share(over_m[name], world)
+        row["own_target_mass_outside_m"] = m["world"].get("own_target_mass_outside_m", math.nan)
+        row["pm_divergence_sampled"] = m["pm_divergence"]
+        out[name] = {"objective": m["objective"], "metrics": row}
+    out["ground truth"] = {
+        "objective": {},
+        "metrics": {"minority_share": minority_share(over_m["ground truth"], world)},
+    }
+    return out
+
+
+def baseline(objectives: dict[str, dict], method: str) -> str | None:
+    """The standard-RLHF run a method is compared with: KL-penalised PPO at coefficient 1 and beta 1 for PPO, DPO's
+    sigmoid loss at beta 1 for the DPO family; None if the study has none."""
+    for name, o in objectives.items():
+        if name == REFERENCE or o.get("method") != method:
+            continue
+        if method == "ppo" and o.get("penalty") == "kl" and o.get("beta") == 1 and o.get("coef") == 1:
+            return name
+        if method == "dpo" and o.get("loss") == "sigmoid" and o.get("beta") == 1:
+            return name
+    return None
+
+
+def seed_values(seeds: dict[int, dict[str, dict]], name: str, key: str) -> list[float]:
+    """One metric of one method, seed by seed (NaN where a seed lacks it)."""
+    return [s[name]["metrics"].get(key, math.nan) for s in seeds.values()]
+
+
+def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
+    """Every method's intervals over the seeds, and its seed-by-seed differences from its family's baseline."""
+    names = list(next(iter(seeds.values())))
+    objectives = {n: next(iter(seeds.values()))[n]["objective"] for n in names}
+    keys = [*METRICS, "own_target_mass_outside_m", "pm_divergence_sampled"]
+    methods = {}
+    for name in names:
+        values = {k: [s[name]["metrics"].get(k, math.nan) for s in seeds.values() if name in s] for k in keys}
+        row = {"objective": objectives[name], "values": values}
+        row["intervals"] = {k: Interval.of(v) for k, v in values.items()}
+        base = baseline(objectives, objectives[name].get("method", ""))
+        if base is not None and base != name:
+            row["baseline"] = base
+            row["differences"] = {
+                k: Interval.of([a - b for a, b in zip(values[k], seed_values(seeds, base, k), strict=True)])
+                for k in ("pm_divergence_uniform_pairs", "mass_outside_m")
+            }
+        methods[name] = row
+    return {"seeds": list(seeds), "methods": methods}
+
+
+def meets_target(row: dict, kl: dict, outside: float = 0.10) -> bool:
+    """Mass outside M(x) at most ``outside`` and exact PM divergence at most half the baseline's, both in the
+    mean over seeds."""
+    i, k = row["intervals"], kl["intervals"]
+    return (
+        i["mass_outside_m"].mean <= outside
+        and i["pm_divergence_uniform_pairs"].mean <= k["pm_divergence_uniform_pairs"].mean / 2
+    )
+
+
+def table(study: dict) -> str:
+    """Markdown: per method, every metric's mean ± 95 % half-width, and its difference from the baseline in exact
+    PM divergence and mass outside M(x), marked * where the paired interval excludes 0."""
+    head = "| method | " + " | ".join(METRICS.values()) + " | Δ PM div. vs baseline | Δ mass outside vs baseline |"
+    lines = [head, "|---|" + "---|" * (len(METRICS) + 2)]
+    for name, row in study["methods"].items():
+        cells = [str(row["intervals"][k]) for k in METRICS]
+        for k in ("pm_divergence_uniform_pairs", "mass_outside_m"):
+            d = row.get("differences", {}).get(k)
+            cells.append("—" if d is None else f"{d.mean:+.3f} ± {d.half:.3f}{'*' if d.excludes_zero() else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _rule(objective: dict) -> str | None:
+    """The conditional rule of a run (a ``cpm_*`` penalty or the cpm DPO loss), or None."""
+    if objective.get("method") == "ppo" and objective.get("penalty", "").startswith("cpm"):
+        return {"cpm": "cpm_token"}.get(objective["penalty"], objective["penalty"])
+    if objective.get("method") == "dpo" and objective.get("loss") == "cpm":
+        return "dpo cpm"
+    return None
+
+
+def plot_alpha(study: dict, path: Path) -> Path:
+    """Exact PM divergence against alpha, one line per conditional rule, the baselines as dashed lines."""
+    fig, ax = subplots(figsize=(6.4, 4.2))
+    rules: dict[str, list[tuple[float, Interval]]] = {}
+    for row in study["methods"].values():
+        rule = _rule(row["objective"])
+        if rule is not None:
+            rules.setdefault(rule, []).append(
+                (row["objective"]["alpha"], row["intervals"]["pm_divergence_uniform_pairs"])
+            )
+    for c, (rule, points) in enumerate(sorted(rules.items())):
+        points.sort()
+        ax.errorbar(
+            [a for a, _ in points],
+            [i.mean for _, i in points],
+            yerr=[i.half for _, i in points],
+            marker="o",
+            capsize=3,
+            label=rule,
+            color=SEQUENTIAL(c / max(1, len(rules) - 1)),
+        )
+    baselines = [n for n, r in study["methods"].items() if n != REFERENCE and "differences" not in r and r["objective"]]
+    for name, style in zip(baselines, ("--", ":", "-."), strict=False):
+        ax.axhline(
+            study["methods"][name]["intervals"]["pm_divergence_uniform_pairs"].mean, ls=style, c="grey", label=name
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("α")
+    ax.set_ylabel("exact PM divergence over M(x)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """The names of the points no other point beats on both coordinates (lower is better on each), by x."""
+    front = [
+        n
+        for n, (x, y) in points.items()
+        if not any((x2 <= x and y2 <= y) and (x2, y2) != (x, y) for x2, y2 in points.values())
+    ]
+    return sorted(front, key=lambda n: points[n])
+
+
+def plot_tradeoff(study: dict, path: Path) -> Path:
+    """Exact PM divergence against mass outside M(x), each method one point with its intervals, the front drawn."""
+    fig, ax = subplots(figsize=(7.2, 5.0))
+    points = {}
+    for name, row in study["methods"].items():
+        if not row["objective"]:
+            continue
+        x, y = row["intervals"]["mass_outside_m"], row["intervals"]["pm_divergence_uniform_pairs"]
+        points[name] = (x.mean, y.mean)
+        ax.errorbar(x.mean, y.mean, xerr=x.half, yerr=y.half, fmt="o", capsize=2, ms=4)
+        ax.annotate(name, (x.mean, y.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    front = pareto_front(points)
+    ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "k-", lw=1, label="Pareto front")
+    ax.set_xlabel("mass outside M(x)")
+    ax.set_ylabel("exact PM divergence over M(x)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_minority(study: dict, truth: float, path: Path) -> Path:
+    """Per method, the probability it gives the minority's answers within M(x), against the true share."""
+    rows = [(n, r["intervals"]["minority_share"]) for n, r in study["methods"].items() if r["objective"]]
+    fig, ax = subplots(figsize=(7.2, 0.3 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [i.mean for _, i in rows], xerr=[i.half for _, i in rows], capsize=2, color="tab:blue")
+    ax.axvline(truth, color="tab:red", label=f"true share {truth:.3f}")
+    ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("probability of the minority's preferred answers, within M(x)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
