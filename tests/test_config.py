@@ -55,6 +55,7 @@ COMMAND_CONFIGS = {
     "eval": "pmrlhf.stages.evaluate:EvalConfig",
     "probe": "pmrlhf.stages.evaluate:ProbeConfig",
     "run": "pmrlhf.stages.pipeline:PipelineConfig",
+    "sweep": "pmrlhf.stages.sweep:SweepConfig",
 }
 
 

@@ -212,6 +212,11 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     assert cpm["tv_to_reward_model"] < min(0.2, kl["tv_to_reward_model"] - 0.15)
     assert cpm["pm_divergence_uniform_pairs"] < kl["pm_divergence_uniform_pairs"] / 2
     assert cpm["mass_outside_m"] < cpm["own_target_mass_outside_m"] + 0.1
+    # Solved exactly, Def. 4.1 with alpha below every answer of M(x) is the reward model's PL distribution there
+    # (no score reaches the clip): its optimum's PM divergence is 0; KL RLHF's optimum keeps the reference's bias.
+    assert cpm.get("clipped_share_over_m", 0.0) == 0.0
+    assert cpm["own_target_pm_divergence_uniform_pairs"] < 1e-9
+    assert kl["own_target_pm_divergence_uniform_pairs"] > 0.1
 
 
 def test_off_m_estimate_of_a_flat_reward_is_the_reference_mass_off_m(matched):

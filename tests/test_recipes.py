@@ -126,7 +126,7 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
     data = yaml.safe_load(recipe.read_text())
     config = from_dict(pipeline.PipelineConfig, data)
     stages = config.stage_configs()  # every stage's config is complete and valid
-    assert len(config.variants) == 12  # beta in {0.1, 0.5, 1} x (KL, alpha in {0.1, 0.3, 0.5})
+    assert len(config.variants) == 15  # beta in {0.1, 0.5, 1} x (KL, alpha in {0.1, 0.3, 0.5}, cpm_prefix at 0.01)
     assert {v.beta for v in stages.values() if hasattr(v, "beta") and hasattr(v, "penalty")} == {0.1, 0.5, 1.0}
     assert config.data.source in ("Dahoas/full-hh-rlhf", "CarperAI/openai_summarize_comparisons")
 
@@ -157,7 +157,7 @@ def test_recipe_validates_and_runs_with_tiny_models(recipe, tmp_path):
     report = pipeline.run(from_dict(pipeline.PipelineConfig, data))
 
     summary = json.loads((tmp_path / "run" / "eval" / "summary.json").read_text())
-    assert len(summary) == 13 and all(m["length"] >= 1 for m in summary.values())
+    assert len(summary) == 16 and all(m["length"] >= 1 for m in summary.values())
     assert "| ppo-cpm0.3-beta0.5 | 0.5 |" in report.read_text()
     # The recipe's own data handling ran: the 20/40/40 split gave each stage its portion of the 40 rows.
     sft_summary = json.loads((tmp_path / "run" / "sft" / "summary.json").read_text())

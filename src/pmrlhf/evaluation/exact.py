@@ -364,6 +364,10 @@ def compare_with_closed_forms(
         rm = torch.where(mask, scores / beta, 0.0)
         out[f"{model_name}pm_divergence_uniform_pairs"] = pairwise_pm_divergence(dist.logp, rm, mask).item()
         out[f"{model_name}pm_divergence_policy_pairs"] = policy_pairs_pm_divergence(dist.logp, rm, mask).item()
+    if own is not None:  # how well the objective itself, solved exactly, matches the reward model's preferences
+        own_logp = torch.log(own).masked_fill(~mask, float("-inf"))
+        rm = torch.where(mask, scores / beta, 0.0)
+        out["own_target_pm_divergence_uniform_pairs"] = pairwise_pm_divergence(own_logp, rm, mask).item()
     out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
     if objective["method"] == "ppo" and objective.get("clip_reward_value") is not None:
         clip = objective["clip_reward_value"]

@@ -21,7 +21,9 @@ REFERENCE = "reference (SFT)"
 # the exact metrics of eval's ``world`` section a study reports, with their labels
 METRICS = {
     "pm_divergence_uniform_pairs": "exact PM divergence",
+    "own_target_pm_divergence_uniform_pairs": "its optimum's PM divergence",
     "mass_outside_m": "mass outside M(x)",
+    "own_target_mass_outside_m": "its optimum's mass outside",
     "tv_to_own_target": "TV to own optimum",
     "tv_to_truth": "TV to truth",
     "minority_share": "minority's answers",
@@ -78,15 +80,14 @@ def seed_metrics(run_dir: Path, world: World) -> dict[str, dict]:
     over_m = json.loads((run_dir / "eval" / "over_m.json").read_text())
     out = {}
     for name, m in summary.items():
-        row = {k: m["world"][k] for k in METRICS if k in m["world"]}
+        row = {k: m["world"].get(k, math.nan) for k in METRICS}  # NaN: no estimate of its optimum off M(x)
+        if m["objective"].get("penalty") == "kl" and name != REFERENCE:
+            row["own_target_mass_outside_m"] = m["world"].get("kl_target_mass_outside_m", math.nan)
         row["minority_share"] = minority_share(over_m[name], world)
-        row["own_target_mass_outside_m"] = m["world"].get("own_target_mass_outside_m", math.nan)
         row["pm_divergence_sampled"] = m["pm_divergence"]
         out[name] = {"objective": m["objective"], "metrics": row}
-    out["ground truth"] = {
-        "objective": {},
-        "metrics": {"minority_share": minority_share(over_m["ground truth"], world)},
-    }
+    for name in ("reward model", "ground truth"):  # what PM matches, and what the labelers hold
+        out[name] = {"objective": {}, "metrics": {"minority_share": minority_share(over_m[name], world)}}
     return out
 
 
@@ -112,7 +113,7 @@ def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
     """Every method's intervals over the seeds, and its seed-by-seed differences from its family's baseline."""
     names = list(next(iter(seeds.values())))
     objectives = {n: next(iter(seeds.values()))[n]["objective"] for n in names}
-    keys = [*METRICS, "own_target_mass_outside_m", "pm_divergence_sampled"]
+    keys = [*METRICS, "pm_divergence_sampled"]
     methods = {}
     for name in names:
         values = {k: [s[name]["metrics"].get(k, math.nan) for s in seeds.values() if name in s] for k in keys}
@@ -156,7 +157,9 @@ def table(study: dict) -> str:
 def _rule(objective: dict) -> str | None:
     """The conditional rule of a run (a ``cpm_*`` penalty or the cpm DPO loss), or None."""
     if objective.get("method") == "ppo" and objective.get("penalty", "").startswith("cpm"):
-        return {"cpm": "cpm_token"}.get(objective["penalty"], objective["penalty"])
+        rule = {"cpm": "cpm_token"}.get(objective["penalty"], objective["penalty"])
+        advantage = objective.get("advantage", "gae")  # an objective.json without the key is from a GAE run
+        return rule if advantage == "gae" else f"{rule}, {advantage}"
     if objective.get("method") == "dpo" and objective.get("loss") == "cpm":
         return "dpo cpm"
     return None
@@ -164,7 +167,7 @@ def _rule(objective: dict) -> str | None:
 
 def plot_alpha(study: dict, path: Path) -> Path:
     """Exact PM divergence against alpha, one line per conditional rule, the baselines as dashed lines."""
-    fig, ax = subplots(figsize=(6.4, 4.2))
+    fig, ax = subplots(figsize=(8.0, 4.2))
     rules: dict[str, list[tuple[float, Interval]]] = {}
     for row in study["methods"].values():
         rule = _rule(row["objective"])
@@ -191,7 +194,7 @@ def plot_alpha(study: dict, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("α")
     ax.set_ylabel("exact PM divergence over M(x)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     return save_figure(fig, path)
 
 
@@ -207,7 +210,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
 def plot_tradeoff(study: dict, path: Path) -> Path:
     """Exact PM divergence against mass outside M(x), each method one point with its intervals, the front drawn."""
-    fig, ax = subplots(figsize=(7.2, 5.0))
+    fig, ax = subplots(figsize=(9.0, 6.0))
     points = {}
     for name, row in study["methods"].items():
         if not row["objective"]:
@@ -218,6 +221,8 @@ def plot_tradeoff(study: dict, path: Path) -> Path:
         ax.annotate(name, (x.mean, y.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
     front = pareto_front(points)
     ax.plot([points[n][0] for n in front], [points[n][1] for n in front], "k-", lw=1, label="Pareto front")
+    ax.set_xscale("log")  # most methods keep 3-15 % outside M(x), PM all of it: a linear axis crowds them together
+    ax.set_yscale("log")
     ax.set_xlabel("mass outside M(x)")
     ax.set_ylabel("exact PM divergence over M(x)")
     ax.legend(fontsize=8)
@@ -226,7 +231,7 @@ def plot_tradeoff(study: dict, path: Path) -> Path:
 
 def plot_minority(study: dict, truth: float, path: Path) -> Path:
     """Per method, the probability it gives the minority's answers within M(x), against the true share."""
-    rows = [(n, r["intervals"]["minority_share"]) for n, r in study["methods"].items() if r["objective"]]
+    rows = [(n, r["intervals"]["minority_share"]) for n, r in study["methods"].items() if n != "ground truth"]
     fig, ax = subplots(figsize=(7.2, 0.3 * len(rows) + 1.5))
     ax.barh(range(len(rows)), [i.mean for _, i in rows], xerr=[i.half for _, i in rows], capsize=2, color="tab:blue")
     ax.axvline(truth, color="tab:red", label=f"true share {truth:.3f}")

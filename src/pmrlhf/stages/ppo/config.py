@@ -215,6 +215,7 @@ def objective(config: PPOConfig, coef: float, moments) -> dict:
         "tau": p.kwargs().get("tau"),
         "kl_estimator": p.kl_estimator if p.name == "kl" else None,
         "kl_placement": p.placement if p.name == "kl" else None,
+        "advantage": c.advantage,
         "beta": c.beta,
         "clip_reward_value": c.clip_reward_value,
         "reward_normalization": (

@@ -1,0 +1,148 @@
+"""``pmrlhf sweep`` and the study it writes: intervals and paired differences recomputed from the seeds' own
+evaluations, a sweep that continues without retraining, and the shipped study configs' quick forms end to end."""
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pmrlhf.cli import app
+from pmrlhf.config import load_config
+from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.evaluation import study
+from pmrlhf.stages.sweep import SweepConfig
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "study"
+
+
+def test_interval_is_the_t_interval_of_the_mean():
+    """[1, 2, 3]: mean 2, standard deviation 1, t(0.975, 2) = 4.303, so the half-width is 4.303 / sqrt(3)."""
+    i = study.Interval.of([1.0, 2.0, 3.0])
+    assert (i.mean, i.n) == (2.0, 3)
+    assert i.half == pytest.approx(4.303 / math.sqrt(3))
+    assert not i.excludes_zero()
+    assert study.Interval.of([1.0, 1.1, 0.9, 1.0, 1.05]).excludes_zero()
+    assert study.Interval.of([0.5, math.nan]) == study.Interval(0.5, 0.0, 1)  # a seed without the metric
+    assert study.Interval.of([]).n == 0 and str(study.Interval.of([])) == "n/a"
+
+
+def test_pareto_front_keeps_the_points_nothing_beats_on_both():
+    points = {"a": (0.0, 1.0), "b": (0.1, 0.5), "c": (0.2, 0.6), "d": (0.5, 0.1), "e": (0.5, 0.2)}
+    assert study.pareto_front(points) == ["a", "b", "d"]
+
+
+def test_minority_share_of_the_truth_is_the_minority_answers_true_share():
+    world = World.generate(WorldConfig(kind="text", n_prompts=4))
+    truth = [p.truth for p in world.prompts]
+    expected = statistics.fmean(p.truth[p.minority[0]] for p in world.prompts)
+    assert study.minority_share(truth, world) == pytest.approx(expected)
+    words = World.generate(WorldConfig(n_prompts=6))  # only the minority profile has a minority answer
+    assert study.minority_share([p.truth for p in words.prompts], words) == pytest.approx(
+        statistics.fmean(p.truth[p.minority[0]] for p in words.prompts if p.profile == "minority")
+    )
+
+
+def test_grid_expands_one_swept_setting_per_entry():
+    cfg = SweepConfig(
+        grid=[{"name": "kl", "penalty": "kl"}, {"name": "m", "penalty": "cpm_mean", "alpha_ctl": [0.5, 0.75]}]
+    )
+    assert [v["name"] for v in cfg.variants()] == ["kl", "m-0.5", "m-0.75"]
+    assert cfg.variants()[2]["alpha_ctl"] == 0.75
+    seed = cfg.seed_config(3)
+    assert (seed.seed, seed.run_dir, [v["name"] for v in seed.variants]) == (
+        3,
+        "runs/study/seed3",
+        ["kl", "m-0.5", "m-0.75"],
+    )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"grid": []}, "grid is empty"),
+        ({"grid": [{"name": "a", "penalty": "kl"}, {"name": "a", "loss": "pm"}]}, "names a method twice"),
+        ({"grid": [{"name": "a", "penalty": "kl", "beta": [1, 2], "kl_ctl": [1, 2]}]}, "one setting per entry"),
+        ({"seeds": [1, 1]}, "distinct"),
+        ({"pipeline": {"variants": []}}, "set by the sweep"),
+    ],
+)
+def test_sweep_config_refuses_what_it_cannot_run(change, message):
+    cfg = SweepConfig(**{"grid": [{"name": "a", "penalty": "kl"}], **change})
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+@pytest.fixture(scope="module")
+def words_quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "words"
+    result = CliRunner().invoke(
+        app, ["sweep", str(CONFIGS / "words.yaml"), "--quick", "--set", f"quick.sweep_dir={out}"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_study_intervals_and_differences_are_those_of_the_seeds_evaluations(words_quick):
+    cfg = load_config(SweepConfig, CONFIGS / "words.yaml").quick_form()
+    data = json.loads((words_quick / "study" / "study.json").read_text())
+    summaries = {s: json.loads((words_quick / f"seed{s}" / "eval" / "summary.json").read_text()) for s in cfg.seeds}
+    assert data["seeds"] == cfg.seeds == [0, 1]
+    assert set(data["methods"]) == {
+        "reference (SFT)",
+        "reward model",
+        "ground truth",
+        *(v["name"] for v in cfg.variants()),
+    }
+    for name, row in data["methods"].items():
+        if name in ("reward model", "ground truth"):
+            continue
+        for key in ("pm_divergence_uniform_pairs", "mass_outside_m", "tv_to_truth"):
+            values = [summaries[s][name]["world"][key] for s in cfg.seeds]
+            half = 12.706 * statistics.stdev(values) / math.sqrt(2)
+            assert row["intervals"][key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert row["intervals"][key]["half"] == pytest.approx(half, abs=1e-12)
+    kl = [summaries[s]["ppo-kl"]["world"]["pm_divergence_uniform_pairs"] for s in cfg.seeds]
+    cpm = [summaries[s]["ppo-cpm-prefix-0.01"]["world"]["pm_divergence_uniform_pairs"] for s in cfg.seeds]
+    diff = data["methods"]["ppo-cpm-prefix-0.01"]["differences"]["pm_divergence_uniform_pairs"]
+    assert diff["mean"] == pytest.approx(statistics.fmean(c - k for c, k in zip(cpm, kl, strict=True)), abs=1e-12)
+    assert data["methods"]["dpo-pm"]["baseline"] == "dpo"
+    # the seeds train anew on one world: the same truth, different policies
+    assert (words_quick / "seed0" / "world" / "truth.json").read_text() == (
+        words_quick / "seed1" / "world" / "truth.json"
+    ).read_text()
+    assert kl[0] != kl[1]
+    own = data["methods"]["ppo-cpm-prefix-0.1"]["values"]["own_target_mass_outside_m"]
+    assert all(0 <= v <= 1 for v in own)  # eval estimated the rule's own optimum off M(x)
+    text = (words_quick / "study" / "study.md").read_text()
+    assert "| ppo-cpm-prefix-0.1 |" in text and "## Against the target" in text
+    for figure in ("pm_divergence_vs_alpha", "tradeoff", "minority"):
+        assert (words_quick / "study" / f"{figure}.png").stat().st_size > 10_000
+
+
+def test_a_sweep_run_again_reuses_every_trained_model(words_quick):
+    models = sorted((words_quick).glob("seed*/*/model/*"))
+    before = {p: p.stat().st_mtime_ns for p in models}
+    table = (words_quick / "study" / "study.json").read_text()
+    result = CliRunner().invoke(
+        app, ["sweep", str(CONFIGS / "words.yaml"), "--quick", "--set", f"quick.sweep_dir={words_quick}"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "already done" in result.output
+    assert {p: p.stat().st_mtime_ns for p in models} == before
+    assert (words_quick / "study" / "study.json").read_text() == table
+
+
+def test_text_study_quick_form_runs_end_to_end(tmp_path):
+    """The text-like world through SFT, reward model, PPO with the length-normalised rule, PM-DPO and eval."""
+    out = tmp_path / "text"
+    result = CliRunner().invoke(
+        app, ["sweep", str(CONFIGS / "text.yaml"), "--quick", "--set", f"quick.sweep_dir={out}"]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "study" / "study.json").read_text())
+    assert data["methods"]["ppo-cpm-mean-0.8"]["objective"]["penalty"] == "cpm_mean"
+    truth = data["methods"]["ground truth"]["intervals"]["minority_share"]
+    assert 0 < truth["mean"] < 0.5 and truth["half"] == 0  # one world: its truth has no spread
