@@ -21,6 +21,7 @@ from pmrlhf.evaluation import study
 from pmrlhf.io import atomic_write_json, atomic_write_text, console, progress_bar
 from pmrlhf.stages import pipeline
 from pmrlhf.training.run_folder import world_dir
+from pmrlhf.training.setup import on_the_main_process
 
 
 @dataclass
@@ -93,11 +94,13 @@ def run(config: SweepConfig) -> Path:
         for seed, cfg in seeds.items():
             bar.update(task, description=f"sweep: seed {seed}")
             pipeline.run(cfg, finished=lambda _: bar.advance(task))
-    out = write_study(Path(config.sweep_dir), config.seeds)
+    write_study(Path(config.sweep_dir), config.seeds)
+    out = Path(config.sweep_dir) / "study" / "study.md"
     console.print(f"sweep of {len(seeds)} seeds done in {time.perf_counter() - start:.0f} s: {out}")
     return out
 
 
+@on_the_main_process
 def write_study(sweep_dir: Path, seeds: list[int]) -> Path:
     """``study/study.md``, ``study.json`` and the figures from the seeds' evaluations."""
     world = World.load(world_dir(sweep_dir / f"seed{seeds[0]}"))
