@@ -73,3 +73,32 @@ def test_ppo_takes_its_mixed_precision_from_the_policy_dtype(run, tiny_world_con
     )
     assert explicit.accelerator.mixed_precision == "no"  # an explicit choice wins: half weights, as asked
     assert next(explicit.actor.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_that_emulates_it_is_said_out_loud(native, monkeypatch):
+    """Emulated bf16 autocast runs 3-20x slower than float32 on a CPU without native bf16: a stage asked for bf16
+    there says so, and one on a CPU with it says nothing."""
+    import warnings
+
+    from pmrlhf.training import setup
+
+    monkeypatch.setattr(setup, "cpu_has_native_bf16", lambda: native)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        setup.stage_accelerator(ModelConfig(dtype="bfloat16"), micro_batch_size=1, max_grad_norm=1.0)
+    emulated = [w for w in caught if "emulates" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+
+
+def test_native_bf16_is_read_from_the_cpu():
+    """This test machine's answer agrees with its CPU flags (x86: avx512_bf16 or amx_bf16)."""
+    import platform
+    from pathlib import Path
+
+    from pmrlhf.training.setup import cpu_has_native_bf16
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not Path("/proc/cpuinfo").is_file():
+        pytest.skip("the flags are read from /proc/cpuinfo on x86 Linux")
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -7,6 +7,8 @@ import dataclasses
 import functools
 import os
 import random
+import warnings
+from pathlib import Path
 
 import torch
 
@@ -62,6 +64,8 @@ def stage_accelerator(
         mixed_precision=mixed_precision or HALF_TYPES.get(trainable.dtype),
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16" and not cpu_has_native_bf16():
+        warnings.warn(EMULATED_BF16, stacklevel=2)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
         if plugin.zero_stage == 3:
@@ -115,6 +119,26 @@ def check_launch() -> None:
             "and reward models) uninitialised on all processes but the first; set it to false in the accelerate "
             "config"
         )
+
+
+EMULATED_BF16 = (
+    "bf16 mixed precision on a CPU without native bf16 (AVX512-BF16, AMX or Arm's BF16): PyTorch emulates it, "
+    "3-20x slower than float32; set the model's dtype to float32 on this machine"
+)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively. Where that cannot be told (no /proc/cpuinfo on an Arm Mac),
+    True: the warning it gates is for machines known to emulate."""
+    import platform
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return True
+        return "bf16" in flags
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 def frozen_autocast(accelerator):
