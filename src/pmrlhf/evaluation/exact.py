@@ -354,6 +354,7 @@ def compare_with_closed_forms(
     own_r = truth["reward"].masked_fill(~mask, float("-inf")) if objective["method"] == "dpo" else r
     own = own_target(objective, own_r, ref_seq, mask, ref_tokens, lengths)
     out: dict[str, float] = {}
+    rm = torch.where(mask, scores / beta, 0.0)  # the reward model's preferences the divergences are taken against
     for model_name, dist in (("", pol), ("reference_", ref)):
         for target_name, target in targets.items():
             out[f"{model_name}tv_to_{target_name}"] = tv_rows(dist.conditional, target, mask).mean().item()
@@ -361,12 +362,10 @@ def compare_with_closed_forms(
             tv_rows(dist.conditional, own, mask).mean().item() if own is not None else float("nan")
         )
         out[f"{model_name}mass_outside_m"] = (1 - dist.mass).mean().item()
-        rm = torch.where(mask, scores / beta, 0.0)
         out[f"{model_name}pm_divergence_uniform_pairs"] = pairwise_pm_divergence(dist.logp, rm, mask).item()
         out[f"{model_name}pm_divergence_policy_pairs"] = policy_pairs_pm_divergence(dist.logp, rm, mask).item()
     if own is not None:  # how well the objective itself, solved exactly, matches the reward model's preferences
         own_logp = torch.log(own).masked_fill(~mask, float("-inf"))
-        rm = torch.where(mask, scores / beta, 0.0)
         out["own_target_pm_divergence_uniform_pairs"] = pairwise_pm_divergence(own_logp, rm, mask).item()
     out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
     if objective["method"] == "ppo" and objective.get("clip_reward_value") is not None:
