@@ -16,8 +16,8 @@ from pathlib import Path
 
 from pmrlhf.data.world import World
 from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
+from pmrlhf.evaluation.report import REFERENCE
 
-REFERENCE = "reference (SFT)"
 # the exact metrics of eval's ``world`` section a study reports, with their labels
 METRICS = {
     "pm_divergence_uniform_pairs": "exact PM divergence",
@@ -106,7 +106,7 @@ def baseline(objectives: dict[str, dict], method: str) -> str | None:
 
 def seed_values(seeds: dict[int, dict[str, dict]], name: str, key: str) -> list[float]:
     """One metric of one method, seed by seed (NaN where a seed lacks it)."""
-    return [s[name]["metrics"].get(key, math.nan) for s in seeds.values()]
+    return [s[name]["metrics"].get(key, math.nan) if name in s else math.nan for s in seeds.values()]
 
 
 def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
@@ -116,7 +116,7 @@ def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
     keys = [*METRICS, "pm_divergence_sampled"]
     methods = {}
     for name in names:
-        values = {k: [s[name]["metrics"].get(k, math.nan) for s in seeds.values() if name in s] for k in keys}
+        values = {k: seed_values(seeds, name, k) for k in keys}
         row = {"objective": objectives[name], "values": values}
         row["intervals"] = {k: Interval.of(v) for k, v in values.items()}
         base = baseline(objectives, objectives[name].get("method", ""))

@@ -102,8 +102,8 @@ def cpm_mean(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, alp
     length. Like ``cpm_sequence`` the condition depends on every token, so its term sits on the last one.
     """
     _check_alpha(alpha)
-    mean_ref = _masked(ref_logp, mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
     seq_ref = _masked(ref_logp, mask).sum(-1, keepdim=True)
+    mean_ref = seq_ref / mask.sum(-1, keepdim=True).clamp(min=1)
     correction = torch.where(mean_ref < math.log(alpha), -seq_ref, torch.zeros_like(seq_ref))
     return _masked(logp, mask) + torch.where(_last_token(mask), correction, torch.zeros_like(logp))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import from_dict, merge_sections, require
+from pmrlhf.config import from_dict, merge_sections, require, to_dict
 from pmrlhf.data.world import World
 from pmrlhf.evaluation import study
 from pmrlhf.io import atomic_write_json, atomic_write_text, console, progress_bar
@@ -50,7 +50,7 @@ class SweepConfig:
 
     def quick_form(self) -> SweepConfig:
         """This sweep with ``quick``'s settings written over it."""
-        return from_dict(SweepConfig, merge_sections({**_fields(self), "quick": {}}, self.quick))
+        return from_dict(SweepConfig, merge_sections({**to_dict(self), "quick": {}}, self.quick))
 
     def variants(self) -> list[dict[str, Any]]:
         """The grid's methods, one per value of a swept setting (named ``<name>-<value>``)."""
@@ -75,10 +75,6 @@ class SweepConfig:
             "dpo_variants": [v for v in variants if "loss" in v],
         }
         return from_dict(pipeline.PipelineConfig, {**self.pipeline, **own})
-
-
-def _fields(config: SweepConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in SweepConfig.__dataclass_fields__}
 
 
 def run(config: SweepConfig) -> Path:
