@@ -7,7 +7,15 @@ import torch
 from pmrlhf.config import ModelConfig
 from pmrlhf.data.tokenize import Encoder
 from pmrlhf.data.world import World, WorldConfig, build_tokenizer
-from pmrlhf.models import Critic, load_causal_lm, load_reward_model, save_model
+from pmrlhf.models import (
+    TINY_ARCHS,
+    Critic,
+    load_causal_lm,
+    load_reward_model,
+    save_model,
+    tiny_config,
+    train_without_dropout,
+)
 from pmrlhf.models.scoring import join, reward_scores, sequence_logprobs, token_logprobs
 
 
@@ -160,3 +168,61 @@ def test_a_model_folder_of_the_wrong_kind_is_refused_not_filled_with_random_weig
     frozen = load_reward_model(cfg, tok, tmp_path / "rm", trainable=False)
     again = load_reward_model(cfg, tok, tmp_path / "rm", trainable=False)
     assert torch.equal(frozen.score.weight, again.score.weight)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_train_without_dropout_is_training_mode_with_evaluation_arithmetic(tmp_path, tok, arch):
+    """A model loaded from a folder comes in evaluation mode, where transformers skips activation checkpointing.
+    ``train_without_dropout`` puts it in training mode with every dropout of the architecture at zero, configured
+    at 0.5 here: its outputs are those of evaluation mode, pass after pass, and the saved config keeps its dropout."""
+    cfg = tiny_config(arch, len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    rates = [k for k in cfg.to_dict() if ("dropout" in k or "pdrop" in k) and isinstance(getattr(cfg, k), float)]
+    assert rates
+    for key in rates:
+        setattr(cfg, key, 0.5)
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    save_model(AutoModelForCausalLM.from_config(cfg), tok, tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert not model.training
+    ids = torch.tensor([tok("q1 : w3 w2 w1", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        evaluation = model(ids).logits
+        model.train()
+        assert not torch.equal(model(ids).logits, evaluation)  # the configured dropout is real
+        train_without_dropout(model)
+        assert model.training
+        torch.testing.assert_close(model(ids).logits, evaluation, rtol=0, atol=0)
+    assert all(getattr(model.config, k) == 0.5 for k in rates)
+
+
+def test_every_stage_we_train_runs_the_activation_checkpointing_it_is_asked_for(
+    trained, tmp_path, tiny_world_config, monkeypatch
+):
+    """With ``gradient_checkpointing: true`` the reward, DPO and PPO stages checkpoint their layers, although their
+    models load in evaluation mode (on an H200 the Llama-3.2-1B reward and DPO stages held 16 GiB of activations
+    more than planned before they did)."""
+    from transformers import modeling_utils
+
+    from helpers import copy_run, ppo_config
+    from pmrlhf.config import DataConfig, OptimConfig
+    from pmrlhf.stages import dpo, ppo, reward
+
+    calls = []
+    real = modeling_utils.checkpoint  # what activation_checkpointing_enable hands the layers
+    monkeypatch.setattr(modeling_utils, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run = copy_run(trained, tmp_path / "run")
+    checkpointed = ModelConfig(gradient_checkpointing=True)
+    common = dict(run_dir=str(run), world=tiny_world_config, checkpoint_every=0)
+    few = dict(data=DataConfig(portion="reward", limit=32), optim=OptimConfig(batch_size=16, epochs=1))
+    layers = 2  # the tiny models' layers: each training pass checkpoints every one
+    steps = {
+        "reward": lambda: reward.run(reward.RewardConfig(name="rm-ckpt", model=checkpointed, **common, **few)),
+        "dpo": lambda: dpo.run(dpo.DPOConfig(name="dpo-ckpt", model=checkpointed, **common, **few)),
+        "ppo": lambda: ppo.run(ppo_config(run, tiny_world_config, name="ppo-ckpt", iterations=1, policy=checkpointed)),
+    }
+    for stage, run_stage in steps.items():
+        calls.clear()
+        run_stage()
+        assert len(calls) >= layers, stage  # a training pass at least

@@ -131,6 +131,25 @@ def fuse_activations(model):
     return model
 
 
+def train_without_dropout(model):
+    """Put a model that our own loops train (reward model, DPO policy, PPO actor and critic) in training mode with
+    every dropout at zero, and return it.
+
+    transformers runs activation checkpointing only in training mode, and ``from_pretrained`` returns a model in
+    evaluation mode: left there, ``gradient_checkpointing: true`` silently kept every activation. Dropout stays
+    off, as it always was in these loops (and as TRL's PPO and DPO trainers set it): PPO's ratio against the
+    sampling policy and DPO's against the reference assume one deterministic function. Dropout is zeroed where
+    the layers read it at each forward pass (``nn.Dropout`` modules and the float ``*dropout*`` attributes that
+    OPT, Llama and Qwen2 layers keep); the config is untouched, so the model saves as it was."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model.train()
+
+
 def _finish(model, cfg: ModelConfig, task_type: str):
     if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
         getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()

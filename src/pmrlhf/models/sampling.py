@@ -144,9 +144,19 @@ def generate(
 
     ``decoding`` runs the steps after the prompt through a ``CompiledDecoding`` of ``model``, with every prompt in
     one batch: one shape, compiled once.
+
+    The model samples in evaluation mode and is handed back in the mode it came in: in training mode with
+    activation checkpointing, transformers would drop the KV cache.
     """
-    with torch.no_grad(), torch.inference_mode(inference_mode):
-        return _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, batch_size, all_done, decoding)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.inference_mode(inference_mode):
+            return _generate(
+                model, prompts, tokenizer, max_new_tokens, top_p, temperature, batch_size, all_done, decoding
+            )
+    finally:
+        model.train(training)
 
 
 def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, batch_size, all_done, decoding):

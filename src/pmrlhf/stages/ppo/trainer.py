@@ -10,7 +10,15 @@ import torch
 
 from pmrlhf.config import to_dict
 from pmrlhf.io import atomic_write_json, console, progress_bar
-from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_model, load_tokenizer, save_model
+from pmrlhf.models import (
+    Critic,
+    WithoutAdapter,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    save_model,
+    train_without_dropout,
+)
 from pmrlhf.models.sampling import CompiledDecoding, generate
 from pmrlhf.models.scoring import critic_values, token_logprobs
 from pmrlhf.objectives import rl
@@ -109,8 +117,10 @@ class PPOTrainer:
         c, acc = self.config, self.accelerator
         mixed = acc.mixed_precision
         (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
-        self._fresh_actor = lambda: load_causal_lm(policy, self.tokenizer, path=self.policy_path)
-        self._fresh_critic = lambda: Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
+        self._fresh_actor = lambda: train_without_dropout(load_causal_lm(policy, self.tokenizer, path=self.policy_path))
+        self._fresh_critic = lambda: train_without_dropout(
+            Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
+        )
         actor = self._fresh_actor()
         critic_is_reward = c.advantage == "gae" and c.reward.lora_r > 0
         if not c.policy.lora_r:
