@@ -10,6 +10,7 @@ from pmrlhf.data.world import World, WorldConfig, build_tokenizer
 from pmrlhf.models import (
     TINY_ARCHS,
     Critic,
+    attention_for_passes,
     load_causal_lm,
     load_reward_model,
     save_model,
@@ -70,10 +71,27 @@ def test_gelu_new_runs_as_one_kernel_with_the_same_outputs_and_saved_config(tmp_
         torch.testing.assert_close(model(ids).logits, plain(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_attention_is_eager_on_cpu_unless_asked_otherwise(tok):
+def test_attention_is_eager_on_cpu_unless_asked_otherwise_or_the_passes_are_long(tok):
     assert load_causal_lm(ModelConfig(), tok).config._attn_implementation == "eager"
     sdpa = load_reward_model(ModelConfig(attn_implementation="sdpa"), tok)
     assert sdpa.config._attn_implementation == "sdpa"
+    assert attention_for_passes(ModelConfig(), 64, 96).attn_implementation == "auto"  # 0.6 M: eager
+    assert attention_for_passes(ModelConfig(), 64, 160).attn_implementation == "sdpa"  # 1.6 M
+    assert attention_for_passes(ModelConfig(attn_implementation="eager"), 64, 288).attn_implementation == "eager"
+
+
+def test_ppo_loads_its_models_with_the_attention_its_passes_call_for(trained, tmp_path, tiny_world_config, monkeypatch):
+    from helpers import copy_run, ppo_config
+    from pmrlhf import models
+    from pmrlhf.stages import ppo
+
+    run = copy_run(trained, tmp_path / "run")
+    config = ppo_config(run, tiny_world_config, advantage="gae")
+    assert ppo.PPOTrainer(config).actor_module.config._attn_implementation == "eager"
+    monkeypatch.setattr(models, "EAGER_LIMIT", 0)  # every pass counts as long
+    trainer = ppo.PPOTrainer(config)
+    roles = (trainer.actor_module, trainer.reference, trainer.reward_model, trainer.critic.model)
+    assert {m.config._attn_implementation for m in roles} == {"sdpa"}
 
 
 def test_lora_model_is_merged_before_saving(tmp_path, tok):

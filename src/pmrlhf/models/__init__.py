@@ -6,6 +6,7 @@ Everything saved here loads back with plain ``transformers`` (``AutoModelForCaus
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -112,11 +113,26 @@ def context_length(cfg: ModelConfig, tokenizer, path: str | Path | None = None) 
     return None
 
 
+# batch x length^2 of a pass above which PyTorch's SDPA CPU kernels beat eager attention (``attention_for_passes``)
+EAGER_LIMIT = 1_500_000
+
+
 def attention_implementation(cfg: ModelConfig) -> str | None:
-    """The ``attn_implementation`` to load with (None: transformers' default)."""
+    """The ``attn_implementation`` to load with (None: transformers' default): eager on a CPU, for the short passes
+    of most stages (``attention_for_passes`` settles it for a stage whose passes are long)."""
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
     return None if torch.cuda.is_available() else "eager"
+
+
+def attention_for_passes(cfg: ModelConfig, batch: int, length: int) -> ModelConfig:
+    """``cfg`` with ``auto`` attention settled for a stage whose largest pass is ``batch`` sequences of ``length``
+    tokens: on a CPU, SDPA beyond ``EAGER_LIMIT``. On 2 cores of an AMD EPYC (family 26), bf16 forward and
+    backward, eager attention leads by 7-30 % up to batch x length^2 = 0.6 M, the two are level at 1.3-1.6 M,
+    and SDPA leads by 1.6x at 64 x 288^2 (5.3 M), where eager's attention weights outgrow the caches."""
+    if cfg.attn_implementation != "auto" or torch.cuda.is_available() or batch * length**2 <= EAGER_LIMIT:
+        return cfg
+    return dataclasses.replace(cfg, attn_implementation="sdpa")
 
 
 def fuse_activations(model):

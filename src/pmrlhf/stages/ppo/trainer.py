@@ -13,6 +13,7 @@ from pmrlhf.io import atomic_write_json, console, progress_bar
 from pmrlhf.models import (
     Critic,
     WithoutAdapter,
+    attention_for_passes,
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
@@ -116,7 +117,11 @@ class PPOTrainer:
         is the actor with its adapter off, and the reward model the critic with its adapter off."""
         c, acc = self.config, self.accelerator
         mixed = acc.mixed_precision
-        (policy, reference), (reward, frozen_reward) = (load_precisions(m, mixed) for m in (c.policy, c.reward))
+        longest = max(map(len, self.prompts)) + c.max_new_tokens
+        batch = max(c.optim.batch_size, c.prompts_per_iteration * c.samples_per_prompt // acc.num_processes)
+        (policy, reference), (reward, frozen_reward) = (
+            load_precisions(attention_for_passes(m, batch, longest), mixed) for m in (c.policy, c.reward)
+        )
         self._fresh_actor = lambda: train_without_dropout(load_causal_lm(policy, self.tokenizer, path=self.policy_path))
         self._fresh_critic = lambda: train_without_dropout(
             Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
