@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless an NVIDIA GPU is visible; TORCH_SPEC overrides it either way.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo theory study test lint clean upgrade-check constraints
+.PHONY: setup demo theory study test gpu-check lint clean upgrade-check constraints
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,11 @@ study: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# On a machine with a CUDA GPU, no download needed: every stage of the recipes on models of their real shapes, peak
+# memory against `pmrlhf plan`, and a PPO iteration at 512 new tokens against TRL (benchmarks/gpu_check.py).
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 # The suite on the newest releases of every dependency, in a separate environment (.venv-upgrade): what a fresh
 # install without constraints.txt gets. When it passes, `make constraints` records that environment's versions.

@@ -9,11 +9,11 @@ the weights) it prints:
   measured in the same run at the same batch and lengths: one ``generate``, the reference, reward and critic
   forward passes, and the actor and critic forward+backward passes (target: iteration <= 1.15 x the sum);
 * response tokens per second of our stage with ``advantage=rloo`` and of TRL's ``RLOOTrainer`` on the same
-  model, prompts, batch size, lengths and KL coefficient, and their ratio, at each precision: ``bf16`` is mixed
-  precision on both sides, ``fp32`` full precision on both. The target (>= 1.5) is on the ``bf16`` ratio: TRL's
-  ``RLOOTrainer`` as it runs by default, against ours at the same precision. TRL runs twice:
-  on its defaults (the target's ratio), and given the attention and activation kernels ``pmrlhf.models``
-  loads with, so that the second ratio is the trainers' own work alone.
+  model, prompts, batch size, lengths and KL coefficient, neither with activation checkpointing, and their
+  ratio, at each precision: ``bf16`` is mixed precision on both sides, ``fp32`` full precision on both. The
+  target (>= 1.5) is on the ``bf16`` ratio: TRL's ``RLOOTrainer`` in its default precision, against ours at the
+  same precision. TRL runs twice: on its default kernels (the target's ratio), and given the attention and
+  activation kernels ``pmrlhf.models`` loads with, so that the second ratio is the trainers' own work alone.
 
 Both comparisons interleave: each round times one iteration and then each bare part, and one of our RLOO
 iterations runs right after each of TRL's steps in the same process. On shared cores, whose speed drifts by
@@ -219,6 +219,7 @@ def rloo_throughputs(
             learning_rate=1e-4,
             disable_tqdm=True,
             bf16=bf16,
+            gradient_checkpointing=False,  # TRL's default has it; ours does not: the same settings on both sides
             model_init_kwargs=attention or None,
         )
         trainer = RLOOTrainer(
