@@ -114,7 +114,7 @@ def context_length(cfg: ModelConfig, tokenizer, path: str | Path | None = None) 
 
 
 # batch x length^2 of a pass above which PyTorch's SDPA CPU kernels beat eager attention (``attention_for_passes``)
-EAGER_LIMIT = 1_000_000
+EAGER_LIMIT = 1_500_000
 
 
 def attention_implementation(cfg: ModelConfig) -> str | None:
@@ -128,9 +128,9 @@ def attention_implementation(cfg: ModelConfig) -> str | None:
 def attention_for_passes(cfg: ModelConfig, batch: int, length: int) -> ModelConfig:
     """``cfg`` with ``auto`` attention settled for a stage whose largest pass is ``batch`` sequences of ``length``
     tokens: on a CPU, SDPA beyond ``EAGER_LIMIT``. On 2 cores of an AMD EPYC (family 26) in bf16, eager attention
-    leads a training pass by 7-30 % up to batch x length^2 = 0.6 M and is level with SDPA near 1.3 M, where its
-    decoding already spends most of its time copying the growing KV cache (``benchmarks/scaling.py --profile``);
-    SDPA leads a training pass by 1.6x at 64 x 288^2 (5.3 M)."""
+    leads a training pass by 7-30 % up to batch x length^2 = 0.6 M and is level with SDPA at 1.3-1.6 M; at
+    16 x 288^2 (1.3 M) a whole RLOO iteration of GPT-2 (6 x 256) ran 8 % faster with eager, one of a Llama
+    (4 x 512) as fast; SDPA leads a training pass by 1.6x at 64 x 288^2 (5.3 M) (``benchmarks/scaling.py``)."""
     if cfg.attn_implementation != "auto" or torch.cuda.is_available() or batch * length**2 <= EAGER_LIMIT:
         return cfg
     return dataclasses.replace(cfg, attn_implementation="sdpa")
