@@ -40,6 +40,7 @@ import contextlib
 import ctypes
 import io
 import json
+import math
 import random
 import statistics
 import sys
@@ -67,6 +68,7 @@ PROMPT_WORDS = 32
 GROUP = 2  # samples per prompt
 KL = 0.1  # both sides pay for a reference pass: the same KL-regularised objective
 N_PROMPTS = 256
+TIMED_SECONDS, MAX_ROUNDS = 3.0, 8  # a point's timed rounds: enough for this many seconds of ours, at most this many
 
 
 # --- the run folder --------------------------------------------------------------------------------------------
@@ -355,13 +357,16 @@ def run_trl(run: Path, new_tokens: int, prompts: int, bf16: bool, steps: int, ca
 
 
 def measure_point(run: Path, new_tokens: int, prompts: int, rounds: int, bf16: bool) -> dict:
-    """Ours against TRL at one point: ``rounds`` timed rounds after a warm-up, interleaved (module docstring)."""
+    """Ours against TRL at one point: ``rounds`` timed rounds (more where an iteration is short) after a warm-up,
+    interleaved (module docstring)."""
     from transformers import TrainerCallback
 
     sequences = prompts * GROUP
     trainer = ppo.PPOTrainer(stage_config(run, new_tokens, prompts, bf16))
     parts = bare_parts(trainer)
-    trainer.step()  # warm-up
+    warm_up = timed(trainer.step)
+    # short iterations get more rounds: at least TIMED_SECONDS of ours timed, at most MAX_ROUNDS rounds
+    rounds = max(rounds, min(MAX_ROUNDS, math.ceil(TIMED_SECONDS / warm_up)))
     with PeakMemory() as our_memory:  # untimed: on a CPU the memory thread would slow what it watches
         trainer.step()
     their_memory = PeakMemory()
@@ -594,7 +599,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--lengths", nargs="+", type=int, default=[16, 64, 256], help="new tokens per sequence")
     parser.add_argument("--prompts", nargs="+", type=int, default=[8, 32], help="prompts per iteration")
-    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per point, after a warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="timed rounds per point at least, after a warm-up")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="bf16 is TRL's default")
     parser.add_argument("--plot", type=Path, default=None, help="where to draw the cost curve (PNG)")
     parser.add_argument("--profile", action="store_true", help="instead of timing, profile each point: where time goes")
