@@ -68,7 +68,7 @@ PROMPT_WORDS = 32
 GROUP = 2  # samples per prompt
 KL = 0.1  # both sides pay for a reference pass: the same KL-regularised objective
 N_PROMPTS = 256
-TIMED_SECONDS, MAX_ROUNDS = 3.0, 8  # a point's timed rounds: enough for this many seconds of ours, at most this many
+TIMED_SECONDS, MAX_ROUNDS = 2.0, 6  # a point's timed rounds: enough for this many seconds of ours, at most this many
 
 
 # --- the run folder --------------------------------------------------------------------------------------------
