@@ -12,7 +12,7 @@ checkpointing, its batch sizes and lengths) for a few steps of each stage: SFT, 
 with the prefix rule, PM-DPO, evaluation and the probe. It prints, per stage, whether every logged loss is finite,
 the peak GPU memory allocated against ``pmrlhf plan``'s estimate for one GPU, and the stage's time. Then it
 measures one RLOO iteration of the Llama-3.2-1B shape at 512 new tokens, ours against TRL's ``RLOOTrainer``
-(``scaling.measure_point``): tokens per second, the ratio, peak memory, and the model FLOPs utilisation against
+(``rloo_point.measure_point``): tokens per second, the ratio, peak memory, and the model FLOPs utilisation against
 the GPU's peak ``torch.mm``. With several GPUs visible it also runs the Llama recipe under FSDP and DeepSpeed
 ZeRO-2 (``accelerate launch``) and reports whether each finished.
 
@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-import scaling
+import rloo_point
 import torch
 import yaml
 
@@ -82,7 +82,7 @@ def write_model(path: Path, name: str, tiny: bool) -> str:
     from transformers import AutoModelForCausalLM
 
     config = real_config(name, tiny)
-    tok = scaling.word_tokenizer(config.vocab_size)
+    tok = rloo_point.word_tokenizer(config.vocab_size)
     config.pad_token_id, config.eos_token_id, config.bos_token_id = tok.pad_token_id, tok.eos_token_id, None
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -219,16 +219,16 @@ def describe(stage: dict) -> str:
 
 
 def check_speed(root: Path, tiny: bool) -> dict:
-    """One RLOO iteration of ``SPEED_MODEL``'s shape, ours against TRL (``scaling.measure_point``)."""
+    """One RLOO iteration of ``SPEED_MODEL``'s shape, ours against TRL (``rloo_point.measure_point``)."""
     config = real_config(SPEED_MODEL, tiny)
     new_tokens, prompts = (8, 4) if tiny else (SPEED_NEW_TOKENS, SPEED_PROMPTS)
-    config.max_position_embeddings = max(config.max_position_embeddings, scaling.PROMPT_WORDS + new_tokens)
-    run = scaling.build_run(root, config)
+    config.max_position_embeddings = max(config.max_position_embeddings, rloo_point.PROMPT_WORDS + new_tokens)
+    run = rloo_point.build_run(root, config)
     bf16 = torch.cuda.is_available()
     device = torch.device("cuda" if bf16 else "cpu")
-    peak = scaling.peak_matmul(torch.bfloat16 if bf16 else torch.float32, device)
-    point = scaling.measure_point(run, new_tokens, prompts, rounds=1 if tiny else 2, bf16=bf16)
-    point = scaling.with_flops(point, scaling.shapes(config), scaling.PROMPT_WORDS, peak)
+    peak = rloo_point.peak_matmul(torch.bfloat16 if bf16 else torch.float32, device)
+    point = rloo_point.measure_point(run, new_tokens, prompts, rounds=1 if tiny else 2, bf16=bf16)
+    point = rloo_point.with_flops(point, rloo_point.shapes(config), rloo_point.PROMPT_WORDS, peak)
     log(
         f"RLOO iteration, {SPEED_MODEL} shape, {point['sequences']} sequences x {new_tokens} new tokens: ours "
         f"{point['ours_tokens_per_s']:.0f} tokens/s, TRL {point['trl_tokens_per_s']:.0f}, ratio {point['ratio']:.2f}; "
@@ -236,7 +236,7 @@ def check_speed(root: Path, tiny: bool) -> dict:
         f"{point['ours_mfu']:.1%} / {point['trl_mfu']:.1%} of {peak / 1e12:.0f} TFLOP/s; our time in generation "
         f"{point['shares']['generate']:.0%}"
     )
-    return {"peak_flops": peak, **point, **scaling.machine(device, bf16)}
+    return {"peak_flops": peak, **point, **rloo_point.machine(device, bf16)}
 
 
 def check_sharded(root: Path) -> dict:
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if not args.tiny and not torch.cuda.is_available():
         parser.error("no CUDA GPU visible: run on a GPU, or with --tiny")
-    scaling.quiet()
+    rloo_point.quiet()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"tiny": args.tiny, "torch": torch.__version__}
     if torch.cuda.is_available():

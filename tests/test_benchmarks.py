@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from pmrlhf.models import tiny_config
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import rloo_point  # noqa: E402
 import scaling  # noqa: E402
 
 
@@ -20,7 +23,7 @@ def test_an_iterations_flops_count_each_pass_from_the_shapes():
     head, and 2 x layers x width x S^2 = 3200 in causal attention; generation makes logits for the 6 new tokens
     only, the reward model none, and training costs three forward passes."""
     s = {"layers": 2, "width": 8, "vocab": 10, "hidden": 8, "body": 100, "parameters": 0}
-    f = scaling.iteration_flops(s, sequences=3, prompt=4, new=6)
+    f = rloo_point.iteration_flops(s, sequences=3, prompt=4, new=6)
     assert f == {
         "generation": 3 * (2000 + 160 * 6 + 3200),
         "reference": 3 * (2000 + 1600 + 3200),
@@ -32,7 +35,7 @@ def test_an_iterations_flops_count_each_pass_from_the_shapes():
 def test_shapes_count_the_layers_parameters_of_a_real_architecture():
     """GPT-2: 12 h^2 + 13 h parameters a layer, and the final layer norm's 2 h; embeddings and head apart."""
     h = 64
-    s = scaling.shapes(scaling.tiny_config("gpt2", 500, layers=2, hidden=h, heads=4))
+    s = rloo_point.shapes(tiny_config("gpt2", 500, layers=2, hidden=h, heads=4))
     assert s["body"] == 2 * (12 * h * h + 13 * h) + 2 * h
     assert (s["layers"], s["width"], s["vocab"], s["hidden"]) == (2, h, 500, h)
     assert s["parameters"] == s["body"] + 500 * h + 128 * h  # tied head; 128 learned positions
@@ -53,7 +56,7 @@ def test_the_cost_curve_fit_recovers_known_coefficients_and_linear_growth_reads_
 
 
 def test_peak_memory_sees_a_tensor_that_came_and_went():
-    with scaling.PeakMemory() as memory:
+    with rloo_point.PeakMemory() as memory:
         held = torch.ones(2**24)  # 64 MiB
         time.sleep(0.05)
         del held
