@@ -149,12 +149,13 @@ def fuse_activations(model):
 
 
 def train_without_dropout(model):
-    """Put a model that our own loops train (reward model, DPO policy, PPO actor and critic) in training mode with
-    every dropout at zero, and return it.
+    """Put a model in training mode with every dropout at zero, and return it: what ``load_causal_lm`` and
+    ``load_reward_model`` do to a model loaded to be trained (the reward model, DPO's policy, PPO's actor and
+    critic; SFT loads through TRL's trainer).
 
     transformers runs activation checkpointing only in training mode, and ``from_pretrained`` returns a model in
     evaluation mode: left there, ``gradient_checkpointing: true`` silently kept every activation. Dropout stays
-    off, as it always was in these loops (and as TRL's PPO and DPO trainers set it): PPO's ratio against the
+    off, as it always was in these stages (and as TRL's PPO and DPO trainers set it): PPO's ratio against the
     sampling policy and DPO's against the reference assume one deterministic function. Dropout is zeroed where
     the layers read it at each forward pass (``nn.Dropout`` modules and the float ``*dropout*`` attributes that
     OPT, Llama and Qwen2 layers keep); the config is untouched, so the model saves as it was."""
@@ -183,7 +184,7 @@ def _finish(model, cfg: ModelConfig, task_type: str):
             modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
         )
         model = get_peft_model(model, lora)
-    return model
+    return train_without_dropout(model)
 
 
 def _fit_vocabulary(model, tokenizer) -> None:

@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from pmrlhf.io import console, progress_bar
-from pmrlhf.models import train_without_dropout
 from pmrlhf.training import checkpoints
 from pmrlhf.training.optim import adamw, epoch_batches, optimizer_step, process_share, stage_schedule
 
@@ -81,7 +80,6 @@ def fit(accelerator, model, train: list, config, out: Path, spec: Fit) -> Fitted
     its newest checkpoint where ``config.resume`` is set. ``config`` also gives the seed of the order, the
     checkpoints (``checkpoint_every``, ``keep_checkpoints``) and the log (``logging``)."""
     optim, main = config.optim, accelerator.is_main_process
-    train_without_dropout(model)
     optimizer = adamw(model.parameters(), accelerator, optim.lr, optim.weight_decay)
     total, scheduler = stage_schedule(optimizer, optim, len(train), accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)

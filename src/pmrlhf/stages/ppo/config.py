@@ -164,6 +164,20 @@ class PPOConfig:
             _set_once(penalty, "coef", flags[flag], flag)
         return {**data, "penalty": penalty} if penalty else data
 
+    def role_models(self, longest_prompt: int, processes: int, mixed_precision: str) -> tuple[ModelConfig, ...]:
+        """Loading options of (actor, reference, critic, reward model): the attention that the stage's largest pass
+        calls for (``models.attention_for_passes``: its training or sampling batch, at the longest prompt plus
+        ``max_new_tokens``), and each role's precision under ``mixed_precision`` (``setup.load_precisions``)."""
+        from pmrlhf.models import attention_for_passes
+        from pmrlhf.training.setup import load_precisions
+
+        length = longest_prompt + self.max_new_tokens
+        batch = max(self.optim.batch_size, self.prompts_per_iteration * self.samples_per_prompt // processes)
+        (actor, reference), (critic, reward) = (
+            load_precisions(attention_for_passes(m, batch, length), mixed_precision) for m in (self.policy, self.reward)
+        )
+        return actor, reference, critic, reward
+
     def validate(self) -> None:
         self.penalty.validate()
         if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):

@@ -10,16 +10,7 @@ import torch
 
 from pmrlhf.config import to_dict
 from pmrlhf.io import atomic_write_json, console, progress_bar
-from pmrlhf.models import (
-    Critic,
-    WithoutAdapter,
-    attention_for_passes,
-    load_causal_lm,
-    load_reward_model,
-    load_tokenizer,
-    save_model,
-    train_without_dropout,
-)
+from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.sampling import CompiledDecoding, generate
 from pmrlhf.models.scoring import critic_values, token_logprobs
 from pmrlhf.objectives import rl
@@ -48,7 +39,6 @@ from pmrlhf.training.run_folder import (
 from pmrlhf.training.setup import (
     frozen_autocast,
     gathered_model,
-    load_precisions,
     mean_over_processes,
     parameters_sharded,
     seed_everything,
@@ -116,16 +106,11 @@ class PPOTrainer:
         ones are held in the half type. A role trained with LoRA holds the only copy of its base: the reference
         is the actor with its adapter off, and the reward model the critic with its adapter off."""
         c, acc = self.config, self.accelerator
-        mixed = acc.mixed_precision
-        longest = max(map(len, self.prompts)) + c.max_new_tokens
-        batch = max(c.optim.batch_size, c.prompts_per_iteration * c.samples_per_prompt // acc.num_processes)
-        (policy, reference), (reward, frozen_reward) = (
-            load_precisions(attention_for_passes(m, batch, longest), mixed) for m in (c.policy, c.reward)
+        policy, reference, reward, frozen_reward = c.role_models(
+            max(map(len, self.prompts)), acc.num_processes, acc.mixed_precision
         )
-        self._fresh_actor = lambda: train_without_dropout(load_causal_lm(policy, self.tokenizer, path=self.policy_path))
-        self._fresh_critic = lambda: train_without_dropout(
-            Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
-        )
+        self._fresh_actor = lambda: load_causal_lm(policy, self.tokenizer, path=self.policy_path)
+        self._fresh_critic = lambda: Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
         actor = self._fresh_actor()
         critic_is_reward = c.advantage == "gae" and c.reward.lora_r > 0
         if not c.policy.lora_r:
