@@ -51,19 +51,72 @@ from rloo_point import (
     machine,
     measure_point,
     peak_matmul,
-    profile_point,
     quiet,
+    run_trl,
     shapes,
+    stage_config,
     with_flops,
 )
 
 from pmrlhf.models import tiny_config
+from pmrlhf.stages import ppo
 
 SIZES = {
     "tiny": ("gpt2", dict(layers=2, hidden=64, heads=4)),
     "small": ("gpt2", dict(layers=6, hidden=256, heads=8)),
     "llama": ("llama", dict(layers=4, hidden=512, heads=8)),  # 24 M parameters, 16 M of them in its layers
 }
+
+
+# --- where the time goes ---------------------------------------------------------------------------------------
+
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_addmm_activation"}
+
+
+def profile_summary(prof) -> dict:
+    """Where a profiled iteration's time went: the share in matrix multiplies and the FLOP/s they ran at, the share
+    in attention kernels, and the ops that took most time (self time, so nothing counts twice)."""
+    cuda = torch.cuda.is_available()
+    self_time = lambda e: (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e6  # noqa: E731
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    total = sum(map(self_time, events))
+    matmul = [e for e in events if e.key in MATMULS]
+    attention = [e for e in events if "scaled_dot_product" in e.key or "flash" in e.key or "softmax" in e.key]
+    matmul_s = sum(map(self_time, matmul))
+    top = sorted(events, key=self_time, reverse=True)[:8]
+    return {
+        "seconds": total,
+        "matmul_share": matmul_s / total,
+        "matmul_flops_per_s": sum(e.flops for e in matmul) / max(matmul_s, 1e-9),
+        "attention_share": sum(map(self_time, attention)) / total,
+        "top": {e.key: self_time(e) / total for e in top},
+    }
+
+
+def profile_point(run: Path, new_tokens: int, prompts: int, bf16: bool) -> dict:
+    """One of our iterations and one TRL step at a point, each after a warm-up, under ``torch.profiler``."""
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    trainer = ppo.PPOTrainer(stage_config(run, new_tokens, prompts, bf16))
+    trainer.step()
+    with profile(activities=activities, with_flops=True) as ours:
+        trainer.step()
+    theirs = profile(activities=activities, with_flops=True)
+
+    class Watch(TrainerCallback):  # TRL's second step
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 1:
+                theirs.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                theirs.__exit__(None, None, None)
+
+    run_trl(run, new_tokens, prompts, bf16, 2, Watch())
+    return {"ours": profile_summary(ours), "trl": profile_summary(theirs)}
 
 
 # --- the cost curve --------------------------------------------------------------------------------------------
