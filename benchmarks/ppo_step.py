@@ -105,7 +105,7 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
     ids, attn, resp = join(prompts, responses, tok.pad_token_id)
 
     def actor_step():
-        (token_logprobs(actor, ids, attn) * resp).sum().backward()
+        token_logprobs(actor, ids, attn, keep=resp).sum().backward()
         actor.zero_grad()
 
     def critic_step():
@@ -114,7 +114,7 @@ def iteration_vs_parts(run: Path, iterations: int) -> dict[str, float]:
 
     parts = {
         "generate": lambda: generate(actor, prompts, tok, NEW_TOKENS, 0.9, 1.0),
-        "reference_forward": torch.no_grad()(lambda: token_logprobs(trainer.reference, ids, attn)),
+        "reference_forward": torch.no_grad()(lambda: token_logprobs(trainer.reference, ids, attn, keep=resp)),
         "reward_forward": torch.no_grad()(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn)),
         "critic_forward": torch.no_grad()(lambda: critic_values(critic, ids, attn)),
         "actor_forward_backward": actor_step,

@@ -250,7 +250,7 @@ def bare_parts(trainer: ppo.PPOTrainer) -> dict:
 
     def actor_step():
         with acc.autocast():
-            loss = (token_logprobs(trainer.actor, ids, attn) * resp).sum() / resp.sum()
+            loss = token_logprobs(trainer.actor, ids, attn, keep=resp).sum() / resp.sum()
         loss.backward()
 
     def optimiser_step():
@@ -259,7 +259,7 @@ def bare_parts(trainer: ppo.PPOTrainer) -> dict:
 
     return {
         "generate": frozen(sample),
-        "reference_forward": frozen(lambda: token_logprobs(trainer.reference, ids, attn)),
+        "reference_forward": frozen(lambda: token_logprobs(trainer.reference, ids, attn, keep=resp)),
         "reward_forward": frozen(lambda: trainer.reward_model(input_ids=ids, attention_mask=attn)),
         "actor_forward_backward": actor_step,
         "optimiser_step": optimiser_step,

@@ -53,6 +53,37 @@ def test_chunked_logprobs_equal_the_naive_form_in_value_and_gradient(arch, rows)
     assert dict(model.named_modules()).keys() == dict(tiny(arch).named_modules()).keys()  # the head is back
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("rows", [1_000_000, 2])
+def test_kept_positions_alone_are_projected_and_equal_the_naive_form_in_value_and_gradient(arch, rows):
+    """A response mask as ``keep``: the head sees only its positions (the prompts' are never projected); there
+    the values and every gradient are the naive form's, elsewhere 0, and a row with no kept position is 0."""
+    model, (ids, attn) = tiny(arch), batch()
+    keep = torch.zeros_like(ids)
+    keep[0, 4:], keep[1, 5:8] = 1, 1  # row 1's response ends at its padding; row 2 has none
+    weights = torch.randn(ids.shape, generator=torch.Generator().manual_seed(1))
+    expected = naive(model, ids, attn) * keep
+    (expected * weights).sum().backward()
+    expected_grads = grads(model)
+    projected = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: projected.append(i[0].shape[0]))
+    got = token_logprobs(model, ids, attn, keep=keep, chunk_bytes=4 * VOCAB * rows)
+    hook.remove()
+    (got * weights).sum().backward()
+    assert sum(projected) == keep.sum()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_batch_with_nothing_to_keep_still_trains_to_zero_gradients():
+    model, (ids, attn) = tiny("llama"), batch()
+    got = token_logprobs(model, ids, attn, keep=torch.zeros_like(ids))
+    got.sum().backward()
+    assert torch.equal(got, torch.zeros_like(got, dtype=torch.float32))
+    assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
 def test_one_chunk_is_the_naive_form_bit_for_bit():
     """Where a batch's logits fit in one chunk (every run of the synthetic world), nothing changes at all."""
     model, (ids, attn) = tiny("gpt2"), batch()
@@ -90,8 +121,11 @@ def test_an_architecture_with_a_transform_after_its_head_is_scored_the_naive_way
     model = AutoModelForCausalLM.from_config(cfg)
     ids, attn = batch()
     assert cfg.model_type not in HEAD_ONLY
+    keep = torch.ones_like(ids)
+    keep[:, :3] = 0
     with torch.no_grad():
         torch.testing.assert_close(token_logprobs(model, ids, attn), naive(model, ids, attn), rtol=0, atol=0)
+        torch.testing.assert_close(token_logprobs(model, ids, attn, keep), naive(model, ids, attn) * keep)
 
 
 def distinct_parameters(*models) -> int:

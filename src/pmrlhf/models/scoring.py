@@ -22,29 +22,46 @@ def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> t
 # (no soft-capping, no logit scale): for them the full-vocabulary logits of a batch are never held at once.
 HEAD_ONLY = frozenset({"gpt2", "llama", "mistral", "opt", "qwen2", "qwen3", "gpt_neox"})
 CHUNK_BYTES = 2**28  # float32 logits of one chunk of tokens: 256 MiB
+# On a CPU, a chunk of at most 512 tokens keeps its logits in the caches: at 8,192 words (16 MiB of them) the
+# head's forward and backward passes took 1.6-2.0x less time than in 256 MiB chunks (tiny to 24 M-parameter models,
+# 64 sequences of 96 and 288 tokens, 2 cores of an AMD EPYC).
+CPU_CHUNK_TOKENS = 512
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """``log pi(ids[t] | ids[<t])`` at every position ``t >= 1``, as ``[B, T]`` with column 0 set to 0.
+def token_logprobs(
+    model, ids: torch.Tensor, attn: torch.Tensor, keep: torch.Tensor | None = None, chunk_bytes: int = CHUNK_BYTES
+) -> torch.Tensor:
+    """``log pi(ids[t] | ids[<t])`` at every position ``t >= 1``, as ``[B, T]`` with column 0 set to 0; given
+    ``keep`` ``[B, T]`` (a response mask), at the positions it marks only, and 0 elsewhere.
 
     The naive form holds the logits of every token over the whole vocabulary in float32, ``[B, T, V]``, twice
     (logits and log-softmax): at V = 128k, T = 1024, B = 8, 4 GB each, the memory peak of every PPO and DPO step.
     For ``HEAD_ONLY`` architectures the output embedding is replaced, for this one forward pass, by a head that
     turns the last hidden states into the sampled tokens' log-probabilities a chunk of ``chunk_bytes`` of logits
-    at a time; in a pass that builds a graph, each chunk's logits are recomputed in the backward pass instead of
-    kept (activation checkpointing). The swap happens inside the model's own forward pass, so autocast, DDP,
-    FSDP and DeepSpeed see the pass they always see. The arithmetic per token is the naive form's, and where the
-    batch fits in one chunk the result is the same bit for bit.
+    at a time (on a CPU, of at most ``CPU_CHUNK_TOKENS`` tokens); in a pass that builds a graph, each chunk's
+    logits are recomputed in the backward pass instead of kept (activation checkpointing). The swap happens
+    inside the model's own forward pass, so autocast, DDP, FSDP and DeepSpeed see the pass they always see. The
+    arithmetic per token is the naive form's, and where the batch fits in one chunk the result is the same bit
+    for bit.
+
+    With ``keep``, the head runs on the kept positions' hidden states only, as TRL's trainers do by passing
+    ``logits_to_keep``: a prompt's tokens cost no vocabulary projection, forward or backward. With a 32-token
+    prompt and 16 new tokens that spares two thirds of the head's work, where the head (8,192 words) is a fifth
+    of the forward pass of a 24 M-parameter Llama.
     """
     causal_lm = _transformers_model(model)
     if getattr(causal_lm.config, "model_type", None) not in HEAD_ONLY:
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return torch.nn.functional.pad(logp, (1, 0))
+        logp = torch.nn.functional.pad(torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0))
+        return logp if keep is None else logp * keep
     head = causal_lm.get_output_embeddings()
     rows = max(1, chunk_bytes // (4 * head.weight.shape[0]))
-    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))  # the last position has no next token: dropped below
-    causal_lm.set_output_embeddings(_LogProbHead(head, targets, rows))
+    if ids.device.type == "cpu":
+        rows = min(rows, CPU_CHUNK_TOKENS)
+    # the hidden state at t - 1 gives the log-probability of token t; the last position has no next token
+    targets = torch.nn.functional.pad(ids[:, 1:], (0, 1))
+    wanted = None if keep is None else torch.nn.functional.pad(keep[:, 1:], (0, 1)).bool()
+    causal_lm.set_output_embeddings(_LogProbHead(head, targets, rows, wanted))
     try:
         logp = model(input_ids=ids, attention_mask=attn).logits[..., 0].float()
     finally:
@@ -54,21 +71,28 @@ def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, chunk_bytes: in
 
 class _LogProbHead(torch.nn.Module):
     """An output embedding that returns, in place of logits ``[B, T, V]``, the log-probability of ``targets``
-    ``[B, T]`` as ``[B, T, 1]``, ``rows`` tokens at a time."""
+    ``[B, T]`` as ``[B, T, 1]``, ``rows`` tokens at a time: at the positions ``wanted`` marks (0 elsewhere), or
+    at all of them."""
 
-    def __init__(self, head: torch.nn.Module, targets: torch.Tensor, rows: int):
+    def __init__(self, head: torch.nn.Module, targets: torch.Tensor, rows: int, wanted: torch.Tensor | None):
         super().__init__()
-        self.head, self.targets, self.rows = head, targets, rows
+        self.head, self.targets, self.rows, self.wanted = head, targets, rows, wanted
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         B, T, H = hidden.shape
         flat, targets = hidden.reshape(B * T, H), self.targets.reshape(B * T)
+        if self.wanted is not None:
+            at = self.wanted.reshape(B * T).nonzero().squeeze(-1)
+            flat, targets = flat.index_select(0, at), targets[at]
         keep_graph = torch.is_grad_enabled() and flat.requires_grad
         pieces = []
-        for s in range(0, B * T, self.rows):
+        for s in range(0, max(1, flat.shape[0]), self.rows):  # an empty selection still joins the graph
             args = (flat[s : s + self.rows], targets[s : s + self.rows])
             pieces.append(checkpoint(self._logp, *args, use_reentrant=False) if keep_graph else self._logp(*args))
-        return torch.cat(pieces).view(B, T, 1)
+        logp = torch.cat(pieces)
+        if self.wanted is not None:
+            logp = logp.new_zeros(B * T).index_copy(0, at, logp)
+        return logp.view(B, T, 1)
 
     def _logp(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.head(hidden).float()
@@ -137,7 +161,7 @@ def response_token_logprobs(
         ids, attn, resp = (
             t.to(device) for t in join(prompts[s : s + batch_size], responses[s : s + batch_size], pad_id)
         )
-        logp = token_logprobs(model, ids, attn).cpu()
+        logp = token_logprobs(model, ids, attn, keep=resp).cpu()
         for i, row in enumerate(resp.cpu().bool()):
             n = int(row.sum())
             out[s + i, :n] = logp[i][row]

@@ -84,7 +84,7 @@ def batch_logprobs(model, pairs: list[tuple], pad_id: int):
     responses = [x[1] for x in pairs] + [x[2] for x in pairs]
     device = next(model.parameters()).device
     ids, attn, resp = (t.to(device) for t in join(prompts, responses, pad_id))
-    logp = (token_logprobs(model, ids, attn) * resp).sum(-1)
+    logp = token_logprobs(model, ids, attn, keep=resp).sum(-1)
     length = resp.sum(-1).float()
     n = len(pairs)
     return logp[:n], logp[n:], length[:n], length[n:]

@@ -101,7 +101,7 @@ def score(
     ids, attn, resp = (t.to(device) for t in join(prompts, responses, pad_id))
     logp = torch.zeros(resp.shape, dtype=torch.float32, device=device)
     logp[resp.bool()] = torch.tensor([x for row in response_logp for x in row], dtype=torch.float32, device=device)
-    ref_logp = token_logprobs(reference, ids, attn) * resp
+    ref_logp = token_logprobs(reference, ids, attn, keep=resp)
     values = critic_values(critic, ids, attn) * resp if critic is not None else torch.zeros_like(logp)
     scores = sequence_scores(reward_model, ids, attn)
     return Trajectory(ids, attn, resp, logp, ref_logp, values, scores, prompt_index.to(device))

@@ -281,7 +281,7 @@ class PPOTrainer:
     def _actor_step(self, traj, idx, advantages, advantage_scale, share) -> dict[str, float]:
         c = self.config
         ids, attn, mask = traj.ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
-        logp = token_logprobs(self.actor, ids, attn)
+        logp = token_logprobs(self.actor, ids, attn, keep=mask)
         pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages, mask, c.clip)
         loss, stats = pg_loss, {}
         estimator = c.penalty.kl_in_loss()
@@ -294,7 +294,7 @@ class PPOTrainer:
         if self.ptx is not None:
             ids, attn, resp = self.ptx.sample(c.optim.batch_size, self.accelerator.device)
             # PPO-ptx (the textbook chapter): minus the mean log-likelihood of SFT demonstration tokens
-            ptx_loss = -rl.masked_mean(token_logprobs(self.actor, ids, attn), resp)
+            ptx_loss = -rl.masked_mean(token_logprobs(self.actor, ids, attn, keep=resp), resp)
             loss = loss + c.ptx_coef * ptx_loss
             stats["losses/ptx"] = ptx_loss.item()
         where = f"{self._where()}, actor"
