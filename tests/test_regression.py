@@ -63,25 +63,25 @@ def test_dpo_losses_are_pinned(trained, tmp_path, tiny_world_config, loss, pinne
         (
             {"penalty": "kl", "kl_ctl": 1.0},
             {
-                "env/reward": [-0.375153, -0.494035, -0.378210],
-                "objective/kl": [-1.97e-07, 0.005281090, 0.03932586],
-                "losses/value": [0.274888, 0.248768, 0.161425],
+                "env/reward": [-0.494035, -0.520689, -0.548054],
+                "objective/kl": [-7.8076e-08, -0.02242, -0.016168],
+                "losses/value": [0.338673, 0.259634, 0.203304],
             },
         ),
         (
             {"penalty": "cpm_token", "alpha_ctl": 0.3},
             {
-                "env/reward": [-0.375153, -0.494035, -0.378210],
-                "objective/penalty": [-0.292612, -0.254906, -0.148823],
-                "losses/value": [0.239065, 0.186349, 0.123927],
+                "env/reward": [-0.494035, -0.520689, -0.548054],
+                "objective/penalty": [-0.241677, -0.257585, -0.227439],
+                "losses/value": [0.264503, 0.185838, 0.171208],
             },
         ),
         (
             {"penalty": "pm", "advantage": "rloo", "samples_per_prompt": 2},
             {
-                "env/reward": [-0.436123, -0.417431, -0.447471],
-                "objective/penalty": [-0.478281, -0.707673, -0.415128],
-                "policy/approx_kl": [1.548150e-04, 1.128434e-04, 4.485526e-05],
+                "env/reward": [-0.423246, -0.365334, -0.434594],
+                "objective/penalty": [-0.344160, -0.568984, -0.286186],
+                "policy/approx_kl": [2.337681e-06, 7.539190e-05, 6.983239e-05],
             },
         ),
     ],

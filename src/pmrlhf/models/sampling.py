@@ -7,6 +7,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from pmrlhf.data.tokenize import pad
 
@@ -21,6 +22,17 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     probs = torch.softmax(sorted_logits, -1)
     outside = probs.cumsum(-1) - probs > top_p  # tokens whose predecessors already cover top_p
     return logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` ``[B, V]``, drawn from that row: by the inverse of its cumulative sum, one
+    uniform number per row. ``torch.multinomial`` draws an exponential for every entry instead: on 2 CPU cores,
+    for 64 rows, 8 ms at 8,192 entries (a third of a decoding step of a 6 x 256 GPT-2) and 130 ms at 128,256,
+    against 0.25 and 32 ms this way. The sums run in float64, so each index's share of [0, 1) is its float32
+    probability to within 1e-16, and an index of probability 0 is never drawn."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def _decoding_mask(model, attn: torch.Tensor) -> torch.Tensor:
@@ -38,22 +50,76 @@ def _decoding_mask(model, attn: torch.Tensor) -> torch.Tensor:
     ]
 
 
+def _forward_parameters(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
+    return inspect.signature(base.forward).parameters
+
+
 def _cache_keyword(model) -> str:
     """The name under which ``model``'s forward takes and returns its KV cache: ``cache`` since transformers 5.24,
     where ``past_key_values`` warns (and goes in 5.40); ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _last_logits_only(model) -> dict:
+    """The keyword that makes the prompt pass project only its last position onto the vocabulary, as
+    transformers' ``generate`` does: the other positions' logits are never sampled from. For a 24 M-parameter
+    Llama over 8,192 words and 32-token prompts, the full projection was a fifth of that pass."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def _reserved_cache(model, positions: int):
+    """A KV cache whose layers reserve ``positions`` up front (``_ReservedLayer``), for a model whose every layer
+    attends to all earlier positions; ``None`` (transformers' own cache) for sliding-window and other layouts."""
+    from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+
+    layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
+    if set(layer_types) != {"full_attention"}:
+        return None
+    return Cache(layers=[_ReservedLayer(positions) for _ in layer_types])
+
+
+class _ReservedLayer(DynamicLayer):
+    """One layer's keys and values in buffers of ``positions`` reserved at the prompt pass; each step writes its
+    token's in place and attention gets views of the part written. transformers' ``DynamicLayer`` concatenates
+    instead, copying every layer's whole cache at every step: at 64 sequences and 256 new tokens of a 6 x 256
+    GPT-2 on CPU, that copying grew to two thirds of a late decoding step."""
+
+    def __init__(self, positions: int):
+        super().__init__()
+        self.positions = positions
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            B, H, _, D = key_states.shape
+            self.buffers = [t.new_empty(B, H, self.positions, D) for t in (key_states, value_states)]
+            self.device, self.written, self.is_initialized = key_states.device, 0, True
+        end = self.written + key_states.shape[-2]
+        for buffer, new in zip(self.buffers, (key_states, value_states), strict=True):
+            buffer[:, :, self.written : end] = new
+        self.written = end
+        self.keys, self.values = (buffer[:, :, :end] for buffer in self.buffers)
+        return self.keys, self.values
 
 
 class _Decoding:
-    """Decoding steps of ``model`` with transformers' growing KV cache: ``start`` takes the left-padded prompts,
-    ``next`` one new token per sequence; both return the logits of the token to sample next."""
+    """Decoding steps of ``model`` with a KV cache reserved for the prompt and every new token: ``start`` takes
+    the left-padded prompts, ``next`` one new token per sequence; both return the logits of the token to sample
+    next."""
 
     def __init__(self, model):
-        self.model, self.keyword = model, _cache_keyword(model)
+        self.model, self.keyword, self.last_only = model, _cache_keyword(model), _last_logits_only(model)
 
     def start(self, ids: torch.Tensor, attn: torch.Tensor, position: torch.Tensor, new_tokens: int) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=position, use_cache=True)
+        cache = _reserved_cache(self.model, ids.shape[1] + new_tokens)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=position,
+            use_cache=True,
+            **self.last_only,
+            **({self.keyword: cache} if cache is not None else {}),
+        )
         self.cache, self.prompt_length = out[self.keyword], ids.shape[1]
         self.mask = _decoding_mask(self.model, torch.cat([attn, attn.new_ones(ids.shape[0], new_tokens)], -1))
         return out.logits[:, -1]
@@ -79,6 +145,7 @@ class CompiledDecoding:
 
     def __init__(self, model, max_length: int):
         self.model, self.max_length, self.keyword = model, max_length, _cache_keyword(model)
+        self.last_only = _last_logits_only(model)
         self.cache = self.mask = None
         self.prompt_length = 0
         self._step = torch.compile(self._forward, dynamic=False)
@@ -91,6 +158,7 @@ class CompiledDecoding:
             cache_position=cache_position,
             use_cache=True,
             **{self.keyword: self.cache},
+            **self.last_only,
         )
         return out.logits[:, -1]
 
@@ -179,7 +247,7 @@ def _generate(model, prompts, tokenizer, max_new_tokens, top_p, temperature, bat
         for _ in range(max_new_tokens):
             logits = step_logits.float()
             sample_logits = _nucleus(logits / temperature, top_p)
-            token = torch.multinomial(torch.softmax(sample_logits, -1), 1).squeeze(-1)
+            token = draw(torch.softmax(sample_logits, -1))
             token = torch.where(done, torch.full_like(token, pad_id), token)
             tokens.append(token)
             token_logp.append(torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1))
