@@ -84,3 +84,12 @@ def test_the_gpu_check_runs_every_stage_and_the_speed_point_at_a_tiny_size(tmp_p
     assert speed["sequences"] == 8 and speed["ours_response_length"] <= 8
     assert speed["ours_tokens_per_s"] > 0 and speed["trl_tokens_per_s"] > 0
     assert 0 < speed["ours_mfu"] < 1 and speed["ours_flops"] > 0
+
+
+def test_the_generation_benchmark_compares_both_samplers_at_every_length():
+    import generation
+
+    out = generation.main(["--sizes", "tiny", "--lengths", "4", "8", "--prompts", "2", "--rounds", "1"])
+    points = out["tiny"]["points"]
+    assert sorted(points) == [4, 8] and all(p["ours_ms"] > 0 and p["transformers_ms"] > 0 for p in points.values())
+    assert out["tiny"]["growth_ms"]["ours"] == pytest.approx(points[8]["ours_ms"] - points[4]["ours_ms"])

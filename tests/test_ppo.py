@@ -193,7 +193,7 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority.
     Margins measured over seeds 0-2 on one draw of the SFT and reward models: KL 0.026 and 0.030 from its
     target, and 0.162 on seed 1 (an early step collapses one prompt onto one answer, and one sample per prompt
-    never finds the way back; at lr 1e-4 or with 4 samples per prompt it ends at 0.01, docs/ppo.md);
+    never finds the way back; at lr 1e-4 or with 4 samples per prompt it ends at 0.011-0.015, docs/ppo.md);
     conditional PM 0.065-0.085 from its own optimum, which is the reward model's PL distribution over M(x)
     here, against KL's 0.361-0.381 from it. Off M(x) the conditional PM optimum keeps the mass the reward model
     gives unnatural text the reference writes, estimated at 0.043 from 256 reference samples per prompt (an
