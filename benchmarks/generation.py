@@ -18,11 +18,10 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from rloo_point import GROUP, PROMPT_WORDS, VOCAB, build_run, quiet, stage_config, synchronize
+from rloo_point import GROUP, PROMPT_WORDS, VOCAB, build_run, quiet, stage_config, timed
 from scaling import SIZES
 
 from pmrlhf.data.tokenize import pad
@@ -39,16 +38,8 @@ def draw_ms(vocab: int, rows: int = 64, calls: int = 20) -> dict[str, float]:
     for name, fn in (("ours_ms", lambda: draw(probs)), ("multinomial_ms", lambda: torch.multinomial(probs, 1))):
         for _ in range(3):  # the first calls allocate
             fn()
-        out[name] = 1e3 * seconds(lambda fn=fn: [fn() for _ in range(calls)]) / calls
+        out[name] = 1e3 * timed(lambda fn=fn: [fn() for _ in range(calls)]) / calls
     return out
-
-
-def seconds(fn) -> float:
-    synchronize()
-    start = time.perf_counter()
-    fn()
-    synchronize()
-    return time.perf_counter() - start
 
 
 def measure(run: Path, new_tokens: int, prompts: int, rounds: int) -> dict[str, float]:
@@ -82,7 +73,7 @@ def measure(run: Path, new_tokens: int, prompts: int, rounds: int) -> dict[str, 
     best = {"ours": float("inf"), "transformers": float("inf")}
     for _ in range(rounds):  # alternately, so that a machine whose speed drifts slows both alike
         for side, fn in (("ours", ours), ("transformers", theirs)):
-            best[side] = min(best[side], seconds(fn))
+            best[side] = min(best[side], timed(fn))
     tokens = len(batch) * new_tokens
     return {f"{side}_ms": 1e3 * s / tokens for side, s in best.items()} | {
         "attention": actor.config._attn_implementation
