@@ -6,6 +6,10 @@ reference a fixed table of probabilities, the reward a fixed number per response
 of the stage's own loss (``rl.ppo_policy_loss`` on advantages from ``rl.shape_rewards`` and ``rl.gae`` or the
 sequence baselines, plus ``rl.kl_loss`` where the KL sits in the loss), each sample weighted by its exact
 probability: no sampling anywhere.
+
+The second MDP below has an end-of-sequence token, so responses have different lengths and minibatches of 1-3
+responses hold different numbers of tokens: there the update is exact with the stage's default constant
+normaliser, and not with the token mean.
 """
 
 import itertools
@@ -260,3 +264,123 @@ def test_kl_loss_refuses_k1():
     x = torch.zeros(1, 2)
     with pytest.raises(ValueError, match="zero expected gradient"):
         rl.kl_loss(x, x, torch.ones(1, 2), "k1")
+
+
+# --- responses of different lengths ------------------------------------------------------------------------------
+# The MDP again with token 0 as the end of sequence: a response stops after it, or is cut at T_MAX tokens, so it
+# has 1-3 tokens (right-padded). A minibatch is ``k`` responses drawn from the policy; the expected update is the
+# sum over every ordered k-tuple of its probability times the gradient of the stage's loss on that tuple alone.
+
+EOS, T_MAX = 0, 3
+
+
+def eos_mdp(seed=0):
+    """Every response, its prefixes' rows in the tables, and random tables: ``(ys, rows, mask, theta, ref, r)``.
+    ``ys``, ``rows``, ``mask``: ``[N, T_MAX]``, ``rows[n, t]`` the table row of response n's prefix before token t."""
+    prefixes: list[tuple] = [()]
+    ys: list[tuple] = []
+    for prefix in prefixes:  # grows as it goes: breadth first
+        for v in range(V):
+            y = (*prefix, v)
+            if v == EOS or len(y) == T_MAX:
+                ys.append(y)
+            else:
+                prefixes.append(y)
+    row_of = {p: i for i, p in enumerate(prefixes)}
+    tokens = torch.zeros(len(ys), T_MAX, dtype=torch.long)
+    rows = torch.zeros(len(ys), T_MAX, dtype=torch.long)
+    mask = torch.zeros(len(ys), T_MAX, dtype=torch.float64)
+    for n, y in enumerate(ys):
+        for t, v in enumerate(y):
+            tokens[n, t], rows[n, t], mask[n, t] = v, row_of[y[:t]], 1.0
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(len(prefixes), V, generator=g, dtype=torch.float64).requires_grad_(True)
+    ref = torch.softmax(torch.randn(len(prefixes), V, generator=g, dtype=torch.float64) * 1.5, -1)
+    reward = torch.randn(len(ys), generator=g, dtype=torch.float64)
+    return tokens, rows, mask, theta, ref, reward
+
+
+def eos_logprobs(table_logp, tokens, rows, mask):
+    return torch.where(mask.bool(), table_logp[rows, tokens], 0.0)
+
+
+def eos_expected_update(name, kwargs, advantage, k, normalization, kl_in_loss=None):
+    """``T_MAX`` times minus the expected gradient of the stage's loss on a minibatch of ``k`` sampled responses,
+    normalised as ``normalization`` says (``rl.loss_normalizer``), and the exact gradient of the stated
+    objective: ``(update, gradient)``, each flattened."""
+    tokens, rows, mask, theta, ref, reward = eos_mdp()
+    logp = eos_logprobs(torch.log_softmax(theta, -1), tokens, rows, mask)
+    ref_lp = eos_logprobs(ref.log(), tokens, rows, mask)
+    regularizer = torch.zeros(len(tokens), dtype=torch.float64) if kl_in_loss else PEN.REGULARIZERS[name](
+        logp, ref_lp, mask, **kwargs
+    )
+    if kl_in_loss:  # the KL in the loss: the objective is (2.3) for k2
+        regularizer = ((logp - ref_lp) * mask).sum(-1)
+    pi = logp.sum(-1).exp()
+    (gradient,) = torch.autograd.grad((pi * (reward - COEF * regularizer)).sum(), theta, retain_graph=True)
+
+    tuples = torch.tensor(list(itertools.product(range(len(tokens)), repeat=k)))  # [M, k]
+    i = tuples.reshape(-1)
+    lp, old, ref_i, m = logp[i], logp.detach()[i], ref_lp[i], mask[i]
+    weight = old.sum(-1).exp().reshape(-1, k).prod(-1)  # [M]: each tuple's probability
+    none = torch.zeros_like(old)
+    per_token = none if kl_in_loss else PEN.get_penalty(name)(old, ref_i, m, **kwargs)
+    rewards = rl.shape_rewards(reward[i], per_token, m, COEF, beta=1.0, clip=math.inf)
+    if advantage == "gae":
+        adv, _ = rl.gae(rewards, none, m, gamma=1.0, lam=1.0)
+    else:
+        adv = rl.sequence_advantages_to_tokens(rl.SEQUENCE_ADVANTAGES[advantage](rewards.sum(-1), k), m)
+
+    def minibatch_loss(lp, old, ref_lp, adv, m):
+        normalizer = rl.loss_normalizer(m, normalization, T_MAX)
+        loss, _ = rl.ppo_policy_loss(lp, old, adv, m, 0.2, normalizer)
+        if kl_in_loss:  # as the stage adds it: summed over responses, divided like the policy loss
+            divisor = m.sum() if normalizer is None else normalizer
+            loss = loss + COEF * rl.kl_loss(lp, ref_lp, m, kl_in_loss).sum() / divisor
+        return loss
+
+    shaped = [t.reshape(-1, k, T_MAX) for t in (lp, old, ref_i, adv, m)]
+    losses = torch.func.vmap(minibatch_loss)(*shaped)  # [M]
+    (update,) = torch.autograd.grad((weight * losses).sum(), theta)
+    return -T_MAX * update.flatten(), gradient.flatten()
+
+
+def distance_from_nearest_multiple(u, g):
+    """``|u - c g| / |u|`` at the best ``c``: 0 when the update points along the gradient."""
+    c = (u @ g) / (g @ g)
+    return ((u - c * g).norm() / u.norm()).item()
+
+
+LENGTH_CASES = [
+    (name, kwargs, advantage, k)
+    for name, kwargs in CASES
+    for advantage, ks in (("gae", (1, 2, 3)), ("rloo", (2, 3)), ("group_mean", (2, 3)))
+    for k in ks
+]
+
+
+@pytest.mark.parametrize("name,kwargs,advantage,k", LENGTH_CASES)
+def test_constant_normalizer_is_exact_and_token_mean_is_not_when_lengths_vary(name, kwargs, advantage, k):
+    """Dividing by responses x max_new_tokens gives the exact gradient (times (k - 1) / k for the group mean, whose
+    baseline holds the sample itself); dividing by the minibatch's token count does not point along it."""
+    update, gradient = eos_expected_update(name, kwargs, advantage, k, "constant")
+    factor = (k - 1) / k if advantage == "group_mean" else 1.0
+    torch.testing.assert_close(update, factor * gradient, atol=1e-10, rtol=0)
+    biased, gradient = eos_expected_update(name, kwargs, advantage, k, "token_mean")
+    assert distance_from_nearest_multiple(biased, gradient) > 1e-3
+
+
+@pytest.mark.parametrize("advantage,k", [("gae", 1), ("gae", 3), ("rloo", 2), ("rloo", 3)])
+def test_k2_in_the_loss_is_exact_with_the_constant_normalizer(advantage, k):
+    update, gradient = eos_expected_update("kl", {}, advantage, k, "constant", kl_in_loss="k2")
+    torch.testing.assert_close(update, gradient, atol=1e-10, rtol=0)
+    biased, gradient = eos_expected_update("kl", {}, advantage, k, "token_mean", kl_in_loss="k2")
+    assert distance_from_nearest_multiple(biased, gradient) > 1e-3
+
+
+def test_the_eos_mdp_has_every_length_and_truncation():
+    tokens, _, mask, *_ = eos_mdp()
+    lengths = mask.sum(-1)
+    assert set(lengths.tolist()) == {1.0, 2.0, 3.0}
+    assert len(tokens) == 15
+    assert ((lengths == T_MAX) & (tokens[:, -1] != EOS)).any()  # cut, not ended

@@ -1,8 +1,10 @@
 """Advantage estimation and PPO losses over padded token sequences.
 
-Shapes: ``B`` sequences, ``T`` response tokens, right-padded; ``mask`` is 1 on response tokens. All
-reductions are token means over the whole batch (``masked_mean``), so a loss computed on a batch split
-across workers and averaged with weights ``mask.sum()`` equals the loss of the whole batch.
+Shapes: ``B`` sequences, ``T`` response tokens, right-padded; ``mask`` is 1 on response tokens. The policy loss
+sums its masked token terms and divides by a ``normalizer`` fixed before sampling (``B * max_new_tokens``,
+``loss_normalizer``), so that its expected gradient is a multiple of the objective's whatever the responses'
+lengths; the token mean over the batch (``masked_mean``) divides by a count that depends on the samples, and its
+expected gradient is not (``tests/test_objectives_exact.py``).
 """
 
 from __future__ import annotations
@@ -148,6 +150,22 @@ def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, esti
 
 SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"rloo": rloo, "group_mean": group_mean}
 
+LOSS_NORMALIZATIONS = ("constant", "token_mean")
+
+
+def loss_normalizer(mask: torch.Tensor, normalization: str, max_new_tokens: int) -> torch.Tensor | None:
+    """What a minibatch's masked token sum is divided by: ``constant``, its responses times ``max_new_tokens``,
+    a number that does not depend on what was sampled, so the expected update is ``1 / max_new_tokens`` times the
+    exact gradient of the objective (as Dr. GRPO, Liu et al. 2025, divides by a constant); ``token_mean``
+    (None), the number of its response tokens, as the paper's reference code and TRL divide: biased where lengths
+    vary, since that count is random and correlated with the samples (by 0.1 to 0.7 of the gradient's size with
+    one response per minibatch, ``tests/test_objectives_exact.py``)."""
+    if normalization == "token_mean":
+        return None
+    if normalization != "constant":
+        raise ValueError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
+    return torch.tensor(float(mask.shape[0] * max_new_tokens), device=mask.device)
+
 
 def ppo_policy_loss(
     logp: torch.Tensor,
@@ -155,23 +173,28 @@ def ppo_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip: float = 0.2,
+    normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (Schulman et al., 2017), as a loss to minimise.
 
-    ``loss = mean_t max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip))`` with ``ratio = exp(logp - old_logp)``.
-    Stats (detached): ``clipfrac`` (share of tokens where the clipped term is the active one) and
-    ``approx_kl`` (the k3 estimate of KL(old || new), as in CleanRL).
+    ``loss = sum_t max(-A ratio, -A clip(ratio, 1 - clip, 1 + clip)) / normalizer`` over the masked tokens, with
+    ``ratio = exp(logp - old_logp)``; ``normalizer`` None divides by the number of masked tokens (the token mean,
+    biased where lengths vary: ``loss_normalizer``). Stats (detached, token means): ``clipfrac`` (share of tokens
+    where the clipped term is the active one) and ``approx_kl`` (the k3 estimate of KL(old || new), as in CleanRL).
     """
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    terms = torch.maximum(unclipped, clipped)
+    if normalizer is None:
+        loss = masked_mean(terms, mask)
+    else:
+        loss = (terms * mask.to(terms.dtype)).sum() / normalizer
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio": masked_mean(ratio, mask),
         }
     return loss, stats
 

@@ -4,6 +4,7 @@ and the combinations refused because they optimise no stated objective (``docs/p
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from pmrlhf.config import ConfigError, DataConfig, LoggingConfig, ModelConfig, OptimConfig, one_of, require
@@ -112,6 +113,10 @@ class PPOConfig:
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # normalise advantages over the batch
+    # what the policy loss's token sum is divided by: constant (responses x max_new_tokens: the expected update is
+    # the objective's gradient) | token_mean (the minibatch's token count, as the paper's code: biased when
+    # response lengths vary)
+    loss_normalization: str = "constant"
     # --- optimisation ---
     iterations: int = 100  # PPO iterations (generate + train)
     prompts_per_iteration: int = 16  # prompts per iteration, over all processes
@@ -126,8 +131,10 @@ class PPOConfig:
     ema_decay: float = 0.0  # EMA of the actor's weights (saved as model-ema); 0 disables
     # --- generation ---
     max_new_tokens: int = 16  # generation limit
-    top_p: float = 0.9  # nucleus sampling
-    temperature: float = 1.0  # sampling temperature
+    # nucleus sampling; below 1 the samples come from a truncated policy while the loss assumes the whole one, so
+    # it is refused for the PM family and warned about for kl (the paper's code used 0.9)
+    top_p: float = 1.0
+    temperature: float = 1.0  # sampling temperature; other than 1, as top_p below 1
     # torch.compile the decoding step over a static KV cache: a one-time compile (seconds on CPU) for faster
     # sampling; for long runs, not with sharded parameters
     compile_sampler: bool = False
@@ -178,6 +185,13 @@ class PPOConfig:
         )
         return actor, reference, critic, reward
 
+    def processed_sampling_message(self) -> str:
+        return (
+            f"top_p {self.top_p} and temperature {self.temperature} sample from another distribution than the "
+            f"policy whose log-probabilities the loss takes, so penalty {self.penalty.name} no longer optimises "
+            "its stated objective (a PM objective matches the whole distribution); policy/ratio shows the mismatch"
+        )
+
     def validate(self) -> None:
         self.penalty.validate()
         if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
@@ -204,6 +218,10 @@ class PPOConfig:
             f"temperature must be > 0, got {self.temperature}: PPO needs sampling from a distribution, not greedy "
             "decoding",
         )
+        one_of("loss_normalization", self.loss_normalization, rl.LOSS_NORMALIZATIONS)
+        if self.top_p < 1 or self.temperature != 1:
+            require(self.penalty.name == "kl", self.processed_sampling_message() + ": set top_p: 1 and temperature: 1")
+            warnings.warn(self.processed_sampling_message(), stacklevel=2)
         require(self.clip_reward_value > 0, f"clip_reward_value must be > 0, got {self.clip_reward_value}")
 
 

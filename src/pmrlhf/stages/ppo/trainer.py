@@ -262,12 +262,15 @@ class PPOTrainer:
         B, size = traj.ids.shape[0], c.optim.batch_size
         sums: dict[str, float] = {}
         steps = 0
-        for _ in range(int(c.optim.epochs)):
+        ratios = []
+        for epoch in range(int(c.optim.epochs)):
             order = torch.randperm(B)
             for s in range(0, B, size):
                 idx = order[s : s + size].to(traj.ids.device)
                 share = token_mean_share(self.accelerator, traj.response_mask[idx])
-                stats = self._actor_step(traj, idx, advantages[idx], advantage_scale, share)
+                stats, ratio = self._actor_step(traj, idx, advantages[idx], advantage_scale, share)
+                if epoch == 0:  # the sampler's mismatch with the trainer, and the drift of the epoch's earlier steps
+                    ratios.append(ratio)
                 if self.critic is not None:
                     stats |= self._critic_step(traj, idx, returns[idx], share)
                 for k, v in stats.items():
@@ -276,21 +279,28 @@ class PPOTrainer:
         self.actor_sched.step()
         if self.critic_sched is not None:
             self.critic_sched.step()
-        return mean_over_processes(self.accelerator, {k: v / max(steps, 1) for k, v in sums.items()})
+        means = {k: v / max(steps, 1) for k, v in sums.items()}
+        ratio = torch.cat(ratios)
+        means |= {"policy/ratio": ratio.mean().item(), "policy/ratio_std": ratio.std(unbiased=False).item()}
+        return mean_over_processes(self.accelerator, means)
 
-    def _actor_step(self, traj, idx, advantages, advantage_scale, share) -> dict[str, float]:
+    def _actor_step(self, traj, idx, advantages, advantage_scale, share) -> tuple[dict[str, float], torch.Tensor]:
+        """One gradient step of the actor; its stats, and the ratio of each response token before the step."""
         c = self.config
         ids, attn, mask = traj.ids[idx], traj.attention_mask[idx], traj.response_mask[idx]
         logp = token_logprobs(self.actor, ids, attn, keep=mask)
-        pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages, mask, c.clip)
+        normalizer = rl.loss_normalizer(mask, c.loss_normalization, c.max_new_tokens)
+        pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages, mask, c.clip, normalizer)
         loss, stats = pg_loss, {}
         estimator = c.penalty.kl_in_loss()
         if estimator:
-            # summed over responses and divided like the policy loss, whose token mean it joins
-            kl = rl.kl_loss(logp, traj.ref_logp[idx], mask, estimator).sum() / mask.sum().clamp(min=1)
-            loss = loss + self.coef * advantage_scale * kl
-            stats["losses/kl"] = kl.item()
-        loss = loss * share
+            # summed over responses and divided like the policy loss, whose sum over tokens it joins
+            kl_sum = rl.kl_loss(logp, traj.ref_logp[idx], mask, estimator).sum()
+            divisor = mask.sum().clamp(min=1) if normalizer is None else normalizer
+            loss = loss + self.coef * advantage_scale * kl_sum / divisor
+            stats["losses/kl"] = (kl_sum / mask.shape[0]).item()
+        if normalizer is None:  # a constant normaliser needs no correction: every process holds as many responses
+            loss = loss * share
         if self.ptx is not None:
             ids, attn, resp = self.ptx.sample(c.optim.batch_size, self.accelerator.device)
             # PPO-ptx (the textbook chapter): minus the mean log-likelihood of SFT demonstration tokens
@@ -299,11 +309,12 @@ class PPOTrainer:
             stats["losses/ptx"] = ptx_loss.item()
         where = f"{self._where()}, actor"
         optimizer_step(self.accelerator, self.actor, self.actor_opt, loss, c.optim.max_grad_norm, where)
+        ratio = torch.exp(logp.detach() - traj.logp[idx])[mask.bool()]
         return stats | {
             "losses/policy": pg_loss.item(),
             "policy/clipfrac": pg_stats["clipfrac"].item(),
             "policy/approx_kl": pg_stats["approx_kl"].item(),
-        }
+        }, ratio
 
     def _critic_step(self, traj, idx, returns, share) -> dict[str, float]:
         c = self.config
