@@ -311,8 +311,10 @@ def eos_expected_update(name, kwargs, advantage, k, normalization, kl_in_loss=No
     tokens, rows, mask, theta, ref, reward = eos_mdp()
     logp = eos_logprobs(torch.log_softmax(theta, -1), tokens, rows, mask)
     ref_lp = eos_logprobs(ref.log(), tokens, rows, mask)
-    regularizer = torch.zeros(len(tokens), dtype=torch.float64) if kl_in_loss else PEN.REGULARIZERS[name](
-        logp, ref_lp, mask, **kwargs
+    regularizer = (
+        torch.zeros(len(tokens), dtype=torch.float64)
+        if kl_in_loss
+        else PEN.REGULARIZERS[name](logp, ref_lp, mask, **kwargs)
     )
     if kl_in_loss:  # the KL in the loss: the objective is (2.3) for k2
         regularizer = ((logp - ref_lp) * mask).sum(-1)

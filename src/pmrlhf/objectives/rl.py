@@ -187,10 +187,7 @@ def ppo_policy_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
     terms = torch.maximum(unclipped, clipped)
-    if normalizer is None:
-        loss = masked_mean(terms, mask)
-    else:
-        loss = (terms * mask.to(terms.dtype)).sum() / normalizer
+    loss = masked_mean(terms, mask) if normalizer is None else (terms * mask.to(terms.dtype)).sum() / normalizer
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(logp.dtype), mask),
