@@ -116,7 +116,8 @@ def test_the_population_minimiser_finds_each_closed_form(loss, kwargs):
     mask[0, -1] = False
     ref = torch.where(mask, ref, 0.0)
     ref = ref / ref.sum(-1, keepdim=True)
-    found = dpo.population_minimiser(loss, r, ref, mask=mask, beta=0.6, **kwargs)
+    preference = torch.sigmoid(r[..., :, None] - r[..., None, :])
+    found = dpo.population_minimiser(loss, preference, ref, mask=mask, beta=0.6, **kwargs)
     closed = dpo.implicit_target(loss, r.masked_fill(~mask, float("-inf")), ref, 0.6, kwargs.get("alpha", 0.0))
     torch.testing.assert_close(found, closed, atol=1e-7, rtol=0)
 
@@ -176,3 +177,31 @@ def test_each_loss_reads_the_reference_exactly_when_its_registry_entry_says_so(n
         assert not torch.allclose(with_ref, entry.fn(Pairs(c, r, other_c, other_r, lc, lr), **kw))
     else:
         assert torch.isfinite(entry.fn(Pairs(c, r, None, None, lc, lr), **kw)).all()
+
+
+def _mixture(seed=3, P=4, k=4):
+    """Labels from two groups (shares 0.8, 0.2) with their own rewards, and pairs shown unevenly."""
+    g = torch.Generator().manual_seed(seed)
+    rewards = 2 * torch.randn(2, P, k, generator=g, dtype=torch.float64)
+    shares = torch.tensor([0.8, 0.2], dtype=torch.float64)[:, None, None, None]
+    preference = (shares * torch.sigmoid(rewards[..., :, None] - rewards[..., None, :])).sum(0)
+    dist = torch.softmax(torch.randn(P, k, generator=g, dtype=torch.float64), -1)
+    weights = dist[..., :, None] * dist[..., None, :]
+    return preference, weights * (1 - torch.eye(k, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("loss,kwargs", [("sigmoid", {}), ("pm", {}), ("cpm", {"alpha": 0.15})])
+def test_closed_forms_hold_at_the_btl_fit_when_labels_are_not_btl(loss, kwargs):
+    """Labels from a mixture of groups, pairs shown unevenly: the numeric minimiser of each loss's expected value
+    under those labels and weights lands on the closed form at the BTL fit of the labels, and that fit depends on
+    the weights (pairs shown alike give another optimum)."""
+    preference, weights = _mixture()
+    _, ref, _ = _instance(P=4, k=4)
+    reward = torch.zeros(4, 4, dtype=torch.float64)  # replaced by the fit
+    found = dpo.population_minimiser(loss, preference, ref, pair_weights=weights, beta=0.6, **kwargs)
+    closed = dpo.implicit_target(
+        loss, reward, ref, 0.6, kwargs.get("alpha", 0.0), preference=preference, pair_weights=weights
+    )
+    torch.testing.assert_close(found, closed, atol=1e-7, rtol=0)
+    evenly = dpo.implicit_target(loss, reward, ref, 0.6, kwargs.get("alpha", 0.0), preference=preference)
+    assert ((evenly - closed).abs().sum(-1) / 2).max() > 1e-3

@@ -47,3 +47,24 @@ def test_pm_divergence_is_the_mean_and_matches_the_naive_formula():
     naive = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))
     torch.testing.assert_close(P.instance_pm_divergence(lp1, lp2, r1, r2), naive)
     torch.testing.assert_close(P.pm_divergence(lp1, lp2, r1, r2), naive.mean())
+
+
+def test_btl_fit_recovers_a_btl_reward_whatever_the_pair_weights():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    r = r - r.mean(-1, keepdim=True)
+    w = torch.rand(3, 5, 5, generator=g, dtype=torch.float64)
+    w = (w + w.transpose(-1, -2)) * (1 - torch.eye(5, dtype=torch.float64))
+    fitted = P.btl_fit(torch.sigmoid(r[..., :, None] - r[..., None, :]), w)
+    torch.testing.assert_close(fitted, r, atol=1e-8, rtol=0)
+
+
+def test_btl_fit_of_non_btl_labels_is_the_stationary_point_of_the_likelihood():
+    """Three answers in a cycle of preferences (no reward is BTL in them): the fit's gradient of the expected
+    log-likelihood vanishes, computed by hand: ``sum_j w_ij (P_ij - sigmoid(r_i - r_j)) = 0`` for every i."""
+    pref = torch.tensor([[0.5, 0.9, 0.2], [0.1, 0.5, 0.7], [0.8, 0.3, 0.5]], dtype=torch.float64)
+    w = torch.tensor([[0, 1, 2], [1, 0, 3], [2, 3, 0]], dtype=torch.float64)
+    r = P.btl_fit(pref, w)
+    gradient = (w * (pref - torch.sigmoid(r[:, None] - r[None, :]))).sum(-1)
+    torch.testing.assert_close(gradient, torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
+    assert abs(r.sum().item()) < 1e-12

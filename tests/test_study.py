@@ -94,12 +94,13 @@ def test_study_intervals_and_differences_are_those_of_the_seeds_evaluations(word
         "reference (SFT)",
         "reward model",
         "ground truth",
+        "learnable target",
         *(v["name"] for v in cfg.variants()),
     }
     for name, row in data["methods"].items():
-        if name in ("reward model", "ground truth"):
+        if name in ("reward model", "ground truth", "learnable target"):
             continue
-        for key in ("pm_divergence_uniform_pairs", "mass_outside_m", "tv_to_truth"):
+        for key in ("pm_divergence_uniform_pairs", "mass_outside_m", "tv_to_truth", "tv_to_learnable"):
             values = [summaries[s][name]["world"][key] for s in cfg.seeds]
             half = 12.706 * statistics.stdev(values) / math.sqrt(2)
             assert row["intervals"][key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)

@@ -181,3 +181,24 @@ def test_text_world_reference_decides_only_at_branching_points():
                 here = sum(q for x, q in zip(words, p.ref, strict=True) if x[: t + 1] == y[: t + 1])
                 choices += here < below - 1e-12
             assert 1 <= choices <= len(words) - 1
+
+
+def test_the_learnable_target_is_the_truth_where_labels_are_btl_and_not_for_two_groups():
+    """With one group and no label noise the labels are BTL in r*, and their fit is r* whatever the pair weights.
+    With the study's text world (a minority of 1/11) the best single BTL fit under the world's pair weights gives
+    the minority's answers 0.164 of M(x) where the truth gives 0.182, TV 0.040 on average."""
+    from pmrlhf.evaluation.exact import truth_over_m
+    from pmrlhf.evaluation.study import minority_share
+
+    words = truth_over_m(World.generate(WorldConfig()))
+    torch.testing.assert_close(words["learnable_reward"], words["reward"], atol=1e-9, rtol=0)
+    world = World.generate(WorldConfig(kind="text", n_prompts=12, n_demonstrations=3000))
+    text = truth_over_m(world)
+    tv = 0.5 * (text["learnable"] - text["truth"]).abs().sum(-1)
+    assert tv.mean().item() == pytest.approx(0.0403, abs=5e-4)
+    assert minority_share(text["truth"].tolist(), world) == pytest.approx(0.1817, abs=5e-4)
+    assert minority_share(text["learnable"].tolist(), world) == pytest.approx(0.1637, abs=5e-4)
+    # the labels themselves: a mixture, not BTL in log(truth)
+    r = text["reward"]
+    btl_in_truth = torch.sigmoid(r[:, :, None] - r[:, None, :])
+    assert (text["label_preference"] - btl_in_truth).abs().max().item() > 0.1

@@ -177,6 +177,26 @@ class World:
             )
         return out
 
+    def pair_weights(self, p: PromptTruth) -> torch.Tensor:
+        """How often ``comparisons`` shows each pair of M(x): ``[k, k]``, symmetric, 0 on the diagonal, summing to
+        1 (a pair is two draws from q mixed with the uniform share, redrawn until they differ)."""
+        k = len(p.responses)
+        dist = (1 - self.config.uniform_share) * torch.tensor(
+            p.ref, dtype=torch.float64
+        ) + self.config.uniform_share / k
+        w = (dist[:, None] * dist[None, :]).fill_diagonal_(0)
+        return w / w.sum()
+
+    def label_preference(self, p: PromptTruth) -> torch.Tensor:
+        """``[k, k]``: the probability that a comparison of ``i`` and ``j`` labels ``i`` the winner, the population's
+        pairwise preference. In a world of groups it is their mixture ``sum_g s_g sigmoid(r_g(i) - r_g(j))``, which
+        is not BTL in r* = log(truth) (nor in any reward); label noise moves it towards 1/2."""
+        groups = p.groups or [(1.0, p.reward)]
+        shares = torch.tensor([share for share, _ in groups], dtype=torch.float64)
+        rewards = torch.tensor([reward for _, reward in groups], dtype=torch.float64)  # [G, k]
+        pref = (shares[:, None, None] * torch.sigmoid(rewards[:, :, None] - rewards[:, None, :])).sum(0)
+        return (1 - self.config.label_noise) * pref + self.config.label_noise * (1 - pref)
+
     @staticmethod
     def _labeler(p: PromptTruth, g: torch.Generator) -> list[float]:
         """The reward a labeler answers with: r*, or in a world of groups that of a group drawn by its share."""

@@ -116,30 +116,48 @@ def rewards_over_m(reward_model, tokenizer, world: World) -> tuple[torch.Tensor,
 
 
 def truth_over_m(world: World) -> dict[str, torch.Tensor]:
-    """The world's r*, true proportions and q as ``[P, k]`` tensors, with the mask."""
+    """The world's truth over M(x), with the mask: r*, the true proportions softmax(r*) and q as ``[P, k]``; the
+    labels' probabilities (``label_preference``, the population's pairwise preference) and how often each pair is
+    compared (``pair_weights``) as ``[P, k, k]``; and what pairwise training can learn from those labels, the BTL
+    fit ``learnable_reward`` (``preference.btl_fit``) and its Plackett-Luce distribution ``learnable``. Where the
+    labels are BTL in r* (no groups, no noise) the two agree; for a mixture of groups they do not, and the gap is
+    what a single Bradley-Terry reward model (or DPO) loses of the truth even with unlimited data."""
+    from pmrlhf.objectives.preference import btl_fit
+
     k = max(len(p.responses) for p in world.prompts)
     P = len(world.prompts)
     out = {name: torch.zeros(P, k, dtype=torch.float64) for name in ("reward", "truth", "ref")}
+    out |= {name: torch.zeros(P, k, k, dtype=torch.float64) for name in ("label_preference", "pair_weights")}
     mask = torch.zeros(P, k, dtype=torch.bool)
     for i, p in enumerate(world.prompts):
         n = len(p.responses)
         out["reward"][i, :n] = torch.tensor(p.reward)
         out["truth"][i, :n] = torch.tensor(p.truth)
         out["ref"][i, :n] = torch.tensor(p.ref)
+        out["label_preference"][i, :n, :n] = world.label_preference(p)
+        out["pair_weights"][i, :n, :n] = world.pair_weights(p)
         mask[i, :n] = True
     out["mask"] = mask
+    out["learnable_reward"] = btl_fit(out["label_preference"], out["pair_weights"], mask)
+    out["learnable"] = torch.softmax(out["learnable_reward"].masked_fill(~mask, float("-inf")), -1)
     return out
 
 
 def reward_model_gap(scores: torch.Tensor, mask: torch.Tensor, world: World) -> dict[str, float]:
-    """How far the reward model's preferences are from the truth's: the mean over every pair of distinct responses
-    in M(x) of ``|sigma(r_theta(y1) - r_theta(y2)) - sigma(r*(y1) - r*(y2))|``; ``scores``, ``mask`` as
+    """How far the reward model's pairwise preferences ``sigma(r_theta(y1) - r_theta(y2))`` are, on average over
+    every pair of distinct responses in M(x), from the labels' (``pair_gap_to_truth``: the population's, which a
+    single BTL model cannot represent where the labelers are a mixture of groups) and from the BTL fit of the
+    labels that pairwise training converges to (``pair_gap_to_learnable``); ``scores``, ``mask`` as
     ``rewards_over_m`` gives them."""
-    truth = truth_over_m(world)["reward"]
+    truth = truth_over_m(world)
     learned = torch.sigmoid(scores[:, :, None] - scores[:, None, :])
-    true = torch.sigmoid(truth[:, :, None] - truth[:, None, :])
+    fit = truth["learnable_reward"]
+    learnable = torch.sigmoid(fit[:, :, None] - fit[:, None, :])
     pairs = mask[:, :, None] & mask[:, None, :] & ~torch.eye(mask.shape[1], dtype=torch.bool)[None]
-    return {"pair_gap_to_truth": (learned - true).abs()[pairs].mean().item()}
+    return {
+        "pair_gap_to_truth": (learned - truth["label_preference"]).abs()[pairs].mean().item(),
+        "pair_gap_to_learnable": (learned - learnable).abs()[pairs].mean().item(),
+    }
 
 
 def tv_rows(p: torch.Tensor, q: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -207,13 +225,15 @@ def own_target(
     mask: torch.Tensor,
     ref_tokens: TokensOverM | None = None,
     lengths: torch.Tensor | None = None,
+    labels: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The optimum over M(x) of the objective the run optimised, ``[P, k]``, conditional on M(x); None where
     it is not determined by M(x) alone (the forward KL's normaliser runs over every response).
 
     ``r``: ``effective_reward`` (-inf off the mask); ``ref``: the reference's sequence probabilities;
     ``ref_tokens``: the reference's token log-probabilities (PPO: each penalty's ``reference_term``);
-    ``lengths``: tokens per response (IPO, SimPO).
+    ``lengths``: tokens per response (IPO, SimPO); ``labels``: for DPO, the world's ``label_preference`` and
+    ``pair_weights`` (``truth_over_m``), what its losses are minimised under.
     """
     from pmrlhf.objectives import dpo, optimal
 
@@ -229,6 +249,8 @@ def own_target(
             simpo_gamma=objective.get("simpo_gamma", 1.0),
             lengths=lengths,
             mask=mask,
+            preference=None if labels is None else labels["label_preference"],
+            pair_weights=None if labels is None else labels["pair_weights"],
         )
     penalty = objective["penalty"]
     if penalty == "kl" and objective.get("kl_estimator") == "k3":
@@ -320,10 +342,12 @@ def compare_with_closed_forms(
     method, penalty or loss, coefficient, alpha, beta, clipping, normalisation). With ``r`` the reward the run
     optimised (``effective_reward``) and ``coef`` its temperature, the optima restricted to M(x) are: KL RLHF
     ``ref * e^{r / coef}`` (eq. (5.1)), PM ``e^{r / coef}`` (eq. (3.2) when coef = 1), conditional PM
-    (Def. 4.1) ``e^{r / coef}`` on {ref >= alpha}, ``ref * e^{r / coef}`` off it (Thm. 4), and the run's own
-    (``own_target``, for DPO at the true reward that labelled its comparisons; ``tv_to_own_target`` asks
-    whether training converged). ``reward_model`` is the reward
-    model's Plackett-Luce distribution ``e^{r_theta / beta}`` unclipped (does the method match preferences?).
+    (Def. 4.1) ``e^{r / coef}`` on {ref >= alpha}, ``ref * e^{r / coef}`` off it (Thm. 4; only for a run with an
+    alpha), and the run's own (``own_target``, for DPO under the labels of its comparisons; ``tv_to_own_target``
+    asks whether training converged). ``reward_model`` is the reward model's Plackett-Luce distribution
+    ``e^{r_theta / beta}`` unclipped (does the method match preferences?); ``truth`` the population's
+    proportions, and ``learnable`` the Plackett-Luce distribution of the labels' BTL fit (``truth_over_m``),
+    where a pairwise reward model and DPO-family losses converge with unlimited data.
     Distances are total variation between the policy's conditional distribution over M(x) and each target,
     averaged over prompts. ``policy_dist``: the policy's ``policy_over_m``, when the caller already has it.
     With ``max_new_tokens`` > 0, the KL and conditional PM optima's mass outside M(x) is estimated too
@@ -345,14 +369,17 @@ def compare_with_closed_forms(
     targets = {
         "kl_target": optimal.kl_rlhf(r, ref_seq, coef),
         "pm_target": optimal.max_entropy(r, coef),
-        "cpm_target": optimal.conditional_pm(r / coef, ref_seq, alpha),
         "reward_model": optimal.preference_matching((scores / beta).masked_fill(~mask, float("-inf"))),
         "truth": truth["truth"],
+        "learnable": truth["learnable"],
     }
-    # DPO never sees the reward model: its losses are driven by the comparisons' labels, drawn in the world as BTL
-    # with the true reward r*, so its optimum is taken at r*
-    own_r = truth["reward"].masked_fill(~mask, float("-inf")) if objective["method"] == "dpo" else r
-    own = own_target(objective, own_r, ref_seq, mask, ref_tokens, lengths)
+    if alpha:  # Def. 4.1 at the run's own alpha; at alpha 0 it would be the PM optimum again
+        targets["cpm_target"] = optimal.conditional_pm(r / coef, ref_seq, alpha)
+    # DPO never sees the reward model: its losses are minimised under the comparisons' labels, with the pairs as
+    # often as the world shows them, so its optimum is taken there (at their BTL fit for the closed forms)
+    dpo = objective["method"] == "dpo"
+    own_r = truth["reward"].masked_fill(~mask, float("-inf")) if dpo else r
+    own = own_target(objective, own_r, ref_seq, mask, ref_tokens, lengths, truth if dpo else None)
     out: dict[str, float] = {}
     rm = torch.where(mask, scores / beta, 0.0)  # the reward model's preferences the divergences are taken against
     for model_name, dist in (("", pol), ("reference_", ref)):
@@ -368,6 +395,8 @@ def compare_with_closed_forms(
         own_logp = torch.log(own).masked_fill(~mask, float("-inf"))
         out["own_target_pm_divergence_uniform_pairs"] = pairwise_pm_divergence(own_logp, rm, mask).item()
     out["reward_model_tv_to_truth"] = tv_rows(targets["reward_model"], truth["truth"], mask).mean().item()
+    out["reward_model_tv_to_learnable"] = tv_rows(targets["reward_model"], truth["learnable"], mask).mean().item()
+    out["learnable_tv_to_truth"] = tv_rows(truth["learnable"], truth["truth"], mask).mean().item()
     if objective["method"] == "ppo" and objective.get("clip_reward_value") is not None:
         clip = objective["clip_reward_value"]
         norm = objective.get("reward_normalization") or {"mean": 0.0, "std": 1.0}

@@ -88,10 +88,16 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
     if reward_model is not None:
         out.append(
             "**The reward model** against the truth: its preference between two responses of M(x), "
-            "σ(r_θ(y1) − r_θ(y2)), is off the true one by "
+            "σ(r_θ(y1) − r_θ(y2)), is off the labelers' by "
             f"{reward_model['pair_gap_to_truth']:.3f} on average over every pair. The methods below match the "
             "reward model, not the truth; this gap is what separates the two."
         )
+        if "pair_gap_to_learnable" in reward_model:
+            out[-1] += (
+                f" From the Bradley–Terry fit that pairwise training converges to with unlimited labels, it is off by "
+                f"{reward_model['pair_gap_to_learnable']:.3f}: the rest is what one such model cannot represent of "
+                "labelers who are a mixture of groups."
+            )
     trained = {n: m for n, m in summary.items() if n != REFERENCE}
     baselines: dict[str, tuple[str, dict]] = {}
     for family in ("ppo", "dpo"):
@@ -220,7 +226,8 @@ def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int =
     cols = 4
     rows = math.ceil(n / cols)
     fig, axes = subplots(rows, cols, figsize=(4 * cols, 2.8 * rows))
-    names = ["ground truth", "reward model", *[k for k in over_m if k not in ("ground truth", "reward model")]]
+    fixed = {"ground truth": "black", "learnable target": "tab:gray", "reward model": "tab:blue"}
+    names = [*(n for n in fixed if n in over_m), *[k for k in over_m if k not in fixed]]
     width = 0.8 / len(names)
     for i, ax in enumerate(axes.flat):
         if i >= n:
@@ -229,13 +236,7 @@ def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int =
         p = truth[i]
         k = len(p["responses"])
         for j, name in enumerate(names):
-            color = (
-                "black"
-                if name == "ground truth"
-                else "tab:blue"
-                if name == "reward model"
-                else SEQUENTIAL(j / max(1, len(names) - 1))
-            )
+            color = fixed.get(name) or SEQUENTIAL(j / max(1, len(names) - 1))
             ax.bar([x + j * width for x in range(k)], over_m[name][i][:k], width, label=name, color=color)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(k)], [f"{w}w" for w in p["words"]], fontsize=7)
         ax.set_title(f"{p['prompt']} ({p['profile']})", fontsize=9)

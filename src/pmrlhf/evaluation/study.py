@@ -26,6 +26,7 @@ METRICS = {
     "own_target_mass_outside_m": "its optimum's mass outside",
     "tv_to_own_target": "TV to own optimum",
     "tv_to_truth": "TV to truth",
+    "tv_to_learnable": "TV to learnable",
     "minority_share": "minority's answers",
 }
 # two-sided 95 % quantiles of Student's t, by degrees of freedom
@@ -86,7 +87,10 @@ def seed_metrics(run_dir: Path, world: World) -> dict[str, dict]:
         row["minority_share"] = minority_share(over_m[name], world)
         row["pm_divergence_sampled"] = m["pm_divergence"]
         out[name] = {"objective": m["objective"], "metrics": row}
-    for name in ("reward model", "ground truth"):  # what PM matches, and what the labelers hold
+    # what PM matches, what the labelers hold, and what pairwise training can learn of it
+    for name in ("reward model", "ground truth", "learnable target"):
+        if name not in over_m:  # written by an earlier version of eval
+            continue
         out[name] = {"objective": {}, "metrics": {"minority_share": minority_share(over_m[name], world)}}
     return out
 
@@ -229,12 +233,16 @@ def plot_tradeoff(study: dict, path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_minority(study: dict, truth: float, path: Path) -> Path:
-    """Per method, the probability it gives the minority's answers within M(x), against the true share."""
-    rows = [(n, r["intervals"]["minority_share"]) for n, r in study["methods"].items() if n != "ground truth"]
+def plot_minority(study: dict, truth: float, path: Path, learnable: float | None = None) -> Path:
+    """Per method, the probability it gives the minority's answers within M(x), against the true share and the
+    share of the labels' BTL fit (what a single Bradley-Terry model can learn)."""
+    lines = ("ground truth", "learnable target")
+    rows = [(n, r["intervals"]["minority_share"]) for n, r in study["methods"].items() if n not in lines]
     fig, ax = subplots(figsize=(7.2, 0.3 * len(rows) + 1.5))
     ax.barh(range(len(rows)), [i.mean for _, i in rows], xerr=[i.half for _, i in rows], capsize=2, color="tab:blue")
     ax.axvline(truth, color="tab:red", label=f"true share {truth:.3f}")
+    if learnable is not None:
+        ax.axvline(learnable, color="tab:orange", linestyle="--", label=f"learnable from pairs {learnable:.3f}")
     ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("probability of the minority's preferred answers, within M(x)")

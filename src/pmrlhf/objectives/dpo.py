@@ -146,9 +146,14 @@ def implicit_target(
     simpo_gamma: float = 1.0,
     lengths: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    preference: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The policy over a finite response set (``[..., k]``) that a loss's population minimiser reaches when
-    comparisons are BTL with ``reward`` and every pair is compared equally often: the optimum it targets.
+    """The policy over a finite response set (``[..., k]``) that a loss's population minimiser reaches: the optimum
+    it targets. Comparisons label ``i`` the winner over ``j`` with probability ``preference[..., i, j]`` (by
+    default BTL in ``reward``) and show each pair as often as ``pair_weights`` says (by default all alike).
+    Labels that are not BTL (a mixture of labeler groups) make the closed forms below hold at the BTL fit of
+    the labels under those weights (``preference.btl_fit``), which replaces ``reward`` then.
 
     DPO (``sigmoid`` without label smoothing), PM-DPO and conditional PM-DPO have closed forms. The others are
     minimised numerically (``population_minimiser``): cDPO (``label_smoothing`` > 0) fits the smoothed labels
@@ -159,7 +164,14 @@ def implicit_target(
     that exist (all by default).
     """
     from pmrlhf.objectives import optimal
+    from pmrlhf.objectives.preference import btl_fit
 
+    mask = torch.ones_like(reward, dtype=torch.bool) if mask is None else mask
+    if preference is None:
+        preference = torch.sigmoid(reward[..., :, None] - reward[..., None, :])
+    else:
+        weights = torch.ones_like(preference) if pair_weights is None else pair_weights
+        reward = btl_fit(preference, weights, mask).to(reward.dtype)
     if loss == "sigmoid" and label_smoothing == 0:
         return optimal.kl_rlhf(reward, ref, beta)
     if loss == "pm":
@@ -172,35 +184,38 @@ def implicit_target(
     kwargs = {k: given[k] for k in DPO_LOSSES[loss].hyperparameters}
     if loss in ("ipo", "simpo") and lengths is None:
         raise ValueError(f"the {loss} target needs the responses' lengths")
-    mask = torch.ones_like(reward, dtype=torch.bool) if mask is None else mask
     unbounded = torch.zeros(reward.shape[:-1], dtype=torch.bool)
     if loss == "robust":
-        p = torch.sigmoid(reward[..., :, None] - reward[..., None, :])
-        pair = mask[..., :, None] & mask[..., None, :]
+        p = preference
+        pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(p.shape[-1], dtype=torch.bool)
         unbounded = (pair & ((p < label_smoothing) | (p > 1 - label_smoothing))).flatten(-2).any(-1)
-    target = population_minimiser(loss, reward, ref, lengths, mask & ~unbounded[..., None], **kwargs)
+    target = population_minimiser(
+        loss, preference, ref, lengths, mask & ~unbounded[..., None], pair_weights=pair_weights, **kwargs
+    )
     return torch.where(unbounded[..., None], float("nan"), target)
 
 
 def population_minimiser(
     loss: str,
-    reward: torch.Tensor,
+    preference: torch.Tensor,
     ref: torch.Tensor,
     lengths: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     iters: int = 400,
+    pair_weights: torch.Tensor | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """The policy over the set (softmax of free logits, so all its mass is on the set) that minimises the
-    expected loss over every ordered pair ``(i, j)``, ``i`` labelled the winner with probability
-    ``sigmoid(reward_i - reward_j)``. L-BFGS in float64 on the registry's own loss function."""
+    expected loss over every ordered pair ``(i, j)`` shown as often as ``pair_weights`` says (all alike by
+    default), ``i`` labelled the winner with probability ``preference[..., i, j]``. L-BFGS in float64 on the
+    registry's own loss function."""
     fn = DPO_LOSSES[loss].fn
-    r, ref64 = reward.double(), ref.double()
-    mask = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
-    pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(r.shape[-1], dtype=torch.bool)
-    p = torch.sigmoid(r[..., :, None] - r[..., None, :])  # [..., k, k]: P(i beats j)
+    p, ref64 = preference.double(), ref.double()  # p: [..., k, k], P(i beats j)
+    mask = torch.ones(p.shape[:-1], dtype=torch.bool) if mask is None else mask
+    pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(p.shape[-1], dtype=torch.bool)
+    w = torch.ones_like(p) if pair_weights is None else pair_weights.double()
     ref_logp = torch.log(ref64.clamp(min=1e-300))
-    z = torch.zeros_like(r, requires_grad=True)
+    z = torch.zeros(p.shape[:-1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS(
         [z], lr=1, max_iter=iters, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
     )
@@ -217,11 +232,11 @@ def population_minimiser(
         opt.zero_grad()
         logp = torch.log_softmax(z.masked_fill(~mask, float("-inf")), -1).masked_fill(~mask, 0.0)
         pairs = Pairs(winner(logp), loser(logp), winner(ref_logp), loser(ref_logp), *length_pairs)
-        value = torch.where(pair, p * fn(pairs, **kwargs), 0.0).sum()
+        value = torch.where(pair, w * p * fn(pairs, **kwargs), 0.0).sum()
         value.backward()
         return value
 
     opt.step(expected_loss)
     with torch.no_grad():
         pi = torch.softmax(z.masked_fill(~mask, float("-inf")), -1)
-    return pi.to(reward.dtype)
+    return pi.to(ref.dtype)

@@ -47,3 +47,51 @@ def pm_divergence(
 ) -> torch.Tensor:
     """Aggregate PM divergence, Sec. 6.1: the mean instance PM divergence over prompts (a scalar)."""
     return instance_pm_divergence(logp1, logp2, r1, r2, beta).mean()
+
+
+def btl_fit(
+    preference: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None = None, iters: int = 100
+) -> torch.Tensor:
+    """The reward a Bradley-Terry model fitted to unlimited pairwise labels converges to: the maximiser of the
+    expected log-likelihood ``sum_{i != j} w_ij P_ij log sigmoid(r_i - r_j)`` of eq. (2.2), with ``P_ij``
+    (``preference``, ``[..., k, k]``, ``P_ij + P_ji = 1``) the probability that ``i`` is labelled the winner and
+    ``w_ij`` (``weights``, symmetric) how often the pair is compared. Where ``P`` is BTL in some r* (and the pairs
+    connect every response) that is r*; otherwise it depends on ``w``. Centred over ``mask`` (``[..., k]``, the
+    entries that exist). Newton's method in float64 with halving steps: the objective is concave, its gradient
+    ``g_i = sum_j w_ij (P_ij - sigmoid(r_i - r_j))`` and its Hessian a weighted graph Laplacian."""
+    P, W = preference.double(), weights.double()
+    k = P.shape[-1]
+    mask = torch.ones(P.shape[:-1], dtype=torch.bool) if mask is None else mask
+    pair = mask[..., :, None] & mask[..., None, :] & ~torch.eye(k, dtype=torch.bool)
+    W = torch.where(pair, W, 0.0)
+    W = W / W.sum((-2, -1), keepdim=True).clamp(min=1e-300)
+    P = torch.where(pair, P, 0.5)
+    eye = torch.eye(k, dtype=torch.float64)
+    # the ones direction (a shift of every reward) leaves the likelihood unchanged: fixed by the centring term
+    gauge = (mask[..., :, None] & mask[..., None, :]).double() / mask.sum(-1)[..., None, None].clamp(min=1)
+    absent = (~mask).double()[..., :, None] * eye
+
+    def log_likelihood(r: torch.Tensor) -> torch.Tensor:
+        return (W * P * F.logsigmoid(r[..., :, None] - r[..., None, :])).sum((-2, -1))
+
+    r = torch.zeros(P.shape[:-1], dtype=torch.float64)
+    value = log_likelihood(r)
+    for _ in range(iters):
+        s = torch.sigmoid(r[..., :, None] - r[..., None, :])
+        gradient = (W * (P - s)).sum(-1)
+        if gradient.abs().max() < 1e-15:
+            break
+        c = W * s * (1 - s)
+        hessian = c.sum(-1)[..., :, None] * eye - c + gauge + absent  # minus the likelihood's Hessian, made regular
+        step = torch.linalg.solve(hessian, gradient[..., None])[..., 0]
+        scale = torch.ones_like(value)
+        for _ in range(30):  # halve where a full step would lower the likelihood (it never does near the optimum)
+            new = r + scale[..., None] * step
+            new_value = log_likelihood(new)
+            worse = new_value < value - 1e-15
+            if not worse.any():
+                break
+            scale = torch.where(worse, scale / 2, scale)
+        r, value = new, new_value
+    mean = torch.where(mask, r, 0.0).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(mask, r - mean, 0.0)

@@ -196,9 +196,14 @@ def run_eval(config: EvalConfig) -> Path:
         scores, mask = rewards_over_m(reward_model, tokenizer, world)
         gap = reward_model_gap(scores, mask, world)
         atomic_write_json(out / "reward_model.json", gap)
-        console.print(f"reward model: mean |p_theta - p*| over pairs of M(x) {gap['pair_gap_to_truth']:.3f}")
+        console.print(
+            f"reward model: mean |p_theta - p| over pairs of M(x) {gap['pair_gap_to_truth']:.3f} from the labels', "
+            f"{gap['pair_gap_to_learnable']:.3f} from their BTL fit"
+        )
         over_m["reward model"] = torch.softmax((scores / config.beta).masked_fill(~mask, float("-inf")), -1).tolist()
-        over_m["ground truth"] = truth_over_m(world)["truth"].tolist()
+        truth = truth_over_m(world)
+        over_m["ground truth"] = truth["truth"].tolist()
+        over_m["learnable target"] = truth["learnable"].tolist()
         atomic_write_json(out / "over_m.json", over_m)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "instances.json", instances)

@@ -103,11 +103,15 @@ def write_study(sweep_dir: Path, seeds: list[int]) -> Path:
     per_seed = {s: study.seed_metrics(sweep_dir / f"seed{s}", world) for s in seeds}
     result = study.aggregate(per_seed)
     out = sweep_dir / "study"
-    truth = result["methods"]["ground truth"]["intervals"]["minority_share"].mean
+    share = {
+        n: result["methods"][n]["intervals"]["minority_share"].mean
+        for n in ("ground truth", "learnable target")
+        if n in result["methods"]
+    }
     figures = [
         study.plot_alpha(result, out / "pm_divergence_vs_alpha.png"),
         study.plot_tradeoff(result, out / "tradeoff.png"),
-        study.plot_minority(result, truth, out / "minority.png"),
+        study.plot_minority(result, share["ground truth"], out / "minority.png", share.get("learnable target")),
     ]
     atomic_write_json(out / "study.json", json.loads(json.dumps(result, default=lambda i: i.__dict__)))
     return atomic_write_text(out / "study.md", _markdown(result, world, seeds, figures))
