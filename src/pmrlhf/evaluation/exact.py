@@ -131,9 +131,9 @@ def truth_over_m(world: World) -> dict[str, torch.Tensor]:
     mask = torch.zeros(P, k, dtype=torch.bool)
     for i, p in enumerate(world.prompts):
         n = len(p.responses)
-        out["reward"][i, :n] = torch.tensor(p.reward)
-        out["truth"][i, :n] = torch.tensor(p.truth)
-        out["ref"][i, :n] = torch.tensor(p.ref)
+        out["reward"][i, :n] = torch.tensor(p.reward, dtype=torch.float64)
+        out["truth"][i, :n] = torch.tensor(p.truth, dtype=torch.float64)
+        out["ref"][i, :n] = torch.tensor(p.ref, dtype=torch.float64)
         out["label_preference"][i, :n, :n] = world.label_preference(p)
         out["pair_weights"][i, :n, :n] = world.pair_weights(p)
         mask[i, :n] = True
