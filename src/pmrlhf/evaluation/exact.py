@@ -284,10 +284,12 @@ def targets_mass_outside_m(
 
     Both weigh each response by ``e^{r(y)/coef + c(y)}``, with ``c`` the part of ``log pi_ref(y|x)`` the penalty
     keeps (``penalties.reference_term``; all of it for KL). Over M(x) that is exact (``r`` is
-    ``effective_reward`` there). The sums over every response the reference can write within ``max_new_tokens``
-    are estimated without bias from ``samples`` responses of the reference per prompt:
-    ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The sampling is seeded and leaves the
-    caller's random state as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
+    ``effective_reward`` there). The sum over every other response the reference can write within ``max_new_tokens``
+    is estimated without bias from ``samples`` responses of the reference per prompt:
+    ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The mass outside is that sum over itself
+    plus the exact sum over M(x): a ratio, so the estimate is consistent (exact as ``samples`` grows) but biased
+    low for a finite number of heavy-tailed weights. The sampling is seeded and leaves the caller's random state
+    as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
     """
     from pmrlhf.models.sampling import generate
     from pmrlhf.objectives.penalties import reference_term
