@@ -6,6 +6,7 @@ Everything saved here loads back with plain ``transformers`` (``AutoModelForCaus
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
@@ -333,18 +334,20 @@ class WithoutAdapter:
         return self
 
 
-def unwrap_for_saving(model):
-    """The plain ``transformers`` model to save: LoRA merged, wrappers removed."""
+def unwrap_for_saving(model, keep: bool = False):
+    """The plain ``transformers`` model to save: LoRA merged, wrappers removed. Merging replaces the LoRA layers in
+    place; with ``keep`` it is done on a copy, and ``model`` stays as it was for later use."""
     if isinstance(model, Critic):
         model = model.model
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = (copy.deepcopy(model) if keep else model).merge_and_unload()
     return model
 
 
-def save_model(model, tokenizer, path: Path) -> Path:
-    """Save a model and its tokenizer in Hugging Face format, atomically (a crash leaves the old folder)."""
-    plain = unwrap_for_saving(model)
+def save_model(model, tokenizer, path: Path, keep: bool = False) -> Path:
+    """Save a model and its tokenizer in Hugging Face format, atomically (a crash leaves the old folder). ``keep``:
+    the model is used after this (``unwrap_for_saving``)."""
+    plain = unwrap_for_saving(model, keep)
 
     def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)

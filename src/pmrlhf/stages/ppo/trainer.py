@@ -389,8 +389,8 @@ class PPOTrainer:
         path = self.out / "model"
         actor = gathered_model(acc, self.actor, self._fresh_actor)
         critic = gathered_model(acc, self.critic, self._fresh_critic) if self.critic is not None else None
-        if acc.is_main_process:
-            save_model(actor, self.tokenizer, path)
+        if acc.is_main_process:  # the EMA copies into the actor after this, which needs its LoRA layers unmerged
+            save_model(actor, self.tokenizer, path, keep=self.ema is not None)
             if critic is not None:
                 save_model(critic, self.tokenizer, self.out / "critic")
         if self.ema is not None:  # last, as it overwrites the actor's weights with their average
