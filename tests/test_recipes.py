@@ -208,3 +208,20 @@ def test_the_families_users_try_next_run_a_recipe_end_to_end(arch, tmp_path):
     assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-cpm-rloo", "dpo", "dpo-pm"}
     assert all(m["length"] >= 1 for m in summary.values())
     assert json.loads((tmp_path / "run" / "ppo-cpm-rloo" / "objective.json").read_text())["penalty"] == "cpm_token"
+
+
+@pytest.mark.parametrize("style", ["opt", "llama2", "llama3"])
+def test_a_prompt_cut_from_the_left_keeps_its_start_token(style):
+    """Every recipe truncates long prompts from the left: the cut keeps the BOS the tokenizer puts first (it was
+    added, then cut away) and the prompt's end, in ``max_prompt_tokens`` tokens."""
+    from pmrlhf.data.tokenize import Encoder
+
+    texts = [row["prompt"] for row in hh_rows(20)]
+    tok = recipe_tokenizer(style, texts)
+    long_prompt = " ".join(texts[:3])
+    full = Encoder(tok, max_prompt_tokens=10_000).prompt(long_prompt)
+    enc = Encoder(tok, max_prompt_tokens=12)
+    ids = enc.prompt(long_prompt)
+    assert len(full) > 12 and len(ids) == 12
+    assert ids[0] == tok.bos_token_id and ids[1:] == full[-11:]
+    assert enc.counts == {"prompts truncated from the left": 1}

@@ -85,8 +85,16 @@ class Encoder:
                 self.counts["prompts skipped (too long)"] += 1
                 return None
             self.counts["prompts truncated from the left"] += 1
-            ids = ids[-self.max_prompt_tokens :]
+            ids = self._truncated(ids)
         return ids
+
+    def _truncated(self, ids: list[int]) -> list[int]:
+        """The last ``max_prompt_tokens`` ids, after the start tokens where the prompt begins with them: a cut
+        from the left keeps the BOS a model always saw first."""
+        start = self.start_tokens()
+        if not start or ids[: len(start)] != start or len(start) >= self.max_prompt_tokens:
+            return ids[-self.max_prompt_tokens :]
+        return start + ids[len(start) :][-(self.max_prompt_tokens - len(start)) :]
 
     def start_tokens(self) -> list[int]:
         """The special tokens the tokenizer puts before every text: those before a one-word text's own ids."""
