@@ -54,3 +54,28 @@ def test_sft_trains_on_the_token_ids_every_later_stage_uses_even_where_tokens_me
     assert row == {"input_ids": [2, 3, 4, 1], "completion_mask": [0, 0, 1, 1]}
     ids, _, response_mask = join([encoder.prompt("xa")], [encoder.response("b")], tok.pad_token_id)
     assert ids[0].tolist() == row["input_ids"] and response_mask[0].tolist() == row["completion_mask"]
+
+
+@pytest.mark.parametrize("ratio", [0.25, 1.0])
+def test_warmup_ratio_is_a_share_of_the_steps_as_in_every_stage(tmp_path, tiny_world_config, ratio):
+    """A linear warm-up over ``ceil(ratio * steps)`` steps, then linear decay: ``warmup_ratio: 1.0`` warms up over
+    every step (transformers read it as one step, and decayed over the rest)."""
+    import json
+    import math
+
+    from pmrlhf.config import LoggingConfig
+    from pmrlhf.io import read_jsonl
+
+    config = sft.SFTConfig(
+        run_dir=str(tmp_path),
+        world=tiny_world_config,
+        optim=OptimConfig(epochs=0.1, lr=1e-3, scheduler="linear", warmup_ratio=ratio, batch_size=8),
+        logging=LoggingConfig(log_every=1),
+    )
+    sft.run(config)
+    lrs = [r["learning_rate"] for r in read_jsonl(tmp_path / "sft" / "metrics.jsonl") if "learning_rate" in r]
+    steps = len(lrs)
+    assert steps >= 4, json.dumps(lrs)
+    warmup = math.ceil(ratio * steps)
+    expected = [1e-3 * (k / warmup if k < warmup else (steps - k) / (steps - warmup)) for k in range(steps)]
+    assert lrs == pytest.approx(expected, abs=1e-12)

@@ -155,7 +155,6 @@ def run(config: SFTConfig) -> Path:
         gradient_accumulation_steps=config.optim.grad_accum,
         learning_rate=config.optim.lr,
         weight_decay=config.optim.weight_decay,
-        warmup_steps=float(config.optim.warmup_ratio),
         lr_scheduler_type=config.optim.scheduler,
         max_grad_norm=config.optim.max_grad_norm or 0.0,
         logging_steps=config.logging.log_every,
@@ -174,7 +173,16 @@ def run(config: SFTConfig) -> Path:
         dataloader_num_workers=0,
         disable_tqdm=True,  # the rich bar below shows progress without printing every log line
     )
-    trainer = SFTTrainer(
+    warmup_ratio = config.optim.warmup_ratio
+
+    class WarmupShare(SFTTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            # warmup_ratio is a share of the steps, as in every other stage (``optim.lr_schedule``); transformers
+            # has only warmup_steps, and reads 1.0 there as one step
+            self.args.warmup_steps = math.ceil(warmup_ratio * num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
+
+    trainer = WarmupShare(
         model=model,
         args=args,
         train_dataset=train_ds,
