@@ -86,3 +86,13 @@ def test_a_setting_is_described_by_the_comment_on_its_line_or_the_lines_above():
     assert docs["placement"].startswith('for kl: "reward" (k1 per token, eq. (2.3)) or "loss"')
     assert docs["placement"].endswith("differentiated as in GRPO but per response")
     assert field_docs(PPOConfig)["mixed_precision"].startswith("no | bf16 | fp16; None: the half type")
+
+
+def test_version_prints_without_a_command():
+    from typer.testing import CliRunner
+
+    from pmrlhf import __version__
+    from pmrlhf.cli import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == __version__

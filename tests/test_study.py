@@ -47,15 +47,20 @@ def test_minority_share_of_the_truth_is_the_minority_answers_true_share():
 
 def test_grid_expands_one_swept_setting_per_entry():
     cfg = SweepConfig(
-        grid=[{"name": "kl", "penalty": "kl"}, {"name": "m", "penalty": "cpm_mean", "alpha_ctl": [0.5, 0.75]}]
+        grid=[
+            {"name": "kl", "penalty": "kl"},
+            {"name": "m", "penalty": "cpm_mean", "alpha_ctl": [0.5, 0.75]},
+            {"name": "p", "penalty": ["pm", "maxent"]},  # names, not numbers, are swept too
+        ]
     )
-    assert [v["name"] for v in cfg.variants()] == ["kl", "m-0.5", "m-0.75"]
+    assert [v["name"] for v in cfg.variants()] == ["kl", "m-0.5", "m-0.75", "p-pm", "p-maxent"]
+    assert cfg.variants()[4]["penalty"] == "maxent"
     assert cfg.variants()[2]["alpha_ctl"] == 0.75
     seed = cfg.seed_config(3)
     assert (seed.seed, seed.run_dir, [v["name"] for v in seed.variants]) == (
         3,
         "runs/study/seed3",
-        ["kl", "m-0.5", "m-0.75"],
+        ["kl", "m-0.5", "m-0.75", "p-pm", "p-maxent"],
     )
 
 

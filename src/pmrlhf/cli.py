@@ -45,17 +45,23 @@ def settings(config: str) -> type:
     return WithSettings
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
-    _quiet_libraries()
-    if version:
+def _print_version(asked: bool) -> None:
+    """An eager option's own callback: it runs before click asks for a command (the group's callback would not)."""
+    if asked:
         from pmrlhf import __version__
 
         typer.echo(__version__)
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+    ),
+) -> None:
+    """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
+    _quiet_libraries()
 
 
 def _quiet_libraries() -> None:

@@ -61,7 +61,7 @@ class SweepConfig:
                 out.append(dict(entry))
                 continue
             key = swept[0]
-            out += [{**entry, key: v, "name": f"{entry['name']}-{v:g}"} for v in entry[key]]
+            out += [{**entry, key: v, "name": f"{entry['name']}-{_label(v)}"} for v in entry[key]]
         return out
 
     def seed_config(self, seed: int) -> pipeline.PipelineConfig:
@@ -75,6 +75,11 @@ class SweepConfig:
             "dpo_variants": [v for v in variants if "loss" in v],
         }
         return from_dict(pipeline.PipelineConfig, {**self.pipeline, **own})
+
+
+def _label(value: Any) -> str:
+    """A swept value as a method's name ends: numbers short (``0.01``, ``1e-05``), anything else as it is."""
+    return f"{value:g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 
 
 def run(config: SweepConfig) -> Path:
