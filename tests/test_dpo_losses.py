@@ -205,3 +205,36 @@ def test_closed_forms_hold_at_the_btl_fit_when_labels_are_not_btl(loss, kwargs):
     torch.testing.assert_close(found, closed, atol=1e-7, rtol=0)
     evenly = dpo.implicit_target(loss, reward, ref, 0.6, kwargs.get("alpha", 0.0), preference=preference)
     assert ((evenly - closed).abs().sum(-1) / 2).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "loss,hyper",
+    [
+        ("sigmoid", {"beta": 0.3, "label_smoothing": 0.0}),
+        ("robust", {"beta": 0.3, "label_smoothing": 0.0}),
+        ("ipo", {"beta": 0.3}),
+        ("simpo", {"beta": 2.0, "simpo_gamma": 0.7}),
+        ("pm", {"beta": 0.5}),
+        ("cpm", {"beta": 0.5, "alpha": 0.05}),
+    ],
+)
+def test_each_loss_is_its_model_of_its_own_implicit_reward(loss, hyper):
+    """What the DPO stage logs as accuracy and margin is each loss's own: the Bradley-Terry losses are
+    ``-log sigmoid(r_w - r_l - gamma)`` in their implicit reward (gamma: SimPO's target margin, 0 elsewhere),
+    IPO is ``(r_w - r_l - 1 / (2 beta))^2`` in its per-token log-ratio."""
+    g = torch.Generator().manual_seed(4)
+    lp = -torch.rand(4, 8, generator=g, dtype=torch.float64) * 30
+    lengths = torch.randint(1, 20, (2, 8), generator=g).double()
+    x = dpo.Pairs(lp[0], lp[1], lp[2], lp[3], lengths[0], lengths[1])
+    entry = dpo.DPO_LOSSES[loss]
+    chosen, rejected = entry.implicit_reward(x, **hyper)
+    margin = chosen - rejected
+    if loss == "ipo":
+        expected = (margin - 1 / (2 * hyper["beta"])) ** 2
+    else:
+        expected = -torch.nn.functional.logsigmoid(margin - hyper.get("simpo_gamma", 0.0))
+    torch.testing.assert_close(entry.fn(x, **hyper), expected, atol=1e-12, rtol=0)
+    # and the conditional rule's reward is PM-DPO's above alpha and DPO's below
+    if loss == "cpm":
+        above = lp[2] >= math.log(hyper["alpha"])
+        torch.testing.assert_close(chosen, torch.where(above, 0.5 * lp[0], 0.5 * (lp[0] - lp[2])))

@@ -36,7 +36,7 @@ def ours(tok, policy, reference, config: stage.DPOConfig) -> float:
     with torch.no_grad():
         c, r, lc, lr = stage.batch_logprobs(policy, pairs, tok.pad_token_id)
         rc, rr, _, _ = stage.batch_logprobs(reference, pairs, tok.pad_token_id)
-        return stage.loss_fn(config)(Pairs(c, r, rc, rr, lc, lr)).mean().item()
+        return stage.loss_fn(config)(Pairs(c, r, rc, rr, lc, lr))[0].mean().item()
 
 
 def trl_first_loss(tok, policy, reference, loss_type: str, beta: float, label_smoothing: float) -> float:

@@ -110,10 +110,47 @@ def cpm_dpo(x: Pairs, *, beta: float = 1.0, alpha: float = 0.1) -> torch.Tensor:
     ``h(y) = log pi(y|x) - 1[pi_ref(y|x) < alpha] log pi_ref(y|x)``; loss ``-log sigmoid(beta (h_w - h_l))``.
     """
     _check_beta(beta)
+    h_w, h_l = _conditional_h(x, alpha)
+    return -F.logsigmoid(beta * (h_w - h_l))
+
+
+def _conditional_h(x: Pairs, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     log_alpha = math.log(alpha)
     h_w = x.chosen - torch.where(x.ref_chosen < log_alpha, x.ref_chosen, torch.zeros_like(x.ref_chosen))
     h_l = x.rejected - torch.where(x.ref_rejected < log_alpha, x.ref_rejected, torch.zeros_like(x.ref_rejected))
-    return -F.logsigmoid(beta * (h_w - h_l))
+    return h_w, h_l
+
+
+# Each loss's implicit reward of the chosen and the rejected response, ``([N], [N])``, up to a term in x alone:
+# what its Bradley-Terry model (or IPO's regression) compares, so that its accuracy and margin are its own.
+
+
+def _log_ratio_reward(x: Pairs, *, beta: float, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """DPO, cDPO, robust DPO: ``beta (log pi - log pi_ref)``."""
+    return beta * (x.chosen - x.ref_chosen), beta * (x.rejected - x.ref_rejected)
+
+
+def _per_token_log_ratio(x: Pairs, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """IPO: the per-token log-ratio its squared loss regresses to ``1 / (2 beta)``."""
+    return (x.chosen - x.ref_chosen) / x.chosen_len.clamp(min=1), (x.rejected - x.ref_rejected) / x.rejected_len.clamp(
+        min=1
+    )
+
+
+def _per_token_log_prob(x: Pairs, *, beta: float, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimPO: ``beta log pi / |y|`` (its margin gamma is a target, not part of the reward)."""
+    return beta * x.chosen / x.chosen_len.clamp(min=1), beta * x.rejected / x.rejected_len.clamp(min=1)
+
+
+def _log_prob_reward(x: Pairs, *, beta: float, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """PM-DPO: ``beta log pi``."""
+    return beta * x.chosen, beta * x.rejected
+
+
+def _conditional_reward(x: Pairs, *, beta: float, alpha: float, **_) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conditional PM-DPO: ``beta h`` with Def. 4.1's ``h``."""
+    h_w, h_l = _conditional_h(x, alpha)
+    return beta * h_w, beta * h_l
 
 
 @dataclass(frozen=True)
@@ -123,15 +160,16 @@ class DPOLoss:
     fn: Callable[..., torch.Tensor]
     needs_reference: bool  # whether it reads ``ref_chosen`` / ``ref_rejected``
     hyperparameters: tuple[str, ...]  # its keyword arguments, named as the DPO stage's config names them
+    implicit_reward: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (pairs, **hyperparameters) -> (r_w, r_l)
 
 
 DPO_LOSSES = {
-    "sigmoid": DPOLoss(dpo_sigmoid, True, ("beta", "label_smoothing")),
-    "robust": DPOLoss(dpo_robust, True, ("beta", "label_smoothing")),
-    "ipo": DPOLoss(ipo, True, ("beta",)),
-    "simpo": DPOLoss(simpo, False, ("beta", "simpo_gamma")),
-    "pm": DPOLoss(pm_dpo, False, ("beta",)),
-    "cpm": DPOLoss(cpm_dpo, True, ("beta", "alpha")),
+    "sigmoid": DPOLoss(dpo_sigmoid, True, ("beta", "label_smoothing"), _log_ratio_reward),
+    "robust": DPOLoss(dpo_robust, True, ("beta", "label_smoothing"), _log_ratio_reward),
+    "ipo": DPOLoss(ipo, True, ("beta",), _per_token_log_ratio),
+    "simpo": DPOLoss(simpo, False, ("beta", "simpo_gamma"), _per_token_log_prob),
+    "pm": DPOLoss(pm_dpo, False, ("beta",), _log_prob_reward),
+    "cpm": DPOLoss(cpm_dpo, True, ("beta", "alpha"), _conditional_reward),
 }
 
 

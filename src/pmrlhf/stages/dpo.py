@@ -70,10 +70,23 @@ class DPOConfig:
 
 
 def loss_fn(config: DPOConfig):
-    """``f(pairs) -> [N]``: the config's loss with its hyper-parameters."""
+    """``f(pairs) -> ([N] losses, stats)``: the config's loss with its hyper-parameters, and the statistics of its
+    own implicit reward: how often it ranks the chosen response first, its mean margin, and its mean values."""
     loss = dpo.DPO_LOSSES[config.loss]
     hyper = {k: getattr(config, k) for k in loss.hyperparameters}
-    return lambda pairs: loss.fn(pairs, **hyper)
+
+    def f(pairs: dpo.Pairs):
+        with torch.no_grad():
+            chosen, rejected = loss.implicit_reward(pairs, **hyper)
+            stats = {
+                "accuracy": (chosen > rejected).float().mean().item(),
+                "margin": (chosen - rejected).mean().item(),
+                "rewards/chosen": chosen.mean().item(),
+                "rewards/rejected": rejected.mean().item(),
+            }
+        return loss.fn(pairs, **hyper), stats
+
+    return f
 
 
 def batch_logprobs(model, pairs: list[tuple], pad_id: int):
@@ -146,9 +159,8 @@ def run(config: DPOConfig) -> Path:
         c, r, lc, lr = batch_logprobs(model, batch, pad_id)
         rc = torch.tensor([x[3] for x in batch], device=c.device)
         rr = torch.tensor([x[4] for x in batch], device=c.device)
-        margin = (c - rc) - (r - rr)
-        stats = {"accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item()}
-        return f(dpo.Pairs(c, r, rc, rr, lc, lr)).mean(), stats
+        losses, stats = f(dpo.Pairs(c, r, rc, rr, lc, lr))
+        return losses.mean(), stats
 
     def evaluate(model):
         with torch.no_grad():
