@@ -277,3 +277,11 @@ def test_generalized_pm_regularizer_for_g_bounded_away_from_zero():
     assert_optimum(r, uniform, O.generalized_pm_regularizer(g_inv, scale, g_inf=1.0), O.generalized_pl(r, g))
     with pytest.raises(ValueError, match="g_inf"):
         O.solve(r, uniform, O.generalized_pm_regularizer(g_inv, scale))
+
+
+def test_eq_5_3_refuses_rewards_outside_the_domain_of_the_inverse_derivative():
+    """chi^2's (f')^{-1}(u) = 1 + u / 2 is a ratio only above u = -2: at r = (-3, 0) the formula gave -1."""
+    r = torch.tensor([[-3.0, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"needs r / beta in \(-2, inf\)"):
+        F.eq_5_3_binary(r, ref, 1.0, "chi2")

@@ -107,7 +107,7 @@ def test_study_intervals_and_differences_are_those_of_the_seeds_evaluations(word
             continue
         for key in ("pm_divergence_uniform_pairs", "mass_outside_m", "tv_to_truth", "tv_to_learnable"):
             values = [summaries[s][name]["world"][key] for s in cfg.seeds]
-            half = 12.706 * statistics.stdev(values) / math.sqrt(2)
+            half = math.tan(0.475 * math.pi) * statistics.stdev(values) / math.sqrt(2)  # t(0.975, 1 df)
             assert row["intervals"][key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
             assert row["intervals"][key]["half"] == pytest.approx(half, abs=1e-12)
     kl = [summaries[s]["ppo-kl"]["world"]["pm_divergence_uniform_pairs"] for s in cfg.seeds]
@@ -152,3 +152,20 @@ def test_text_study_quick_form_runs_end_to_end(tmp_path):
     assert data["methods"]["ppo-cpm-mean-0.8"]["objective"]["penalty"] == "cpm_mean"
     truth = data["methods"]["ground truth"]["intervals"]["minority_share"]
     assert 0 < truth["mean"] < 0.5 and truth["half"] == 0  # one world: its truth has no spread
+
+
+@pytest.mark.parametrize(
+    "df,quantile",
+    [
+        (1, math.tan(0.475 * math.pi)),
+        (2, 4.302652729911275),
+        (4, 2.776445105197793),
+        (30, 2.042272456301238),
+        (31, 2.039513446396408),
+        (100, 1.983971518523552),
+    ],
+)
+def test_t_quantiles_are_exact_beyond_the_old_table(df, quantile):
+    """Known values of Student's t; beyond 30 degrees of freedom the table fell back to 1.96 (3.9 % too narrow
+    at 31)."""
+    assert study.t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-9)

@@ -123,10 +123,17 @@ def eq_5_3_binary(r: torch.Tensor, ref: torch.Tensor, beta: float, f: FDivergenc
     the ratio ``pi_1 / pi_2`` only when ``(f')^{-1}`` is exponential. For chi^2 with ``r = (1, 0)``, a uniform
     reference and ``beta = 1``, the optimum prefers y1 with probability 0.625 (``mu = 0.5``), eq. (5.3) says
     0.600. The paper's conclusion (the bias stays unless f is the KL) holds for the true optimum as well
-    (``tests/test_optimal.py``). Kept so that the statement can be checked, not for use.
+    (``tests/test_optimal.py``). Kept so that the statement can be checked, not for use. Rewards with
+    ``r / beta`` outside the domain of ``(f')^{-1}`` (``(inf_u, sup_u)``) have no such formula: refused.
     """
     gen = f_divergence(f) if isinstance(f, str) else f
-    w = gen.f_prime_inv(r.double() / beta)
+    u = r.double() / beta
+    if bool(((u <= gen.inf_u) | (u >= gen.sup_u)).any()):
+        raise ValueError(
+            f"eq. (5.3) needs r / beta in ({gen.inf_u:g}, {gen.sup_u:g}), the domain of (f')^-1, for this f; got "
+            f"values from {u.min().item():g} to {u.max().item():g}"
+        )
+    w = gen.f_prime_inv(u)
     p_reward = w / w.sum(-1, keepdim=True)
     p_ref = ref.double() / ref.double().sum(-1, keepdim=True)
     joint = p_ref * p_reward
