@@ -337,8 +337,7 @@ def eos_expected_update(name, kwargs, advantage, k, normalization, kl_in_loss=No
         normalizer = rl.loss_normalizer(m, normalization, T_MAX)
         loss, _ = rl.ppo_policy_loss(lp, old, adv, m, 0.2, normalizer)
         if kl_in_loss:  # as the stage adds it: summed over responses, divided like the policy loss
-            divisor = m.sum() if normalizer is None else normalizer
-            loss = loss + COEF * rl.kl_loss(lp, ref_lp, m, kl_in_loss).sum() / divisor
+            loss = loss + COEF * rl.kl_loss(lp, ref_lp, m, kl_in_loss).sum() / normalizer
         return loss
 
     shaped = [t.reshape(-1, k, T_MAX) for t in (lp, old, ref_i, adv, m)]

@@ -63,25 +63,28 @@ def test_dpo_losses_are_pinned(trained, tmp_path, tiny_world_config, loss, pinne
         (
             {"penalty": "kl", "kl_ctl": 1.0},
             {
-                "env/reward": [-0.494035, -0.520689, -0.548054],
-                "objective/kl": [-7.8076e-08, -0.02242, -0.016168],
-                "losses/value": [0.338673, 0.259634, 0.203304],
+                "env/reward": [-0.494035, -0.520689, -0.409424],
+                "objective/kl": [-7.8076e-08, -0.022419, 0.0028528],
+                "losses/value": [0.338673, 0.259635, 0.139309],
             },
         ),
         (
             {"penalty": "cpm_token", "alpha_ctl": 0.3},
             {
-                "env/reward": [-0.494035, -0.520689, -0.548054],
-                "objective/penalty": [-0.241677, -0.257585, -0.227439],
-                "losses/value": [0.264503, 0.185838, 0.171208],
+                "env/reward": [-0.494035, -0.520689, -0.409424],
+                "objective/penalty": [-0.241677, -0.257585, -0.243502],
+                "objective/kl": [-7.8076e-08, -0.030078, 0.013168],
+                "losses/value": [0.264503, 0.185838, 0.119793],
             },
         ),
         (
             {"penalty": "pm", "advantage": "rloo", "samples_per_prompt": 2},
             {
-                "env/reward": [-0.423246, -0.365334, -0.434594],
-                "objective/penalty": [-0.344160, -0.568984, -0.286186],
-                "policy/approx_kl": [2.337681e-06, 7.539190e-05, 6.983239e-05],
+                "env/reward": [-0.423246, -0.350656, -0.434594],
+                "objective/penalty": [-0.344160, -1.813965, -0.279761],
+                "policy/approx_kl": [2.337796e-06, 4.451135e-05, 2.280560e-05],
+                "losses/policy": [-2.463795e-04, 1.189410e-03, -8.861497e-04],
+                "policy/ratio": [1.000114, 1.000304, 1.000960],
             },
         ),
     ],

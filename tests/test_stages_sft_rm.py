@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from pmrlhf.cli import app
 from pmrlhf.config import ModelConfig
 from pmrlhf.data.world import World
-from pmrlhf.evaluation.exact import rewards_over_m, truth_over_m
+from pmrlhf.evaluation.exact import rewards_over_m
+from pmrlhf.evaluation.truth import truth_over_m
 from pmrlhf.io import read_jsonl
 
 
@@ -55,7 +56,7 @@ def test_reward_model_beats_chance_clearly_against_the_truth(pipeline):
     assert agree / total >= 0.75
     summary = json.loads((pipeline / "reward" / "summary.json").read_text())
     assert summary["best"]["eval/accuracy"] > 0.6
-    from pmrlhf.evaluation.exact import reward_model_gap
+    from pmrlhf.evaluation.truth import reward_model_gap
     from pmrlhf.models import load_reward_model, load_tokenizer
 
     tok = load_tokenizer(pipeline / "reward" / "model")

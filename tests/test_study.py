@@ -19,10 +19,11 @@ CONFIGS = Path(__file__).parent.parent / "configs" / "study"
 
 
 def test_interval_is_the_t_interval_of_the_mean():
-    """[1, 2, 3]: mean 2, standard deviation 1, t(0.975, 2) = 4.303, so the half-width is 4.303 / sqrt(3)."""
+    """[1, 2, 3]: mean 2, standard deviation 1, and with 2 degrees of freedom t's quantile has the closed form
+    ``t(0.975, 2) = 0.95 sqrt(2 / (1 - 0.95^2)) = 4.3027``, so the half-width is that over sqrt(3)."""
     i = study.Interval.of([1.0, 2.0, 3.0])
     assert (i.mean, i.n) == (2.0, 3)
-    assert i.half == pytest.approx(4.303 / math.sqrt(3))
+    assert i.half == pytest.approx(0.95 * math.sqrt(2 / (1 - 0.95**2)) / math.sqrt(3), abs=1e-9)
     assert not i.excludes_zero()
     assert study.Interval.of([1.0, 1.1, 0.9, 1.0, 1.05]).excludes_zero()
     assert study.Interval.of([0.5, math.nan]) == study.Interval(0.5, 0.0, 1)  # a seed without the metric

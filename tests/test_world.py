@@ -187,8 +187,8 @@ def test_the_learnable_target_is_the_truth_where_labels_are_btl_and_not_for_two_
     """With one group and no label noise the labels are BTL in r*, and their fit is r* whatever the pair weights.
     With the study's text world (a minority of 1/11) the best single BTL fit under the world's pair weights gives
     the minority's answers 0.164 of M(x) where the truth gives 0.182, TV 0.040 on average."""
-    from pmrlhf.evaluation.exact import truth_over_m
     from pmrlhf.evaluation.study import minority_share
+    from pmrlhf.evaluation.truth import truth_over_m
 
     words = truth_over_m(World.generate(WorldConfig()))
     torch.testing.assert_close(words["learnable_reward"], words["reward"], atol=1e-9, rtol=0)

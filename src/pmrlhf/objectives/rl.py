@@ -153,15 +153,14 @@ SEQUENCE_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {"rloo": rloo, "gr
 LOSS_NORMALIZATIONS = ("constant", "token_mean")
 
 
-def loss_normalizer(mask: torch.Tensor, normalization: str, max_new_tokens: int) -> torch.Tensor | None:
+def loss_normalizer(mask: torch.Tensor, normalization: str, max_new_tokens: int) -> torch.Tensor:
     """What a minibatch's masked token sum is divided by: ``constant``, its responses times ``max_new_tokens``,
     a number that does not depend on what was sampled, so the expected update is ``1 / max_new_tokens`` times the
-    exact gradient of the objective (as Dr. GRPO, Liu et al. 2025, divides by a constant); ``token_mean``
-    (None), the number of its response tokens, as the paper's reference code and TRL divide: biased where lengths
-    vary, since that count is random and correlated with the samples (by 0.1 to 0.7 of the gradient's size with
-    one response per minibatch, ``tests/test_objectives_exact.py``)."""
+    exact gradient of the objective (as Dr. GRPO, Liu et al. 2025, divides by a constant); ``token_mean``, the
+    number of its response tokens, as the paper's reference code and TRL divide: biased where lengths vary, since
+    that count is random and correlated with the samples (``docs/ppo.md``, ``tests/test_objectives_exact.py``)."""
     if normalization == "token_mean":
-        return None
+        return mask.sum().to(torch.float32).clamp(min=1)
     if normalization != "constant":
         raise ValueError(f"loss normalization must be one of {LOSS_NORMALIZATIONS}, got {normalization!r}")
     return torch.tensor(float(mask.shape[0] * max_new_tokens), device=mask.device)

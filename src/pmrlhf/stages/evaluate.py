@@ -14,16 +14,10 @@ import torch
 
 from pmrlhf.config import DataConfig, ModelConfig, require
 from pmrlhf.data.world import World, WorldConfig
-from pmrlhf.evaluation.exact import (
-    compare_with_closed_forms,
-    policy_over_m,
-    reward_beta,
-    reward_model_gap,
-    rewards_over_m,
-    truth_over_m,
-)
+from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m, reward_beta, rewards_over_m
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
 from pmrlhf.evaluation.probe import probe
+from pmrlhf.evaluation.truth import reward_model_gap, truth_over_m
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
 from pmrlhf.training.run_folder import (

@@ -176,12 +176,8 @@ class PPOTrainer:
         t3 = time.perf_counter()
         if self.ema is not None:  # 7
             self.ema.update()
-        metrics = (
-            mean_over_processes(
-                self.accelerator, rollout_metrics(traj, scores, penalty, rewards, self.coef, self.config)
-            )
-            | stats
-        )
+        rollout = rollout_metrics(traj, scores, penalty, rewards, self.coef, self.config)
+        metrics = mean_over_processes(self.accelerator, rollout) | stats
         self._adapt_coef(metrics["objective/kl"])
         tokens = metrics.pop("tokens") * self.accelerator.num_processes
         return metrics | {
@@ -269,8 +265,7 @@ class PPOTrainer:
                 idx = order[s : s + size].to(traj.ids.device)
                 share = token_mean_share(self.accelerator, traj.response_mask[idx])
                 stats, ratio = self._actor_step(traj, idx, advantages[idx], advantage_scale, share)
-                if epoch == 0:  # the sampler's mismatch with the trainer, and the drift of the epoch's earlier steps
-                    ratios.append(ratio)
+                ratios += [ratio] if epoch == 0 else []  # the sampler against the trainer (and earlier steps)
                 if self.critic is not None:
                     stats |= self._critic_step(traj, idx, returns[idx], share)
                 for k, v in stats.items():
@@ -279,10 +274,9 @@ class PPOTrainer:
         self.actor_sched.step()
         if self.critic_sched is not None:
             self.critic_sched.step()
-        means = {k: v / max(steps, 1) for k, v in sums.items()}
         ratio = torch.cat(ratios)
-        means |= {"policy/ratio": ratio.mean().item(), "policy/ratio_std": ratio.std(unbiased=False).item()}
-        return mean_over_processes(self.accelerator, means)
+        means = {k: v / max(steps, 1) for k, v in sums.items()} | {"policy/ratio": ratio.mean().item()}
+        return mean_over_processes(self.accelerator, means | {"policy/ratio_std": ratio.std(unbiased=False).item()})
 
     def _actor_step(self, traj, idx, advantages, advantage_scale, share) -> tuple[dict[str, float], torch.Tensor]:
         """One gradient step of the actor; its stats, and the ratio of each response token before the step."""
@@ -292,14 +286,11 @@ class PPOTrainer:
         normalizer = rl.loss_normalizer(mask, c.loss_normalization, c.max_new_tokens)
         pg_loss, pg_stats = rl.ppo_policy_loss(logp, traj.logp[idx], advantages, mask, c.clip, normalizer)
         loss, stats = pg_loss, {}
-        estimator = c.penalty.kl_in_loss()
-        if estimator:
-            # summed over responses and divided like the policy loss, whose sum over tokens it joins
+        if estimator := c.penalty.kl_in_loss():  # summed over responses, divided like the policy loss's token sum
             kl_sum = rl.kl_loss(logp, traj.ref_logp[idx], mask, estimator).sum()
-            divisor = mask.sum().clamp(min=1) if normalizer is None else normalizer
-            loss = loss + self.coef * advantage_scale * kl_sum / divisor
+            loss = loss + self.coef * advantage_scale * kl_sum / normalizer
             stats["losses/kl"] = (kl_sum / mask.shape[0]).item()
-        if normalizer is None:  # a constant normaliser needs no correction: every process holds as many responses
+        if c.loss_normalization == "token_mean":  # a constant divisor is the same on every process: no correction
             loss = loss * share
         if self.ptx is not None:
             ids, attn, resp = self.ptx.sample(c.optim.batch_size, self.accelerator.device)
