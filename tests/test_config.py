@@ -96,3 +96,21 @@ def test_version_prints_without_a_command():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == __version__
+
+
+def test_string_settings_from_the_command_line_are_taken_as_written():
+    """A run folder with `` #`` was cut at the comment, ``017`` became 15, ``on`` True, ``1.10`` 1.1: a string
+    setting keeps the text; other settings read it as YAML, and a value that is not YAML names its setting."""
+    cfg = load_config(
+        sft.SFTConfig,
+        None,
+        ["run_dir=runs/exp #2", "name=017", "data.source=1.10", "world.kind=text", "optim.lr=2e-4", "data.limit=5"],
+    )
+    assert (cfg.run_dir, cfg.name, cfg.data.source) == ("runs/exp #2", "017", "1.10")
+    assert (cfg.optim.lr, cfg.data.limit, cfg.world.kind) == (2e-4, 5, "text")
+    assert load_config(sft.SFTConfig, None, ["name=on"]).name == "on"
+    assert load_config(dpo.DPOConfig, None, ["data.hf_config=null"]).data.hf_config is None  # str | None
+    with pytest.raises(ConfigError, match=r"optim.lr: '\[1' is not a YAML value"):
+        load_config(sft.SFTConfig, None, ["optim.lr=[1"])
+    pipeline = load_config(PipelineConfig, None, ["ppo.iterations=7", "run_dir=2026-12-05"])
+    assert pipeline.ppo["iterations"] == 7 and pipeline.run_dir == "2026-12-05"

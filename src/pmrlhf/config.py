@@ -140,7 +140,36 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+class CommandLineValue(str):
+    """A ``--set key=value`` value: its text, kept as it is for a string setting (a path with ``#``, ``017``,
+    ``on``), and read as YAML for any other (``parsed``)."""
+
+    def parsed(self, name: str) -> Any:
+        try:
+            return yaml.safe_load(str(self)) if self else ""
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{name}: {str(self)!r} is not a YAML value ({problem}); quote it") from None
+
+
+def _as_given(value: Any, hint: Any, name: str) -> Any:
+    """``value`` with every command-line value in it taken as text where ``hint`` is a string, as YAML elsewhere."""
+    if isinstance(value, CommandLineValue):
+        texts = hint is str or (
+            typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint)
+        )
+        if texts and not (type(None) in typing.get_args(hint) and value in ("null", "~")):
+            return str(value)
+        return value.parsed(name)
+    if isinstance(value, dict) and not dataclasses.is_dataclass(hint):  # a free mapping: its own keys unknown here
+        return {k: _as_given(v, Any, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_given(v, Any, f"{name}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
+    value = _as_given(value, hint, name)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -247,7 +276,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested mapping, in place."""
+    """Apply ``a.b.c=value`` overrides to a nested mapping, in place: each value a ``CommandLineValue``, read as
+    the setting it lands on needs."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -258,7 +288,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = CommandLineValue(raw)
     return data
 
 
