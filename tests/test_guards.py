@@ -38,6 +38,20 @@ def test_an_overflowing_learning_rate_stops_the_stage_and_saves_nothing(
     assert not (tmp_path / name / "model").exists() and not (tmp_path / name / "summary.json").exists()
 
 
+@pytest.mark.parametrize("stage,name", [("rm", "reward"), ("dpo", "dpo")])
+def test_weights_spoilt_by_the_last_step_are_never_saved(trained, tmp_path, tiny_world_config, stage, name):
+    """One optimiser step (the whole portion in one batch) at a finite but overflowing lr: its loss was finite,
+    no later step looked at the weights, and every weight NaN was saved as the stage's model."""
+    copy_run(trained, tmp_path, [part for part in ("world", "sft", "reward") if part != name])
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    overrides = ["--set", "optim.lr=1e39", "--set", "optim.batch_size=100000", "--set", "optim.epochs=1"]
+    result = CliRunner().invoke(app, [stage, "--config", str(cfg), "--run-dir", str(tmp_path), *overrides])
+    assert result.exit_code == 1, result.output
+    assert f"{name}: the model to save: weight" in result.output and "is not finite" in result.output, result.output
+    assert not (tmp_path / name / "model").exists()
+
+
 def test_a_reward_model_that_scores_nan_stops_ppo_before_any_update(trained, tmp_path, tiny_world_config):
     copy_run(trained, tmp_path)
     weights = tmp_path / "reward" / "model" / "model.safetensors"

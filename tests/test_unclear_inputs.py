@@ -93,6 +93,14 @@ CASES = [
     ("data not UTF-8", non_utf8_rows, 2, "rows.jsonl: row 2: not UTF-8 text"),
     ("unknown suffix", lambda t: ["rm", "--set", f"data.source={t / 'rows.tsv'}"], 2, "unsupported file type '.tsv'"),
     ("message types", lambda t: conversational(t, "raise"), 2, "conv.jsonl: row 1: field 'prompt': message"),
+    # each of these was taken, and lost or spoilt a result
+    ("lr inf", lambda t: ["rm", "--set", "optim.lr=.inf"], 2, "optim.lr must be a finite number > 0, got inf"),
+    ("lr nan", lambda t: ["dpo", "--set", "optim.lr=.nan"], 2, "optim.lr must be a finite number > 0, got nan"),
+    ("critic lr inf", lambda t: ["ppo", "--set", "critic_lr=.inf"], 2, "critic_lr must be a finite number > 0"),
+    ("keep no checkpoint", lambda t: ["rm", "--set", "keep_checkpoints=-1"], 2, "keep_checkpoints must be >= 1"),
+    ("keep 0 checkpoints", lambda t: ["sft", "--set", "keep_checkpoints=0"], 2, "keep_checkpoints must be >= 1"),
+    ("checkpoint -1", lambda t: ["ppo", "--set", "checkpoint_every=-1"], 2, "checkpoint_every must be >= 0"),
+    ("pm with top_p", lambda t: ["ppo", "--set", "penalty=pm", "--set", "top_p=0.9"], 2, "set top_p: 1"),
 ]
 
 

@@ -9,6 +9,7 @@ that a run used.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +38,17 @@ def require(condition: bool, message: str) -> None:
 
 def one_of(name: str, value: Any, allowed: tuple) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def require_learning_rate(name: str, lr: float) -> None:
+    require(math.isfinite(lr) and lr > 0, f"{name} must be a finite number > 0, got {lr}")
+
+
+def require_checkpointing(checkpoint_every: int, keep_checkpoints: int) -> None:
+    """The checkpoint settings every training stage has: a negative interval, or keeping fewer than one
+    checkpoint (each was deleted as it was written), would leave nothing to resume from."""
+    require(checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 writes none), got {checkpoint_every}")
+    require(keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (the newest ones kept), got {keep_checkpoints}")
 
 
 @dataclass
@@ -81,7 +93,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require_learning_rate("lr", self.lr)
         require(self.epochs > 0, f"epochs must be > 0, got {self.epochs}")
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         require(self.grad_accum >= 1, f"grad_accum must be >= 1 (1: no accumulation), got {self.grad_accum}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require, require_checkpointing
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
@@ -22,6 +22,7 @@ from pmrlhf.models import WithoutAdapter, load_causal_lm, load_tokenizer, save_m
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
 from pmrlhf.training.fit import Fit, fit
+from pmrlhf.training.guards import check_weights_finite
 from pmrlhf.training.run_folder import (
     finish_stage,
     load_stage_records,
@@ -54,6 +55,9 @@ class DPOConfig:
     resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=2, batch_size=32))
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
         if self.loss not in dpo.DPO_LOSSES:
@@ -174,6 +178,7 @@ def run(config: DPOConfig) -> Path:
         eval_due=lambda step, end_of_epoch, last: step % config.logging.log_every == 0 or last,
     )
     fitted = fit(accelerator, policy, train, config, out, spec)
+    check_weights_finite(f"{config.name}: the model to save", fitted.model)  # the last steps' were never checked
     final = gathered_model(accelerator, fitted.model, lambda: load_causal_lm(trainable, tokenizer, path=init or None))
     if main:
         path = save_model(final, tokenizer, out / "model")

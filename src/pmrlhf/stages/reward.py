@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require_checkpointing
 from pmrlhf.data.records import Comparison, Ranking
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.tokenize import Encoder, pad
@@ -25,6 +25,7 @@ from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import sequence_scores
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
 from pmrlhf.training.fit import BestModel, Fit, fit
+from pmrlhf.training.guards import check_weights_finite
 from pmrlhf.training.run_folder import (
     finish_stage,
     load_stage_records,
@@ -57,6 +58,9 @@ class RewardConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
         if self.loss not in REWARD_LOSSES:
@@ -145,6 +149,7 @@ def run(config: RewardConfig) -> Path:
     )
     fitted = fit(accelerator, model, train, config, out, spec)
     spec.best.load_into(fitted.model, accelerator)  # each process its own part, where parameters are sharded
+    check_weights_finite(f"{config.name}: the model to save", fitted.model)  # the last steps' were never checked
     final = gathered_model(
         accelerator, fitted.model, lambda: load_reward_model(trainable, tokenizer, path=init or None)
     )

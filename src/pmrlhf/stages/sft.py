@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, to_dict
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require_checkpointing, to_dict
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console, progress_bar
@@ -44,6 +44,9 @@ class SFTConfig:
     keep_checkpoints: int = 2  # how many checkpoints to keep
     resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
 
 # Written into each of the Trainer's checkpoints once it is complete: the run's config, which resuming checks.

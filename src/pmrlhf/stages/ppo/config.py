@@ -7,7 +7,17 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from pmrlhf.config import ConfigError, DataConfig, LoggingConfig, ModelConfig, OptimConfig, one_of, require
+from pmrlhf.config import (
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    one_of,
+    require,
+    require_checkpointing,
+    require_learning_rate,
+)
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.objectives import rl
 from pmrlhf.objectives.penalties import get_penalty
@@ -192,8 +202,12 @@ class PPOConfig:
             "its stated objective (a PM objective matches the whole distribution); policy/ratio shows the mismatch"
         )
 
+    def __post_init__(self) -> None:
+        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
+
     def validate(self) -> None:
         self.penalty.validate()
+        require_learning_rate("critic_lr", self.critic_lr)
         if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
             raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
         if self.advantage != "gae" and self.samples_per_prompt < 2:

@@ -26,7 +26,7 @@ from pmrlhf.stages.ppo.rollout import (
 )
 from pmrlhf.training import checkpoints
 from pmrlhf.training.ema import EMA
-from pmrlhf.training.guards import check_finite
+from pmrlhf.training.guards import check_finite, check_weights_finite
 from pmrlhf.training.optim import adamw, lr_schedule, optimizer_step, token_mean_share
 from pmrlhf.training.run_folder import (
     finish_stage,
@@ -344,8 +344,7 @@ class PPOTrainer:
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        """``checkpoints/iter-N/``: the models, optimisers and RNG states (accelerate's), the loop's position, the
-        schedules and the EMA (each process its own part where parameters are sharded)."""
+        """``checkpoints/iter-N/``: models, optimisers, RNG states, position, schedules, EMA (sharded: per process)."""
         state = {
             "step": self.iteration,
             "position": self.stream.position,
@@ -376,6 +375,8 @@ class PPOTrainer:
 
     def _finish(self) -> Path:
         acc = self.accelerator
+        for model in filter(None, (self.actor, self.critic)):  # the last steps' weights were never checked
+            check_weights_finite(f"{self.config.name}: a model to save", model)
         acc.wait_for_everyone()
         path = self.out / "model"
         actor = gathered_model(acc, self.actor, self._fresh_actor)
