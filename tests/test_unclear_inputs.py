@@ -76,6 +76,19 @@ def conversational(tmp, on_error):
     ]
 
 
+RECIPE = str(Path(__file__).parents[1] / "configs" / "recipes" / "llama3.2-1b-tldr.yaml")
+
+
+def duplicate_key(tmp):
+    (tmp / "twice.yaml").write_text("optim:\n  lr: 0.1\nseed: 3\noptim:\n  batch_size: 4\n")
+    return ["rm", "--config", str(tmp / "twice.yaml")]
+
+
+def accelerate_config(tmp, text):
+    (tmp / "accelerate.yaml").write_text(text)
+    return ["plan", RECIPE, "--accelerate-config", str(tmp / "accelerate.yaml")]
+
+
 # (name, argv from the test's folder, exit code, what the one line says)
 CASES = [
     ("dpo alpha 0", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=0"], 2, "alpha must be in (0, 1]"),
@@ -101,13 +114,32 @@ CASES = [
     ("keep 0 checkpoints", lambda t: ["sft", "--set", "keep_checkpoints=0"], 2, "keep_checkpoints must be >= 1"),
     ("checkpoint -1", lambda t: ["ppo", "--set", "checkpoint_every=-1"], 2, "checkpoint_every must be >= 0"),
     ("pm with top_p", lambda t: ["ppo", "--set", "penalty=pm", "--set", "top_p=0.9"], 2, "set top_p: 1"),
+    ("a key twice", duplicate_key, 2, "twice.yaml: line 4: 'optim' is given twice (first on line 1)"),
+    ("plan -2 GPUs", lambda t: ["plan", RECIPE, "--gpus", "-2"], 2, "--gpus must be >= 1, got -2"),
+    ("plan 0 GPUs", lambda t: ["plan", RECIPE, "--gpus", "0"], 2, "--gpus must be >= 1, got 0"),
+    ("plan -5 GiB", lambda t: ["plan", RECIPE, "--gpu-memory", "-5"], 2, "--gpu-memory must be a finite number"),
+    ("plan nan GiB", lambda t: ["plan", RECIPE, "--gpu-memory", "nan"], 2, "--gpu-memory must be a finite number"),
+    ("plan 3 GPUs", lambda t: ["plan", RECIPE, "--gpus", "3"], 2, "prompts_per_iteration=32 is not a multiple of 3"),
+    (
+        "plan no accelerate config",
+        lambda t: ["plan", RECIPE, "--accelerate-config", str(t / "none.yaml")],
+        2,
+        "none.yaml does not exist",
+    ),
+    ("plan malformed accelerate", lambda t: accelerate_config(t, "a: [1\n"), 2, "accelerate.yaml: not valid YAML"),
+    (
+        "plan ZeRO-3",
+        lambda t: accelerate_config(t, "distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3}\n"),
+        2,
+        "only ZeRO-2 is supported",
+    ),
 ]
 
 
 @pytest.mark.parametrize("name,argv,code,message", CASES, ids=[c[0] for c in CASES])
 def test_each_bad_input_gets_one_line_and_its_exit_code(tmp_path, name, argv, code, message):
     args = argv(tmp_path)
-    if args[0] != "world":
+    if args[0] not in ("world", "plan"):
         args += ["--run-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == code, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -332,9 +333,12 @@ def plan(
     from pmrlhf.stages import pipeline
     from pmrlhf.stages.plan import Launch, plan_pipeline, table
 
+    if not (math.isfinite(gpu_memory) and gpu_memory > 0):
+        typer.echo(f"error: --gpu-memory must be a finite number of GiB > 0, got {gpu_memory}", err=True)
+        raise typer.Exit(2)
     cfg = _config(pipeline.PipelineConfig, config, overrides, None)
-    launch = Launch.from_accelerate(accelerate_config, gpus)
-    typer.echo(table(_run(lambda c: plan_pipeline(c, launch), cfg), launch, gpu_memory))
+    plans = _run(lambda c: plan_pipeline(c, Launch.from_accelerate(accelerate_config, gpus)), cfg)
+    typer.echo(table(plans, Launch.from_accelerate(accelerate_config, gpus), gpu_memory))
 
 
 @app.command()

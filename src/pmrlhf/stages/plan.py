@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import InputError, ModelConfig
+from pmrlhf.config import InputError, ModelConfig, read_yaml
 from pmrlhf.models.sampling import SAMPLING_BATCH
 
 GIB = 2**30
@@ -108,15 +108,19 @@ class Launch:
     @classmethod
     def from_accelerate(cls, path: str | Path | None, gpus: int | None = None) -> Launch:
         """The launch an ``accelerate`` config file describes (one process without a file)."""
-        import yaml
-
+        if gpus is not None and gpus < 1:
+            raise InputError(f"--gpus must be >= 1, got {gpus}")
         if path is None:
             return cls(gpus=gpus or 1)
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not Path(path).is_file():
+            raise InputError(f"accelerate config {path} does not exist (accelerate config writes one)")
+        data = read_yaml(Path(path)) or {}
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: not an accelerate config (a mapping of its settings)")
         kind = data.get("distributed_type", "NO")
         strategy = {"FSDP": "fsdp", "DEEPSPEED": "zero2"}.get(kind, "ddp")
         if strategy == "zero2" and int(data.get("deepspeed_config", {}).get("zero_stage", 2)) != 2:
-            raise ValueError("only ZeRO-2 is supported (ZeRO-3 is refused by the stages)")
+            raise InputError(f"{path}: only ZeRO-2 is supported (the stages refuse ZeRO-3)")
         return cls(strategy, gpus or int(data.get("num_processes", 1)), data.get("mixed_precision", "bf16"))
 
 
@@ -291,6 +295,11 @@ def _plan_ppo(name: str, config, launch: Launch, mixed: bool) -> StagePlan:
         _model(config.policy.name_or_path),
         _model(config.reward.name_or_path, True),
     )
+    if config.prompts_per_iteration % launch.gpus:  # as the stage refuses it (PPOTrainer)
+        raise InputError(
+            f"{name}: prompts_per_iteration={config.prompts_per_iteration} is not a multiple of {launch.gpus} GPUs, "
+            "a launch the stage refuses: change one of them"
+        )
     pa, pc = parameters(actor), parameters(critic)
     gae = config.advantage == "gae"
     length = config.data.max_prompt_tokens + config.max_new_tokens
