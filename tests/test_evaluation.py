@@ -86,8 +86,12 @@ def test_quick_demo_writes_summary_report_and_figures(quick_demo):
     assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-pm", "ppo-cpm-0.3", "ppo-cpm-seq", "dpo", "dpo-pm"}
     for m in summary.values():
         assert {"pm_divergence", "length", "perplexity", "entropy", "kl"} <= set(m)
-        exact = {"tv_to_truth", "tv_to_own_target", "mass_outside_m"}
+        exact = {"tv_to_truth", "tv_to_learnable", "tv_to_own_target", "mass_outside_m"}
         assert exact | {"pm_divergence_uniform_pairs", "pm_divergence_policy_pairs"} <= set(m["world"])
+        # Def. 4.1's optimum at the run's own alpha, only for a run that has one (at alpha 0 it is PM's again)
+        assert ("tv_to_cpm_target" in m["world"]) == bool(m["objective"].get("alpha"))
+    # one group of labelers, no noise: the labels are BTL in r*, and what they teach is the truth itself
+    assert summary["ppo-kl"]["world"]["learnable_tv_to_truth"] < 1e-6
     report = (run / "report" / "report.md").read_text()
     for fig in ("pm_divergence.png", "probe.png", "over_m.png"):
         assert f"]({fig})" in report and (run / "report" / fig).read_bytes()[:4] == b"\x89PNG"
