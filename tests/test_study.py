@@ -142,6 +142,23 @@ def test_a_sweep_run_again_reuses_every_trained_model(words_quick):
     assert (words_quick / "study" / "study.json").read_text() == table
 
 
+def test_a_finished_method_whose_settings_changed_is_not_reused(words_quick):
+    """The sweep reported the old run under a changed coefficient: now the differing setting is named, before
+    anything is written or trained."""
+    from pmrlhf.config import InputError
+    from pmrlhf.stages import pipeline
+
+    cfg = load_config(SweepConfig, CONFIGS / "words.yaml").quick_form()
+    cfg.sweep_dir = str(words_quick)
+    seed = cfg.seed_config(cfg.seeds[0])
+    kl = next(v for v in seed.variants if v["name"] == "ppo-kl")
+    kl["kl_ctl"] = 0.2
+    run_config = (Path(seed.run_dir) / "config.yaml").read_text()
+    with pytest.raises(InputError, match=r"ppo-kl: .* was trained with other settings \(penalty.coef = 1.0 there, 0.2"):
+        pipeline.run(seed)
+    assert (Path(seed.run_dir) / "config.yaml").read_text() == run_config
+
+
 def test_text_study_quick_form_runs_end_to_end(tmp_path):
     """The text-like world through SFT, reward model, PPO with the length-normalised rule, PM-DPO and eval."""
     out = tmp_path / "text"

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import DataConfig, ModelConfig, from_dict, merge_sections, to_dict
+from pmrlhf.config import DataConfig, InputError, ModelConfig, from_dict, merge_sections, read_yaml, to_dict
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
 from pmrlhf.stages.ppo.config import penalty_section
+from pmrlhf.training import checkpoints
 from pmrlhf.training.run_folder import write_run_config
 from pmrlhf.training.setup import check_launch, on_the_main_process
 
@@ -129,12 +130,30 @@ def _done(run_dir: Path, name: str) -> bool:
     return (run_dir / name / "summary.json").is_file()
 
 
+def _check_reusable(run_dir: Path, name: str, config) -> None:
+    """Refuse to reuse a finished stage that recorded other settings than those asked for now (a sweep's changed
+    coefficient was reported as the old run's): all must match but those a resumed run may change and the world,
+    which every stage that reads it checks against the run's."""
+    recorded = run_dir / name / "config.yaml"
+    if not recorded.is_file():
+        return
+    differ = checkpoints.differences(read_yaml(recorded) or {}, to_dict(config), (*checkpoints.MAY_CHANGE, "world"))
+    if differ:
+        raise InputError(
+            f"{name}: {run_dir / name} was trained with other settings ({'; '.join(differ)}): set force: true (or "
+            "remove that folder) to train it again with these, or use another run folder"
+        )
+
+
 def run(config: PipelineConfig, finished: Callable[[str], None] | None = None) -> Path:
     """Run every stage that is not finished yet; return the report's path. ``finished(name)`` is called as each
     training stage is done or found done (a sweep's progress)."""
     check_launch()  # before the first stage, not hours later at the stage that would go wrong
     configs = config.stage_configs()
     run_dir = Path(config.run_dir)
+    for name in configs:
+        if name not in ("eval", "probe") and _done(run_dir, name) and not config.force:
+            _check_reusable(run_dir, name, configs[name])  # before anything is written
     write_run_config(run_dir, config)
     timings: dict[str, float] = {}
     variants = [v["name"] for v in config.variants]

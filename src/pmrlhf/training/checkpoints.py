@@ -89,16 +89,22 @@ def check_same_run(checkpoint: Path, saved: dict | None, config: dict, may_chang
     """Refuse to resume from a checkpoint of another run: every setting but ``may_change`` must match."""
     if saved is None:
         raise ValueError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
-    before = _flat(saved)
-    differ = [
-        f"{key} = {before.get(key)!r} there, {value!r} here"
-        for key, value in _flat(config).items()
-        if key.split(".")[0] not in may_change and before.get(key) != value
-    ]
+    differ = differences(saved, config, may_change)
     if differ:
         raise ValueError(
             f"{checkpoint} belongs to another run: {'; '.join(differ)}. Resume with its settings, or start afresh"
         )
+
+
+def differences(saved: dict, config: dict, may_change: tuple[str, ...]) -> list[str]:
+    """Every setting of ``config`` (but the sections ``may_change``) that ``saved`` records otherwise, as
+    ``key = saved there, asked here``."""
+    before = _flat(saved)
+    return [
+        f"{key} = {before.get(key)!r} there, {value!r} here"
+        for key, value in _flat(config).items()
+        if key.split(".")[0] not in may_change and before.get(key) != value
+    ]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
