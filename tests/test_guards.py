@@ -106,6 +106,40 @@ def test_a_failed_rerun_leaves_the_finished_stage_as_it_was(trained, tmp_path, t
     assert _done(tmp_path, "reward")
 
 
+def test_a_second_process_on_a_stage_in_use_is_refused_and_a_dead_ones_lock_taken_over(
+    trained, tmp_path, tiny_world_config
+):
+    """Two `pmrlhf rm` on one run folder a second apart both printed "wrote", and one's result was lost: now the
+    second is refused while the first holds ``reward.lock``, and the first finishes whole."""
+    import subprocess
+    import sys
+    import time
+
+    copy_run(trained, tmp_path, ["world", "sft"])
+    cfg = tmp_path / "stage.yaml"
+    cfg.write_text(yaml.safe_dump({"world": dataclasses.asdict(tiny_world_config)}))
+    args = ["rm", "--config", str(cfg), "--run-dir", str(tmp_path)]
+    first = subprocess.Popen([sys.executable, "-m", "pmrlhf", *args, "--set", "seed=1"], stderr=subprocess.PIPE)
+    lock = tmp_path / "reward.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), first.stderr.read().decode()
+    second = CliRunner().invoke(app, [*args, "--set", "seed=2"])
+    assert second.exit_code == 2, second.output
+    assert f"is being written by another process (pid {first.pid}" in second.output
+    assert first.wait(timeout=300) == 0, first.stderr.read().decode()
+    assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["seed"] == 1
+    assert not lock.exists()
+    # a lock left by a process that was killed is taken over
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lock.write_text(f"{gone.pid} {__import__('socket').gethostname()}\n")
+    again = CliRunner().invoke(app, [*args, "--set", "seed=3", "--set", "optim.epochs=0.1"])
+    assert again.exit_code == 0, again.output
+    assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["seed"] == 3
+
+
 def test_replace_dir_swaps_in_one_step_where_the_file_system_can(tmp_path, monkeypatch):
     """renameat2(RENAME_EXCHANGE): at no instant is there no folder at the path (two renames leave a gap)."""
     import os

@@ -58,6 +58,7 @@ def stage_dir(run_dir: str | Path, name: str, config, resumable: bool = False) -
     final = Path(run_dir) / name
     path = final.with_name(f"{final.name}.partial")
     if process_state().is_main_process:
+        _take_lock(final)
         if path.exists() and not resumable:
             shutil.rmtree(path)
         if resumable and not path.exists() and (final / "checkpoints").is_dir():
@@ -76,7 +77,59 @@ def finish_stage(out: Path) -> Path:
     final = out.with_name(out.name.removesuffix(".partial"))
     if process_state().is_main_process:
         replace_dir(out, final)
+        _lock_path(final).unlink(missing_ok=True)
     return final
+
+
+def _lock_path(final: Path) -> Path:
+    return final.with_name(f"{final.name}.lock")
+
+
+def _take_lock(final: Path) -> None:
+    """Hold ``<name>.lock`` beside the stage's folder while the stage runs (the main process's pid and host), so
+    that a second process on the same stage is refused: two of them wrote one partial folder, and one's result
+    was lost without a word. A lock whose process no longer runs (killed), or this process's own (a stage run
+    again after a failure), is taken over; ``finish_stage`` removes it."""
+    import socket
+
+    lock, me = _lock_path(final), (os.getpid(), socket.gethostname())
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    mine = lock.with_name(f".{lock.name}.{me[0]}")
+    mine.write_text(f"{me[0]} {me[1]}\n")
+    try:
+        for _ in range(3):
+            try:
+                os.link(mine, lock)  # appears whole, or not at all
+                return
+            except FileExistsError:
+                pid, host = _lock_owner(lock)
+                if pid is not None and (pid, host) != me and (host != me[1] or _running(pid)):
+                    raise InputError(
+                        f"{final} is being written by another process (pid {pid} on {host}): wait for it to finish "
+                        f"or stop it; if it is gone, remove {lock}"
+                    ) from None
+                lock.unlink(missing_ok=True)
+        raise InputError(f"could not take {lock}: another process keeps taking it")
+    finally:
+        mine.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> tuple[int | None, str]:
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):  # removed meanwhile, or not a lock this writes
+        return None, ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_objective(out: Path, objective: dict) -> Path:
