@@ -194,13 +194,12 @@ def test_kl_and_conditional_pm_end_at_their_closed_forms(matched):
     every meaningful answer's reference probability ends near e^r over M(x), far closer than KL RLHF.
 
     top_p = 1: nucleus sampling never samples the tail, so it biases every objective towards the majority.
-    Margins measured over seeds 0-2 on one draw of the SFT and reward models: KL 0.026 and 0.030 from its
-    target, and 0.162 on seed 1 (an early step collapses one prompt onto one answer, and one sample per prompt
-    never finds the way back; at lr 1e-4 or with 4 samples per prompt it ends at 0.011-0.015, docs/ppo.md);
-    conditional PM 0.065-0.085 from its own optimum, which is the reward model's PL distribution over M(x)
-    here, against KL's 0.361-0.381 from it. Off M(x) the conditional PM optimum keeps the mass the reward model
-    gives unnatural text the reference writes, estimated at 0.043 from 256 reference samples per prompt (an
-    estimate with heavy tails: another draw of the samples gave 0.09); the runs put 0.11-0.14 there."""
+    Margins measured over PPO seeds 0-2 on one draw of the SFT and reward models: KL 0.014-0.039 from its
+    target (under the token mean seed 1 collapsed one prompt onto one answer, 0.162: docs/ppo.md); conditional
+    PM 0.021-0.070 from its own optimum, which is the reward model's PL distribution over M(x) here, against
+    KL's 0.353-0.381 from it. Off M(x) the conditional PM optimum keeps the mass the reward model gives
+    unnatural text the reference writes, estimated at 0.043 from 256 reference samples per prompt (an estimate
+    with heavy tails: another draw of the samples gave 0.09); the runs put 0.09-0.12 there."""
     run, world = matched
     budget = dict(iterations=300, optim={"lr": 3e-4}, top_p=1.0)
     ppo.run(ppo_config(run, world, name="kl", penalty="kl", kl_ctl=1.0, **budget))

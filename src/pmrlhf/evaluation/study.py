@@ -268,5 +268,5 @@ def plot_minority(study: dict, truth: float, path: Path, learnable: float | None
     ax.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("probability of the minority's preferred answers, within M(x)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)  # below the axis, off the bars
     return save_figure(fig, path)
