@@ -45,8 +45,7 @@ def require_learning_rate(name: str, lr: float) -> None:
 
 
 def require_checkpointing(checkpoint_every: int, keep_checkpoints: int) -> None:
-    """The checkpoint settings every training stage has: a negative interval, or keeping fewer than one
-    checkpoint (each was deleted as it was written), would leave nothing to resume from."""
+    """Every training stage's checkpoint settings: keeping none deleted each checkpoint as it was written."""
     require(checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 writes none), got {checkpoint_every}")
     require(keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (the newest ones kept), got {keep_checkpoints}")
 
@@ -318,8 +317,7 @@ class _UniqueKeys(yaml.SafeLoader):
 
 
 def read_yaml(path: Path) -> Any:
-    """A YAML file's contents, with one line naming the file for text that is not UTF-8, not YAML, or has a key
-    twice in one mapping."""
+    """A YAML file's contents; one line naming the file where it is not UTF-8, not YAML, or repeats a key."""
     try:
         return yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as e:
