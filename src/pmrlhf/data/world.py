@@ -150,8 +150,7 @@ class World:
     def comparisons(self, n: int, g: torch.Generator) -> list[dict]:
         out = []
         for p in self._prompt_draws(n, g):
-            k = len(p.responses)
-            dist = (1 - self.config.uniform_share) * torch.tensor(p.ref) + self.config.uniform_share / k
+            dist = self._pair_draw(p, torch.float32)
             while True:
                 a, b = torch.multinomial(dist, 2, replacement=True, generator=g).tolist()
                 if a != b:
@@ -180,12 +179,14 @@ class World:
     def pair_weights(self, p: PromptTruth) -> torch.Tensor:
         """How often ``comparisons`` shows each pair of M(x): ``[k, k]``, symmetric, 0 on the diagonal, summing to
         1 (a pair is two draws from q mixed with the uniform share, redrawn until they differ)."""
-        k = len(p.responses)
-        dist = (1 - self.config.uniform_share) * torch.tensor(
-            p.ref, dtype=torch.float64
-        ) + self.config.uniform_share / k
+        dist = self._pair_draw(p, torch.float64)
         w = (dist[:, None] * dist[None, :]).fill_diagonal_(0)
         return w / w.sum()
+
+    def _pair_draw(self, p: PromptTruth, dtype: torch.dtype) -> torch.Tensor:
+        """What each response of a compared pair is drawn from: q mixed with ``uniform_share`` of uniform draws."""
+        share = self.config.uniform_share
+        return (1 - share) * torch.tensor(p.ref, dtype=dtype) + share / len(p.responses)
 
     def label_preference(self, p: PromptTruth) -> torch.Tensor:
         """``[k, k]``: the probability that a comparison of ``i`` and ``j`` labels ``i`` the winner, the population's
