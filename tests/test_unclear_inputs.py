@@ -89,8 +89,40 @@ def accelerate_config(tmp, text):
     return ["plan", RECIPE, "--accelerate-config", str(tmp / "accelerate.yaml")]
 
 
+def pipeline_yaml(tmp, text, command="run"):
+    (tmp / f"{command}.yaml").write_text(text)
+    return [command, str(tmp / f"{command}.yaml")]
+
+
+BAD_VARIANT = "variants: [{name: odd, penalty: cpm_token, alpha_ctl: 0}]\n"
+BAD_METHOD = "sweep_dir: {d}\ngrid: [{{name: odd, penalty: kl, gamma: -3}}]\n"
+
 # (name, argv from the test's folder, exit code, what the one line says)
 CASES = [
+    # a setting's range, said with its name, from every command that takes it
+    ("epochs inf", lambda t: ["rm", "--set", "optim.epochs=.inf"], 2, "optim.epochs: must be a finite number, got inf"),
+    ("length_bias inf", lambda t: ["world", "--set", "length_bias=.inf"], 2, "length_bias: must be a finite number"),
+    ("ref_noise nan", lambda t: ["world", "--set", "ref_noise=.nan"], 2, "ref_noise: must be a finite number, got nan"),
+    ("ref_noise -1", lambda t: ["world", "--set", "ref_noise=-1"], 2, "ref_noise must be >= 0"),
+    ("demonstrations -5", lambda t: ["world", "--set", "n_demonstrations=-5"], 2, "n_demonstrations must be >= 0"),
+    ("rankings -1", lambda t: ["world", "--set", "n_rankings=-1"], 2, "n_rankings must be >= 0, got -1"),
+    ("seed huge", lambda t: ["rm", "--set", "seed=99999999999999999999"], 2, "seed: a seed must be in [0, 2**32)"),
+    ("seed -1", lambda t: ["dpo", "--set", "seed=-1"], 2, "seed: a seed must be in [0, 2**32), got -1"),
+    ("split seed -1", lambda t: ["sft", "--set", "data.split_seed=-1"], 2, "data.split_seed: a seed must be in"),
+    ("eval_every 0", lambda t: ["rm", "--set", "eval_every=0"], 2, "eval_every must be >= 1, got 0"),
+    ("patience -1", lambda t: ["rm", "--set", "patience=-1"], 2, "patience must be >= 0"),
+    ("gamma -3", lambda t: ["ppo", "--set", "gamma=-3"], 2, "gamma must be in [0, 1], got -3"),
+    ("lam 7", lambda t: ["ppo", "--set", "lam=7"], 2, "lam must be in [0, 1], got 7"),
+    ("clip -0.2", lambda t: ["ppo", "--set", "clip=-0.2"], 2, "clip must be > 0, got -0.2"),
+    ("ema_decay 2", lambda t: ["ppo", "--set", "ema_decay=2"], 2, "ema_decay must be in [0, 1)"),
+    ("kl_ctl -1", lambda t: ["ppo", "--set", "kl_ctl=-1"], 2, "penalty.coef (kl_ctl / ent_ctl) must be >= 0, got -1"),
+    ("tau 0", lambda t: ["ppo", "--set", "penalty.name=maxent", "--set", "penalty.tau=0"], 2, "penalty.tau must be > 0"),
+    ("ptx -1", lambda t: ["ppo", "--set", "ptx_coef=-1"], 2, "ptx_coef must be >= 0, got -1"),
+    ("lr not YAML", lambda t: ["rm", "--set", "optim.lr=[1"], 2, "optim.lr: '[1' is not a YAML value"),
+    # the same refusal from a pipeline's variant and a sweep's method, naming the method
+    ("run variant", lambda t: pipeline_yaml(t, BAD_VARIANT), 2, "odd: penalty.alpha must be in (0, 1], got 0"),
+    ("sweep method", lambda t: pipeline_yaml(t, BAD_METHOD.format(d=t / "s"), "sweep"), 2, "odd: gamma must be in"),
+    ("run seed", lambda t: pipeline_yaml(t, "seed: -2\n"), 2, "seed: a seed must be in [0, 2**32), got -2"),
     ("dpo alpha 0", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=0"], 2, "alpha must be in (0, 1]"),
     ("dpo alpha 2", lambda t: ["dpo", "--set", "loss=cpm", "--set", "alpha=2"], 2, "alpha must be in (0, 1]"),
     ("top_p 0", lambda t: ["ppo", "--set", "top_p=0"], 2, "top_p must be in (0, 1]"),
@@ -101,15 +133,20 @@ CASES = [
     ("batch 0", lambda t: ["rm", "--set", "optim.batch_size=0"], 2, "optim.batch_size must be >= 1"),
     ("accumulation 0", lambda t: ["dpo", "--set", "optim.grad_accum=0"], 2, "optim.grad_accum must be >= 1"),
     ("float64", lambda t: ["sft", "--set", "model.dtype=float64"], 2, "model.dtype must be one of float32"),
-    ("world of no prompts", lambda t: ["world", "--out", str(t / "w"), "--set", "n_prompts=0"], 2, "at least 1"),
+    (
+        "world of no prompts",
+        lambda t: ["world", "--set", "n_prompts=0"],
+        2,
+        "n_prompts must be >= 1",
+    ),
     ("YAML not UTF-8", invalid_yaml, 2, "bad.yaml: not UTF-8 text"),
     ("data not UTF-8", non_utf8_rows, 2, "rows.jsonl: row 2: not UTF-8 text"),
     ("unknown suffix", lambda t: ["rm", "--set", f"data.source={t / 'rows.tsv'}"], 2, "unsupported file type '.tsv'"),
     ("message types", lambda t: conversational(t, "raise"), 2, "conv.jsonl: row 1: field 'prompt': message"),
     # each of these was taken, and lost or spoilt a result
-    ("lr inf", lambda t: ["rm", "--set", "optim.lr=.inf"], 2, "optim.lr must be a finite number > 0, got inf"),
-    ("lr nan", lambda t: ["dpo", "--set", "optim.lr=.nan"], 2, "optim.lr must be a finite number > 0, got nan"),
-    ("critic lr inf", lambda t: ["ppo", "--set", "critic_lr=.inf"], 2, "critic_lr must be a finite number > 0"),
+    ("lr inf", lambda t: ["rm", "--set", "optim.lr=.inf"], 2, "optim.lr: must be a finite number, got inf"),
+    ("lr nan", lambda t: ["dpo", "--set", "optim.lr=.nan"], 2, "optim.lr: must be a finite number, got nan"),
+    ("critic lr inf", lambda t: ["ppo", "--set", "critic_lr=.inf"], 2, "critic_lr: must be a finite number, got inf"),
     ("keep no checkpoint", lambda t: ["rm", "--set", "keep_checkpoints=-1"], 2, "keep_checkpoints must be >= 1"),
     ("keep 0 checkpoints", lambda t: ["sft", "--set", "keep_checkpoints=0"], 2, "keep_checkpoints must be >= 1"),
     ("checkpoint -1", lambda t: ["ppo", "--set", "checkpoint_every=-1"], 2, "checkpoint_every must be >= 0"),
@@ -139,7 +176,9 @@ CASES = [
 @pytest.mark.parametrize("name,argv,code,message", CASES, ids=[c[0] for c in CASES])
 def test_each_bad_input_gets_one_line_and_its_exit_code(tmp_path, name, argv, code, message):
     args = argv(tmp_path)
-    if args[0] not in ("world", "plan"):
+    if args[0] == "world":
+        args += ["--out", str(tmp_path / "world")]
+    elif args[0] not in ("plan", "sweep"):
         args += ["--run-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == code, result.output

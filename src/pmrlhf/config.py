@@ -31,9 +31,9 @@ class ConfigError(InputError):
 
 
 def require(condition: bool, message: str) -> None:
-    """Refuse a setting: ``message`` says what is wrong and what would be right."""
+    """Refuse a setting: ``message`` says what is wrong and what would be right (exit 2 from every command)."""
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def one_of(name: str, value: Any, allowed: tuple) -> None:
@@ -42,6 +42,10 @@ def one_of(name: str, value: Any, allowed: tuple) -> None:
 
 def require_learning_rate(name: str, lr: float) -> None:
     require(math.isfinite(lr) and lr > 0, f"{name} must be a finite number > 0, got {lr}")
+
+
+# A seed: torch, numpy and Python's random all take [0, 2**32) (numpy refuses more, torch wraps negatives).
+Seed = typing.NewType("Seed", int)
 
 
 def require_checkpointing(checkpoint_every: int, keep_checkpoints: int) -> None:
@@ -126,7 +130,7 @@ class DataConfig:
     hf_split: str = "train"  # split of a Hub dataset
     hf_config: str | None = None  # configuration name of a Hub dataset
     portion: str = "all"  # the paper's 20/40/40 split (Sec. 6): all | sft | reward | rl
-    split_seed: int = 0  # seed of that split
+    split_seed: Seed = 0  # seed of that split
     eval_fraction: float = 0.1  # share of the portion held out for evaluation
     on_error: str = "raise"  # raise | skip: bad rows stop the run, or are counted and reported
     max_prompt_tokens: int = 256  # prompts longer than this are truncated or skipped
@@ -145,10 +149,6 @@ class DataConfig:
         )
         require(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         require(self.limit is None or self.limit >= 1, f"limit must be >= 1 or null, got {self.limit}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 class CommandLineValue(str):
@@ -212,32 +212,25 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
-    if hint is int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | str)
-            or (isinstance(value, str) and not _is_int(value))
-        ):
+    if hint in (int, Seed):
+        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().lstrip("+-").isdigit():
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        if hint is Seed and not 0 <= int(value) < 2**32:
+            raise ConfigError(f"{name}: a seed must be in [0, 2**32), got {value}")
         return int(value)
     if hint is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # every setting that is a number is a finite one
+            raise ConfigError(f"{name}: must be a finite number, got {number}")
+        return number
     if hint is str:
         if not isinstance(value, str | int | float):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return str(value)
     return value
-
-
-def _is_int(s: str) -> bool:
-    try:
-        int(s)
-        return True
-    except ValueError:
-        return False
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
@@ -249,7 +242,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """
     if hasattr(cls, "canonical_keys"):  # a config that accepts other names for some of its keys
         data = cls.canonical_keys(data)
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -262,9 +255,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as e:  # a sub-config's own check: name the section it is in
+    except ValueError as e:  # a sub-config's own check (its fields are built above): name the section it is in
         raise ConfigError(f"{prefix}{e}") from None
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import InputError
+from pmrlhf.config import InputError, Seed, require
 from pmrlhf.io import atomic_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -67,28 +67,30 @@ class WorldConfig:
     segment_words: int = 8  # text: longest segment between branching points (the first: 1-2 times this)
     minority_share: float = 1 / 11  # text: share of labelers in the minority group
     minority_preference: float = 0.7  # text: the minority group's Plackett-Luce probability of its favourite
-    seed: int = 0  # everything in the world follows from this
+    seed: Seed = 0  # everything in the world follows from this
 
     def validate(self) -> None:
-        if self.n_prompts < 1 or self.responses_per_prompt < 2:
-            raise ValueError("a world needs at least 1 prompt and 2 responses per prompt")
-        if not 1 <= self.min_words <= self.max_words:
-            raise ValueError("need 1 <= min_words <= max_words")
-        if not 2 <= self.ranking_k <= self.responses_per_prompt:
-            raise ValueError("need 2 <= ranking_k <= responses_per_prompt")
-        if self.vocab_words**self.min_words < self.responses_per_prompt:
-            raise ValueError("too few words to make distinct responses")
-        if not 0 <= self.ref_floor < 1 / self.responses_per_prompt:
-            raise ValueError("need 0 <= ref_floor < 1 / responses_per_prompt")
-        if not 0 <= self.label_noise < 0.5 or not 0 <= self.uniform_share <= 1:
-            raise ValueError("need 0 <= label_noise < 0.5 and 0 <= uniform_share <= 1")
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        least = {"n_prompts": 1, "responses_per_prompt": 2, "n_demonstrations": 0, "n_comparisons": 0, "n_rankings": 0}
+        for name, n in least.items():
+            require(getattr(self, name) >= n, f"{name} must be >= {n}, got {getattr(self, name)}")
+        require(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
+        require(2 <= self.ranking_k <= self.responses_per_prompt, "need 2 <= ranking_k <= responses_per_prompt")
+        require(
+            self.vocab_words**self.min_words >= self.responses_per_prompt, "too few words to make distinct responses"
+        )
+        require(0 <= self.ref_floor < 1 / self.responses_per_prompt, "need 0 <= ref_floor < 1 / responses_per_prompt")
+        require(self.ref_noise >= 0, f"ref_noise must be >= 0 (a standard deviation), got {self.ref_noise}")
+        require(0 <= self.label_noise < 0.5, f"label_noise must be in [0, 0.5), got {self.label_noise}")
+        require(0 <= self.uniform_share <= 1, f"uniform_share must be in [0, 1], got {self.uniform_share}")
+        require(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
         if self.kind == "text":
-            if self.segment_words < 3 or self.vocab_words < 2:
-                raise ValueError("a text world needs segment_words >= 3 and vocab_words >= 2")
-            if not 0 <= self.minority_share < 0.5 or not 0 < self.minority_preference < 1:
-                raise ValueError("need 0 <= minority_share < 0.5 and 0 < minority_preference < 1")
+            require(
+                self.segment_words >= 3 and self.vocab_words >= 2, "text needs segment_words >= 3, vocab_words >= 2"
+            )
+            require(0 <= self.minority_share < 0.5, f"minority_share must be in [0, 0.5), got {self.minority_share}")
+            require(
+                0 < self.minority_preference < 1, f"minority_preference must be in (0, 1): {self.minority_preference}"
+            )
 
 
 @dataclass

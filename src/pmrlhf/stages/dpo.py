@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require, require_checkpointing
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require, require_checkpointing
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
@@ -41,7 +41,7 @@ class DPOConfig:
 
     run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "dpo"  # sub-folder of this stage's outputs
-    seed: int = 0  # seed of shuffling and dropout
+    seed: Seed = 0  # seed of shuffling and dropout
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # comparisons
     model: ModelConfig = field(default_factory=ModelConfig)  # policy and reference; "" = <run_dir>/sft/model
@@ -60,10 +60,8 @@ class DPOConfig:
         require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
-        if self.loss not in dpo.DPO_LOSSES:
-            raise ValueError(f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
+        require(self.loss in dpo.DPO_LOSSES, f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")
+        require(self.beta > 0, f"beta must be > 0, got {self.beta}")
         if self.loss == "cpm":
             require(
                 0 < self.alpha <= 1,

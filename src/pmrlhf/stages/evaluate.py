@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, ModelConfig, require
+from pmrlhf.config import DataConfig, ModelConfig, Seed, require
 from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m, reward_beta, rewards_over_m
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
@@ -38,7 +38,7 @@ class EvalConfig:
 
     run_dir: str = "runs/demo"  # the run folder
     name: str = "eval"  # sub-folder of the outputs
-    seed: int = 0  # seed of the sampled pairs (the same for every model)
+    seed: Seed = 0  # seed of the sampled pairs (the same for every model)
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
     policies: dict[str, str] = field(default_factory=dict)  # name -> model path; {} = every <run_dir>/ppo*/model
@@ -65,7 +65,7 @@ class ProbeConfig:
 
     run_dir: str = "runs/demo"  # the run folder
     name: str = "probe"  # sub-folder of the outputs
-    seed: int = 0  # seed of the sampled pairs
+    seed: Seed = 0  # seed of the sampled pairs
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
     reference: str = ""  # "" = <run_dir>/sft/model

@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import DataConfig, InputError, ModelConfig, from_dict, merge_sections, read_yaml, to_dict
+from pmrlhf.config import (
+    ConfigError,
+    DataConfig,
+    InputError,
+    ModelConfig,
+    Seed,
+    from_dict,
+    merge_sections,
+    read_yaml,
+    require,
+    to_dict,
+)
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json, console
@@ -55,7 +66,7 @@ class PipelineConfig:
     """The whole pipeline. Stage sections hold overrides of that stage's config (``pmrlhf <stage> --help``)."""
 
     run_dir: str = "runs/demo"  # the run folder every stage shares
-    seed: int = 0  # seed handed to every stage
+    seed: Seed = 0  # seed handed to every stage
     world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic world (when data.source is "world")
     data: DataConfig = field(default_factory=DataConfig)  # the one dataset every stage takes its portion of
     policy: ModelConfig = field(default_factory=ModelConfig)  # the SFT model, actor and reference
@@ -75,36 +86,46 @@ class PipelineConfig:
     resume: bool = False  # continue an unfinished stage from its newest checkpoint instead of starting it afresh
 
     def stage_configs(self) -> dict[str, Any]:
-        """Every stage's full config, validated, keyed by stage name (the variants by their names)."""
+        """Every stage's full config, validated, keyed by stage name (the variants by their names); a setting
+        that cannot work is refused with the stage's name before anything runs."""
         shared = {"run_dir": self.run_dir, "seed": self.seed, "world": to_dict(self.world)}
 
         def data(portion: str, extra: dict) -> dict:
             return {**to_dict(self.data), "portion": portion, **extra.get("data", {})}
 
-        configs: dict[str, Any] = {
-            "sft": from_dict(
-                sft.SFTConfig, {**shared, "model": to_dict(self.policy), **self.sft, "data": data("sft", self.sft)}
-            ),
-            "reward": from_dict(
-                reward.RewardConfig,
-                {**shared, "model": to_dict(self.reward_model), **self.reward, "data": data("reward", self.reward)},
-            ),
-        }
+        def build(name: str, cls: type, settings: dict, adjust=lambda cfg: cfg) -> None:
+            try:
+                cfg = adjust(from_dict(cls, settings))
+                if hasattr(cfg, "validate"):
+                    cfg.validate()
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}") from None
+            configs[name] = cfg
+
+        configs: dict[str, Any] = {}
+        build(
+            "sft", sft.SFTConfig, {**shared, "model": to_dict(self.policy), **self.sft, "data": data("sft", self.sft)}
+        )
+        build(
+            "reward",
+            reward.RewardConfig,
+            {**shared, "model": to_dict(self.reward_model), **self.reward, "data": data("reward", self.reward)},
+        )
         names = [v.get("name") for v in [*self.variants, *self.dpo_variants]]
-        if any(not n for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"every variant needs a distinct name, got {names}")
+        require(all(names) and len(set(names)) == len(names), f"every variant needs a distinct name, got {names}")
+
+        def own_models(cfg):  # the actor starts from this run's SFT model, the critic from its reward model
+            if cfg.policy.name_or_path == self.policy.name_or_path:
+                cfg.policy = dataclasses.replace(cfg.policy, name_or_path="")
+            if cfg.reward.name_or_path == self.reward_model.name_or_path:
+                cfg.reward = dataclasses.replace(cfg.reward, name_or_path="")
+            return cfg
+
         for variant in self.variants:
             # a variant's sections (penalty, optim, ...) change only the keys they name in the base's
             ppo_settings = merge_sections(penalty_section(self.ppo), penalty_section(variant))
             merged = {**shared, "policy": to_dict(self.policy), "reward": to_dict(self.reward_model), **ppo_settings}
-            merged["data"] = data("rl", ppo_settings)
-            cfg = from_dict(ppo.PPOConfig, merged)
-            if cfg.policy.name_or_path == self.policy.name_or_path:  # the actor starts from this run's SFT model
-                cfg.policy = dataclasses.replace(cfg.policy, name_or_path="")
-            if cfg.reward.name_or_path == self.reward_model.name_or_path:
-                cfg.reward = dataclasses.replace(cfg.reward, name_or_path="")
-            cfg.validate()
-            configs[variant["name"]] = cfg
+            build(variant["name"], ppo.PPOConfig, {**merged, "data": data("rl", ppo_settings)}, own_models)
         for variant in self.dpo_variants:
             merged = {
                 **shared,
@@ -113,16 +134,10 @@ class PipelineConfig:
                 **variant,
                 "data": data("reward", {"data": {**self.dpo.get("data", {}), **variant.get("data", {})}}),
             }
-            cfg = from_dict(dpo.DPOConfig, merged)
-            cfg.validate()
-            configs[variant["name"]] = cfg
+            build(variant["name"], dpo.DPOConfig, merged)
         model = {"model": {**to_dict(self.policy), "name_or_path": ""}}
-        configs["eval"] = from_dict(
-            evaluate.EvalConfig, {**shared, **model, **self.eval, "data": data("rl", self.eval)}
-        )
-        configs["probe"] = from_dict(
-            evaluate.ProbeConfig, {**shared, **model, **self.probe, "data": data("rl", self.probe)}
-        )
+        build("eval", evaluate.EvalConfig, {**shared, **model, **self.eval, "data": data("rl", self.eval)})
+        build("probe", evaluate.ProbeConfig, {**shared, **model, **self.probe, "data": data("rl", self.probe)})
         return configs
 
 

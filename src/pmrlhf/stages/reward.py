@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require_checkpointing
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require, require_checkpointing
 from pmrlhf.data.records import Comparison, Ranking
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.tokenize import Encoder, pad
@@ -44,7 +44,7 @@ class RewardConfig:
 
     run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "reward"  # sub-folder of this stage's outputs
-    seed: int = 0  # seed of the score head, shuffling and dropout
+    seed: Seed = 0  # seed of the score head, shuffling and dropout
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))
     data_kind: str = "comparison"  # comparison | ranking: pairs, or K-wise rankings
@@ -63,10 +63,12 @@ class RewardConfig:
         require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
-        if self.loss not in REWARD_LOSSES:
-            raise ValueError(f"unknown reward loss {self.loss!r}; use one of {sorted(REWARD_LOSSES)}")
-        if self.data_kind not in ("comparison", "ranking"):
-            raise ValueError(f"data_kind must be 'comparison' or 'ranking', got {self.data_kind!r}")
+        require(self.loss in REWARD_LOSSES, f"unknown reward loss {self.loss!r}; use one of {sorted(REWARD_LOSSES)}")
+        require(
+            self.data_kind in ("comparison", "ranking"), f"data_kind must be comparison or ranking: {self.data_kind!r}"
+        )
+        require(self.eval_every >= 1, f"eval_every must be >= 1, got {self.eval_every}")
+        require(self.patience >= 0, f"patience must be >= 0 (0 never stops early), got {self.patience}")
 
 
 def _ordered(records: list[Comparison | Ranking]) -> list[tuple[str, list[str]]]:

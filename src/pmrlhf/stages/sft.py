@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, require_checkpointing, to_dict
+from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require_checkpointing, to_dict
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console, progress_bar
@@ -35,7 +35,7 @@ class SFTConfig:
 
     run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "sft"  # sub-folder of this stage's outputs
-    seed: int = 0  # seed of initialisation, shuffling and dropout
+    seed: Seed = 0  # seed of initialisation, shuffling and dropout
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))
     model: ModelConfig = field(default_factory=ModelConfig)

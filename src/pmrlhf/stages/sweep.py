@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pmrlhf.config import from_dict, merge_sections, require, to_dict
+from pmrlhf.config import Seed, from_dict, merge_sections, require, to_dict
 from pmrlhf.data.world import World
 from pmrlhf.evaluation import study
 from pmrlhf.io import atomic_write_json, atomic_write_text, console, progress_bar
@@ -29,7 +29,7 @@ class SweepConfig:
     """``pmrlhf sweep``: every method of ``grid`` on every seed, from the pipeline settings in ``pipeline``."""
 
     sweep_dir: str = "runs/study"  # the study's folder: one run folder per seed (seed<S>/) and study/
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # training seeds; one world for all
+    seeds: list[Seed] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # training seeds; one world for all
     pipeline: dict[str, Any] = field(default_factory=dict)  # pipeline settings every seed shares (pmrlhf run --help)
     # methods: a PPO variant (penalty, ...) or a DPO variant (loss, ...) with a name; a list value sweeps that key
     grid: list[dict[str, Any]] = field(default_factory=list)

@@ -13,6 +13,7 @@ from pmrlhf.config import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    Seed,
     one_of,
     require,
     require_checkpointing,
@@ -70,18 +71,20 @@ class PenaltyConfig:
         get_penalty(self.name)
         one_of("penalty.placement", self.placement, ("reward", "loss"))
         one_of("penalty.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
+        require(self.coefficient() >= 0, f"penalty.coef (kl_ctl / ent_ctl) must be >= 0, got {self.coefficient()}")
+        require(self.tau > 0, f"penalty.tau must be > 0, got {self.tau}")
         if self.name == "kl" and self.placement == "reward" and self.kl_estimator != "k1":
-            raise ValueError(
+            raise ConfigError(
                 f"kl_estimator {self.kl_estimator} as a reward is not a KL penalty (a reward -coef * k3 follows "
                 "E r - coef KL(pi || pi_ref) + coef KL(pi_ref || pi); k2 collapses onto one answer): use k1, or "
                 "set placement: loss, where k2 gives the gradient of KL(pi || pi_ref) and k3 of KL(pi_ref || pi)"
             )
         if self.name == "kl" and self.placement == "loss" and self.kl_estimator == "k1":
-            raise ValueError(
+            raise ConfigError(
                 "kl_estimator k1 in the loss has zero expected gradient: use k2 or k3 there, or k1 as a reward"
             )
         if self.placement == "loss" and self.name != "kl":
-            raise ValueError(f"placement: loss is for penalty kl, not {self.name!r}")
+            raise ConfigError(f"placement: loss is for penalty kl, not {self.name!r}")
         if self.name.startswith("cpm"):
             require(0 < self.alpha <= 1, f"penalty.alpha must be in (0, 1], got {self.alpha}")
 
@@ -106,7 +109,7 @@ class PPOConfig:
 
     run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
-    seed: int = 0  # seed of sampling, shuffling and initialisation
+    seed: Seed = 0  # seed of sampling, shuffling and initialisation
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))
     policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
@@ -208,15 +211,24 @@ class PPOConfig:
     def validate(self) -> None:
         self.penalty.validate()
         require_learning_rate("critic_lr", self.critic_lr)
-        if self.advantage not in ("gae", *rl.SEQUENCE_ADVANTAGES):
-            raise ValueError(f"unknown advantage {self.advantage!r}; use gae, {', '.join(rl.SEQUENCE_ADVANTAGES)}")
-        if self.advantage != "gae" and self.samples_per_prompt < 2:
-            raise ValueError(f"advantage={self.advantage} needs samples_per_prompt >= 2")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}; use no, bf16 or fp16")
-        if self.beta <= 0 or self.max_new_tokens < 1 or self.iterations < 1:
-            raise ValueError("need beta > 0, max_new_tokens >= 1 and iterations >= 1")
-        for name in ("prompts_per_iteration", "samples_per_prompt"):
+        one_of("advantage", self.advantage, ("gae", *rl.SEQUENCE_ADVANTAGES))
+        require(
+            self.advantage == "gae" or self.samples_per_prompt >= 2, f"{self.advantage} needs samples_per_prompt >= 2"
+        )
+        one_of("mixed_precision", self.mixed_precision, (None, "no", "bf16", "fp16"))
+        require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        for name in ("gamma", "lam"):
+            require(0 <= getattr(self, name) <= 1, f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("clip", "value_clip"):
+            require(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name, value in (
+            ("vf_coef", self.vf_coef),
+            ("ptx_coef", self.ptx_coef),
+            ("adaptive_kl.target", self.adaptive_kl.target),
+        ):
+            require(value >= 0, f"{name} must be >= 0, got {value}")
+        require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1) (0 disables), got {self.ema_decay}")
+        for name in ("iterations", "max_new_tokens", "prompts_per_iteration", "samples_per_prompt"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         require(
             self.optim.epochs == int(self.optim.epochs),
