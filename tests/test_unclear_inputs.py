@@ -116,7 +116,7 @@ CASES = [
     ("clip -0.2", lambda t: ["ppo", "--set", "clip=-0.2"], 2, "clip must be > 0, got -0.2"),
     ("ema_decay 2", lambda t: ["ppo", "--set", "ema_decay=2"], 2, "ema_decay must be in [0, 1)"),
     ("kl_ctl -1", lambda t: ["ppo", "--set", "kl_ctl=-1"], 2, "penalty.coef (kl_ctl / ent_ctl) must be >= 0, got -1"),
-    ("tau 0", lambda t: ["ppo", "--set", "penalty.name=maxent", "--set", "penalty.tau=0"], 2, "penalty.tau must be > 0"),
+    ("tau 0", lambda t: ["ppo", "-s", "penalty.name=maxent", "-s", "penalty.tau=0"], 2, "penalty.tau must be > 0"),
     ("ptx -1", lambda t: ["ppo", "--set", "ptx_coef=-1"], 2, "ptx_coef must be >= 0, got -1"),
     ("lr not YAML", lambda t: ["rm", "--set", "optim.lr=[1"], 2, "optim.lr: '[1' is not a YAML value"),
     # the same refusal from a pipeline's variant and a sweep's method, naming the method

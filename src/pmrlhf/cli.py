@@ -101,29 +101,74 @@ def _config(cls, config: Path | None, overrides: list[str], run_dir: Path | None
         raise typer.Exit(2) from None
 
 
-def _run(stage_run, cfg) -> Path:
+def _run(stage_run, cfg, folder: Path | None = None, option: str = "--run-dir"):
+    """``stage_run(cfg)``, with every way it can fail said in one line: exit 2 where what the user gave cannot work
+    (a setting, a file, a folder: ``option`` names where the output goes), 1 where the run itself failed, and
+    128 + the signal's number where it was stopped, saying where its state is kept."""
     import errno
+    import signal
 
     from pmrlhf.config import InputError
+    from pmrlhf.io import no_space
 
+    folder = Path(folder if folder is not None else getattr(cfg, "run_dir", getattr(cfg, "sweep_dir", ".")))
+    previous = signal.signal(signal.SIGTERM, _stop) if _in_main_thread() else None
     try:
         return stage_run(cfg)
+    except KeyboardInterrupt as e:
+        _fail(f"stopped: {_where_state_is(cfg, folder)}", 128 + getattr(e, "signal", signal.SIGINT))
     except InputError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    except ValueError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(1) from None
-    except OSError as e:
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            typer.echo(f"error: cannot write {e.filename}: {e.strerror}; choose a writable --run-dir", err=True)
-            raise typer.Exit(2) from None
-        if e.errno == errno.ENOSPC:
-            typer.echo(f"error: no space left on the device while writing {e.filename or 'the run'}", err=True)
-            raise typer.Exit(1) from None
+        _fail(f"error: {e}", 2)
+    except Exception as e:
+        if no_space(e, folder):
+            _fail(f"error: no space left on the device under {folder}: free space on it, or choose another {option}", 1)
+        if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            _fail(f"error: cannot write {_shown(e.filename)}: {e.strerror}; choose a writable {option}", 2)
+        if isinstance(e, OSError) and e.errno in (errno.ENOTDIR, errno.EEXIST):
+            _fail(
+                f"error: cannot write {_shown(e.filename)}: a file is where a folder must be; choose another {option}",
+                2,
+            )
+        if isinstance(e, ValueError):
+            _fail(f"error: {e}", 1)
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         _leave_process_group()
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, taken as SIGINT is: the run stops between two steps of Python and says where its state is."""
+
+    signal = 15
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _where_state_is(cfg, folder: Path) -> str:
+    if not hasattr(cfg, "resume"):
+        return f"what was written under {folder} is kept; run the command again"
+    partial = folder / f"{cfg.name}.partial" if hasattr(cfg, "name") else folder
+    return f"the checkpoints written so far are kept under {partial}; the same command with --resume continues"
+
+
+def _shown(filename) -> str:
+    """A file as the user knows it: a hidden temporary file (an atomic write's) by the folder it was written in."""
+    return str(Path(filename).parent) if Path(str(filename)).name.startswith(".") else str(filename)
+
+
+def _fail(message: str, code: int):
+    typer.echo(message, err=True)
+    raise typer.Exit(code) from None
 
 
 _distributed = False  # whether this process took part in a run of several processes
@@ -169,8 +214,7 @@ def world(
     from pmrlhf.data.world import World, WorldConfig
 
     cfg = _config(WorldConfig, config, overrides, None)
-    path = World.generate(cfg).write(out)
-    typer.echo(f"wrote {path}")
+    typer.echo(f"wrote {_run(lambda c: World.generate(c).write(out), cfg, out, '--out')}")
 
 
 @app.command(cls=settings("pmrlhf.stages.sft:SFTConfig"))
@@ -246,7 +290,7 @@ def report(run_dir: Path = typer.Option(Path("runs/demo"), help="Run folder with
     """Write report/report.md with its figures from a run's eval and probe results."""
     from pmrlhf.evaluation.report import write_report
 
-    _wrote(_run(write_report, run_dir))
+    _wrote(_run(write_report, run_dir, run_dir))
 
 
 @app.command("run", cls=settings("pmrlhf.stages.pipeline:PipelineConfig"))
@@ -349,5 +393,4 @@ def theory(
     """Draw the paper's Figs. 2 and 9 and check Thms. 1-4 and Prop. 3.7 numerically (seconds, CPU)."""
     from pmrlhf.evaluation.theory import write_theory_report
 
-    report = write_theory_report(out, seed=seed)
-    typer.echo(f"wrote {report}")
+    typer.echo(f"wrote {_run(lambda s: write_theory_report(out, seed=s), seed, out, '--out')}")

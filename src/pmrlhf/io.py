@@ -49,6 +49,21 @@ def atomic_write_text(path: Path, text: str) -> Path:
     return path
 
 
+def no_space(error: BaseException, folder: Path) -> bool:
+    """Whether ``error`` came from a full disk under ``folder``. An OSError says so by its number and safetensors in
+    words, but torch's writer reports a short write only as "unexpected pos": there the disk's free space decides."""
+    import errno
+
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+        return True
+    if not isinstance(error, RuntimeError):
+        return False
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    return shutil.disk_usage(existing).free < 1 << 20
+
+
 def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 

@@ -9,7 +9,6 @@ and the next save replaces. Resuming refuses a checkpoint of another run, naming
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import to_dict
-from pmrlhf.io import MetricsLog, atomic_write_text, console, read_jsonl, replace_dir
+from pmrlhf.io import MetricsLog, atomic_write_text, console, no_space, read_jsonl, replace_dir
 
 # Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
 MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
@@ -38,8 +37,9 @@ def save(accelerator, root: Path, name: str, state: dict, keep: int, per_process
         if accelerator.is_main_process:
             torch.save(state, tmp / "state.pt")
     except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError from its writer
+        full = no_space(e, root)  # asked before the half-written checkpoint goes and frees its space
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint would only fill the disk further
-        if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+        if full:
             raise ValueError(
                 f"no space left on the device while writing checkpoint {name}: removed the unfinished one; the "
                 "earlier checkpoints are kept. Free space, or lower keep_checkpoints"
