@@ -120,6 +120,25 @@ def test_bad_rows_can_be_skipped_and_counted(tmp_path):
     assert "1 of 3 rows kept" in report.summary()
 
 
+def test_a_ranking_of_booleans_is_refused(tmp_path):
+    """JSON's true and false are not the indices 1 and 0 that Python would take them for."""
+    src = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b"], "ranking": [True, False]}])
+    with pytest.raises(DataError, match=r"r.jsonl: row 1: field 'ranking': expected a permutation of 0..1"):
+        load_records(DataConfig(source=src), "ranking")
+
+
+def test_lines_that_are_no_row_are_skipped_and_counted_too(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "p", "response": "r"}\n{"prompt": "p", "resp\n[1, 2]\n\xff\n')
+    recs, report = load_records(DataConfig(source=str(path), on_error="skip"), "demonstration")
+    assert len(recs) == 1 and report.rows == 4
+    assert set(report.skipped) == {
+        "not valid JSON: Invalid control character at",
+        "each line must be a JSON object",
+        "not UTF-8 text (byte 0 of the line)",
+    }
+
+
 def test_invalid_json_and_missing_files(tmp_path):
     path = tmp_path / "x.jsonl"
     path.write_text('{"prompt": "a", "response": "b"}\n{oops\n')

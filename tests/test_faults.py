@@ -1,6 +1,7 @@
 """Faults of the machine rather than of the input: a real full disk, a read-only folder, a run stopped by a
 signal. Each ends in one line saying what happened and where the state is, and leaves nothing half-written."""
 
+import json
 import os
 import shutil
 import signal
@@ -32,8 +33,8 @@ def disk(tmp_path):
         return folder
 
     yield make
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=False)
+    for folder in mounted:  # lazily: a failed run's traceback may still map a model file of it
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
 
 
 def test_a_world_on_a_full_disk_is_one_line_and_leaves_nothing(disk):
@@ -110,3 +111,111 @@ def test_a_stopped_stage_says_where_its_state_is_and_resumes(trained, tmp_path, 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed reward at step" in resumed.stderr
+
+
+def _cli_settings(world, **extra) -> list[str]:
+    settings = {**{f"world.{k}": v for k, v in world.__dict__.items()}, **extra}
+    return [a for k, v in settings.items() for a in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, trained, tiny_world_config):
+    """A run whose reward model kept its checkpoints (every 5 steps), to spoil one way at a time."""
+    from pmrlhf.stages import reward
+
+    run = tmp_path_factory.mktemp("finished")
+    shutil.copytree(trained / "world", run / "world")
+    shutil.copytree(trained / "sft", run / "sft")
+    reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config, checkpoint_every=5))
+    return run
+
+
+def _unfinished(finished: Path, tmp: Path, stage: str) -> tuple[Path, list[Path]]:
+    """A copy of ``finished`` whose ``stage`` was stopped after its last checkpoint: (run, its checkpoints)."""
+    shutil.copytree(finished, tmp / "run")
+    (tmp / "run" / stage).rename(tmp / "run" / f"{stage}.partial")
+    return tmp / "run", sorted((tmp / "run" / f"{stage}.partial" / "checkpoints").iterdir())
+
+
+def _cut(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+SPOILT = [
+    ("state.pt", lambda c: (c / "state.pt").write_bytes(b"garbage"), "state.pt cannot be read (UnpicklingError"),
+    ("empty optimizer", lambda c: (c / "optimizer.bin").write_bytes(b""), "optimizer.bin cannot be read (EOFError"),
+    ("cut optimizer", lambda c: _cut(c / "optimizer.bin"), "optimizer.bin cannot be read (RuntimeError"),
+    ("cut weights", lambda c: _cut(c / "pytorch_model.bin"), "pytorch_model.bin cannot be read (RuntimeError"),
+    ("no best model", lambda c: (c / "best_0.pt").unlink(), "best_0.pt cannot be read (missing)"),
+]
+
+
+@pytest.mark.parametrize("what,spoil,message", SPOILT, ids=[s[0] for s in SPOILT])
+def test_a_spoilt_checkpoint_is_named_with_what_to_do(finished, tmp_path, tiny_world_config, what, spoil, message):
+    run, found = _unfinished(finished, tmp_path, "reward")
+    spoil(found[-1])
+    args = ["rm", "--run-dir", str(run), "--resume", *_cli_settings(tiny_world_config, checkpoint_every=5)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = result.output.replace("\n", "")
+    assert f"{found[-1]}: {message}" in text and f"remove {found[-1]} to resume from the checkpoint before it" in text
+
+
+def test_an_empty_newest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, tiny_world_config):
+    run, found = _unfinished(finished, tmp_path, "reward")
+    (found[-1].parent / "step-999999").mkdir()
+    args = ["rm", "--run-dir", str(run), "--resume", *_cli_settings(tiny_world_config, checkpoint_every=5)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "is not a whole checkpoint (no state.pt): using the one before" in result.output.replace("\n", "")
+    assert f"resumed reward at step {int(found[-1].name[5:])}" in result.output
+
+
+def test_a_metrics_line_cut_short_does_not_block_resuming(finished, tmp_path, tiny_world_config):
+    """A run killed while writing a line leaves it half-written; the line before is kept, the half one dropped."""
+    run, found = _unfinished(finished, tmp_path, "reward")
+    metrics = run / "reward.partial" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-15])
+    args = ["rm", "--run-dir", str(run), "--resume", *_cli_settings(tiny_world_config, checkpoint_every=5)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+
+
+def test_a_metrics_line_spoilt_inside_the_log_is_named(finished, tmp_path, tiny_world_config):
+    run, _ = _unfinished(finished, tmp_path, "reward")
+    metrics = run / "reward.partial" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join([lines[0], "{oops\n", *lines[1:]]))
+    args = ["rm", "--run-dir", str(run), "--resume", *_cli_settings(tiny_world_config, checkpoint_every=5)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert f"{metrics}: line 2 is not JSON" in result.output.replace("\n", "")
+
+
+def test_a_spoilt_sft_checkpoint_is_named(finished, tmp_path, tiny_world_config):
+    run, found = _unfinished(finished, tmp_path, "sft")
+    (found[-1] / "model.safetensors").write_bytes(b"garbage")
+    result = CliRunner().invoke(app, ["sft", "--run-dir", str(run), "--resume", *_cli_settings(tiny_world_config)])
+    assert result.exit_code == 2, result.output
+    assert f"{found[-1]}: model.safetensors cannot be read (SafetensorError" in result.output.replace("\n", "")
+
+
+def test_resuming_a_finished_sft_logs_no_row_twice(finished, tmp_path, tiny_world_config):
+    shutil.copytree(finished, tmp_path / "run")
+    metrics = tmp_path / "run" / "sft" / "metrics.jsonl"
+    before = metrics.read_text()
+    result = CliRunner().invoke(
+        app, ["sft", "--run-dir", str(tmp_path / "run"), "--resume", *_cli_settings(tiny_world_config)]
+    )
+    assert result.exit_code == 0, result.output
+    assert metrics.read_text() == before
+
+
+def test_an_empty_truth_file_is_named(finished, tmp_path):
+    shutil.copytree(finished, tmp_path / "run")
+    (tmp_path / "run" / "world" / "truth.json").write_text("")
+    result = CliRunner().invoke(app, ["probe", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert f"{tmp_path / 'run' / 'world' / 'truth.json'} cannot be read" in result.output.replace("\n", "")

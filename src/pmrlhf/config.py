@@ -9,6 +9,7 @@ that a run used.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -317,6 +318,14 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def read_json(path: Path, remedy: str) -> Any:
+    """A JSON file a run wrote earlier; one line naming it, and ``remedy``, where it is missing, empty or spoilt."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}): {remedy}") from None
 
 
 def load_config(cls: type[T], path: Path | str | None = None, overrides: list[str] | None = None) -> T:

@@ -189,7 +189,8 @@ def ranking(row: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(r, str) or not r.strip():
             raise RowError("responses", f"response {i} is empty or not a string")
     order = row.get("ranking")
-    if not isinstance(order, list) or sorted(order) != list(range(len(responses))):
+    whole = isinstance(order, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+    if not whole or sorted(order) != list(range(len(responses))):  # true and false would pass for 1 and 0
         raise RowError("ranking", f"expected a permutation of 0..{len(responses) - 1}, got {order!r}")
     if len(set(responses)) < len(responses):
         raise RowError("responses", "contains the same response twice")

@@ -79,20 +79,21 @@ def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None
 def _iter_local(path: Path) -> Iterator[dict[str, Any]]:
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
-            for i, raw in enumerate(f, 1):
+            for raw in f:
+                # a line that is no row is yielded as its RowError, which data.on_error raises or skips as any other
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(str(path), i, None, f"not UTF-8 text (byte {e.start} of the line)") from None
+                    yield RowError("", f"not UTF-8 text (byte {e.start} of the line)")
+                    continue
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(str(path), i, None, f"not valid JSON: {e.msg}") from None
-                if not isinstance(row, dict):
-                    raise DataError(str(path), i, None, "each line must be a JSON object")
-                yield row
+                    yield RowError("", f"not valid JSON: {e.msg}")
+                    continue
+                yield row if isinstance(row, dict) else RowError("", "each line must be a JSON object")
     elif path.suffix == ".json":
         try:
             data = json.loads(_utf8(path))
@@ -150,15 +151,17 @@ def load_records(config: DataConfig, kind: str, source: str | None = None) -> tu
     records: list[Record | None] = []
     for i, raw in enumerate(iter_rows(source, config.hf_split, config.hf_config), 1):
         report.rows += 1
-        row = {rename.get(k, k): v for k, v in raw.items()}
         try:
+            if isinstance(raw, RowError):
+                raise raw
+            row = {rename.get(k, k): v for k, v in raw.items()}
             if converter is None:
                 converter = FORMATS[detect_format(row)]
             records.append(as_record(converter(row), kind))
         except RowError as e:
             if config.on_error == "raise":
                 raise DataError(source, i, e.field, e.message) from None
-            report.skipped[f"{e.field}: {e.message}"] += 1
+            report.skipped[f"{e.field}: {e.message}" if e.field else e.message] += 1
             records.append(None)  # keeps row positions, so the split does not depend on which rows are bad
     keep = (
         range(len(records))

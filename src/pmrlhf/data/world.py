@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import InputError, Seed, require
+from pmrlhf.config import InputError, Seed, read_json, require
 from pmrlhf.io import atomic_dir
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -241,7 +241,7 @@ class World:
 
     @classmethod
     def load(cls, path: Path) -> World:
-        data = json.loads((Path(path) / "truth.json").read_text())
+        data = read_json(Path(path) / "truth.json", f"remove {path} for the run to write its world again")
         return cls(WorldConfig(**data["config"]), [PromptTruth(**p) for p in data["prompts"]])
 
 

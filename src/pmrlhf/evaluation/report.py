@@ -7,12 +7,12 @@ from those numbers, whichever way they come out.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 
+from pmrlhf.config import read_json
 from pmrlhf.evaluation.exact import objective_coef
 from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
 from pmrlhf.io import atomic_write_text
@@ -21,7 +21,7 @@ REFERENCE = "reference (SFT)"
 
 
 def _load(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, f"run the stage that writes {path.parent.name}/ again") if path.is_file() else None
 
 
 def _family(metrics: dict) -> str:
@@ -221,7 +221,7 @@ def figure_probe(pairs: dict, probe: dict, path: Path) -> Path:
 
 
 def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int = 12) -> Path:
-    truth = json.loads(truth_path.read_text())["prompts"]
+    truth = read_json(truth_path, f"remove {truth_path.parent} for the run to write its world again")["prompts"]
     n = min(max_prompts, len(truth))
     cols = 4
     rows = math.ceil(n / cols)

@@ -6,13 +6,12 @@ trains. In the synthetic world, eval adds the exact metrics over M(x) (``evaluat
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, ModelConfig, Seed, require
+from pmrlhf.config import DataConfig, ModelConfig, Seed, read_json, require
 from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m, reward_beta, rewards_over_m
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
@@ -99,13 +98,16 @@ def _paths(config) -> tuple[Path, Path]:
     return Path(config.reference or run / "sft" / "model"), Path(config.reward or run / "reward" / "model")
 
 
+_RETRAIN = "train that stage again (or remove its folder)"
+
+
 def discover_policies(run_dir: str | Path) -> dict[str, str]:
     """Every ``<run_dir>/<stage>/model`` written by a policy-optimisation stage (its ``objective.json`` says so)."""
     found = {}
     for path in sorted(Path(run_dir).glob(f"*/{OBJECTIVE}")):
         if path.parent.name.endswith(".partial"):  # a run that did not finish
             continue
-        if (path.parent / "model").is_dir() and json.loads(path.read_text())["method"] in ("ppo", "dpo"):
+        if (path.parent / "model").is_dir() and read_json(path, _RETRAIN)["method"] in ("ppo", "dpo"):
             found[path.parent.name] = str(path.parent / "model")
     return found
 
@@ -116,7 +118,7 @@ def policy_objective(path: str | Path, beta: float) -> dict:
     at coefficient 1 on the unclipped reward ``r / beta``: its distance to that optimum is how far such training
     would have to move it."""
     written = Path(path).parent / OBJECTIVE
-    objective = json.loads(written.read_text()) if written.is_file() else {}
+    objective = read_json(written, _RETRAIN) if written.is_file() else {}
     if objective.get("method") in ("ppo", "dpo"):
         return objective
     return {"method": "ppo", "penalty": "kl", "coef": 1.0, "beta": beta, "clip_reward_value": None}

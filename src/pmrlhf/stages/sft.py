@@ -143,7 +143,7 @@ def run(config: SFTConfig) -> Path:
             if "loss" in logs:
                 logs["train_perplexity"] = math.exp(min(logs["loss"], 50))
                 progress.update(self.task, description=f"SFT  loss {logs['loss']:.3f}")
-            if log is not None:
+            if log is not None and state.global_step > step:  # a resumed run's log holds the rows up to its step
                 log.log(state.global_step, logs)
 
     # TRL turns activation checkpointing on by default; the model's config decides (transformers 5 renamed it)
@@ -196,6 +196,10 @@ def run(config: SFTConfig) -> Path:
     trainer.remove_callback(PrinterCallback)  # which disable_tqdm puts in the bar's place: a line per log
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except Exception as e:
+        if resume_from is not None:
+            checkpoints.blame(resume_from, e)
+        raise
     finally:
         progress.stop()
     check_weights_finite("SFT: after training", trainer.model)  # steps since the last log are not checked yet

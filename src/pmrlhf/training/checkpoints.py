@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import to_dict
-from pmrlhf.io import MetricsLog, atomic_write_text, console, no_space, read_jsonl, replace_dir
+from pmrlhf.config import InputError, to_dict
+from pmrlhf.io import MetricsLog, atomic_write_text, console, no_space, replace_dir
 
 # Settings a resumed run may change: how often it checkpoints and logs, where its folder is, and the flag itself.
 MAY_CHANGE = ("resume", "checkpoint_every", "keep_checkpoints", "logging", "run_dir")
@@ -57,21 +57,69 @@ def save(accelerator, root: Path, name: str, state: dict, keep: int, per_process
 
 def load(accelerator, root: Path, prefix: str, config: dict, may_change: tuple[str, ...]) -> tuple[dict, Path] | None:
     """The newest ``root/prefix-*`` checkpoint loaded into the prepared models and optimisers: ``(state, path)``,
-    or None where there is none. Refuses one whose run had other settings than ``config`` outside ``may_change``
-    (top-level keys)."""
+    or None where there is none. A folder without ``state.pt`` (written last, so a checkpoint emptied or cut short
+    by hand) is passed over for the one before; a file that cannot be read is named. Refuses a checkpoint whose run
+    had other settings than ``config`` outside ``may_change`` (top-level keys)."""
     found = sorted(root.glob(f"{prefix}-*"))
+    while found and not (found[-1] / "state.pt").is_file():
+        console.print(f"[yellow]resume: {found[-1]} is not a whole checkpoint (no state.pt): using the one before[/]")
+        found.pop()
     if not found:
         console.print("[yellow]resume: no checkpoint found, starting from the beginning[/yellow]")
         return None
-    state = torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu")
+    state = readable(found[-1], lambda: torch.load(found[-1] / "state.pt", weights_only=False, map_location="cpu"))
     check_same_run(found[-1], state.get("config"), config, may_change)
-    accelerator.load_state(str(found[-1]))  # also this process's RNG states, as they were saved
+    readable(found[-1], lambda: accelerator.load_state(str(found[-1])))  # and this process's RNG states
     return state, found[-1]
 
 
 def per_process(path: Path, filename: str, accelerator):
     """This process's ``filename`` file of the checkpoint at ``path``."""
-    return torch.load(path / f"{filename}_{accelerator.process_index}.pt", weights_only=False, map_location="cpu")
+    file = path / f"{filename}_{accelerator.process_index}.pt"
+    return readable(path, lambda: torch.load(file, weights_only=False, map_location="cpu"))
+
+
+def readable(checkpoint: Path, load):
+    """``load()``, or where a file of ``checkpoint`` is missing or cannot be read, one line naming it (``blame``)."""
+    try:
+        return load()
+    except Exception as e:  # every reader has its own error type; re-raised where no file is at fault
+        blame(checkpoint, e)
+        raise
+
+
+def blame(checkpoint: Path, error: Exception) -> None:
+    """Where ``error`` came from a file of ``checkpoint`` that is missing or cannot be read, refuse the resume in one
+    line naming it: the libraries' own errors name no file, and an empty one made the command line print only
+    "Aborted"."""
+    missing = getattr(error, "filename", None)
+    if isinstance(error, FileNotFoundError) and missing and Path(missing).parent == checkpoint:
+        file, reason = Path(missing), "missing"
+    else:
+        file, reason = unreadable_file(checkpoint) or (None, "")
+    if file is not None:
+        raise InputError(
+            f"{checkpoint}: {file.name} cannot be read ({reason}): remove {checkpoint} to resume from the checkpoint "
+            "before it, or run without --resume to start afresh"
+        ) from None
+
+
+def unreadable_file(folder: Path) -> tuple[Path, str] | None:
+    """The first file of a checkpoint ``folder`` that its reader refuses, with the reason; None where all read."""
+    from safetensors import safe_open
+
+    readers = {
+        ".json": lambda f: json.loads(f.read_text()),
+        ".safetensors": lambda f: safe_open(str(f), "pt").keys(),
+    }
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        read = readers.get(file.suffix, lambda f: torch.load(f, weights_only=False, map_location="cpu"))
+        if file.suffix in (*readers, ".pt", ".bin", ".pth", ".pkl"):  # accelerate's RNG states are torch's too
+            try:
+                read(file)
+            except Exception as e:
+                return file, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty or cut short'}"
+    return None
 
 
 def move_aside(root: Path, prefix: str) -> None:
@@ -118,9 +166,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def truncated_metrics(path: Path, step: int) -> str:
-    """The lines of ``metrics.jsonl`` up to ``step``: what a run resumed there keeps of its log."""
-    rows = [r for r in read_jsonl(path) if r["step"] <= step] if path.exists() and step else []
-    return "".join(json.dumps(r) + "\n" for r in rows)
+    """The lines of ``metrics.jsonl`` up to ``step``: what a run resumed there keeps of its log. A last line cut
+    short (a run killed while writing it) is dropped; a line spoilt elsewhere is named."""
+    if not (path.exists() and step):
+        return ""
+    lines, rows = path.read_text().splitlines(keepends=True), []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise InputError(f"{path}: line {number} is not JSON ({e.msg}): mend or remove that line") from None
+    return "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
 
 
 def begin(accelerator, out: Path, config, prefix: str, may_change: tuple[str, ...], run_name: str | None = None):
