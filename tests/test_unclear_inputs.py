@@ -278,3 +278,26 @@ def test_a_full_disk_during_a_checkpoint_removes_the_half_written_one(
         ppo.run(cfg)
     checkpoints = tmp_path / "ppo.partial" / "checkpoints"
     assert not list(checkpoints.glob(".*")) and not list(checkpoints.glob("iter-*"))
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_the_hub_is_set_offline_when_it_takes_no_connection(monkeypatch, answers):
+    """Without it each Hub name retried for 30-50 s here (no network) before its one-line error."""
+    import socket
+
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    import pmrlhf.data.sources as sources
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    if not answers:
+        listener.close()  # nothing listens there now: the connection is refused
+    monkeypatch.setattr(hub, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(sources, "_hub_checked", False)
+    sources.offline_unless_hub_answers()
+    listener.close()
+    assert hub.HF_HUB_OFFLINE is datasets.config.HF_HUB_OFFLINE is (not answers)

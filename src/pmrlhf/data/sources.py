@@ -62,6 +62,7 @@ def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None
         )
     import datasets
 
+    offline_unless_hub_answers()
     try:
         ds = datasets.load_dataset(source, hf_config, split=hf_split)
     except Exception as e:  # offline, unknown name, private: the library's many error types say one thing here
@@ -74,6 +75,31 @@ def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None
             f"local {', '.join(LOCAL_SUFFIXES)} file",
         ) from None
     yield from ds
+
+
+def offline_unless_hub_answers(timeout: float = 3.0) -> None:
+    """Put the Hugging Face libraries offline, once per process, when the Hub (``HF_ENDPOINT``) takes no connection
+    within ``timeout`` seconds: otherwise each load retries for 30-50 s before failing, and offline a name still
+    loads from the local cache."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    global _hub_checked
+    if _hub_checked or hub.HF_HUB_OFFLINE:
+        return
+    _hub_checked = True
+    url = urlparse(hub.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        import datasets.config
+
+        hub.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+
+_hub_checked = False
 
 
 def _iter_local(path: Path) -> Iterator[dict[str, Any]]:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pmrlhf.config import InputError, ModelConfig
+from pmrlhf.data.sources import offline_unless_hub_answers
 from pmrlhf.io import atomic_dir
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -262,6 +263,8 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
 def _loaded(source: str, role: str, load, **kw):
     """``load(source, **kw)``, its many ways of failing (no folder, an empty or corrupt one, no network) said in
     one line that names the folder or name."""
+    if not Path(source).exists():
+        offline_unless_hub_answers()
     try:
         return load(source, **kw)
     except Exception as e:  # OSError, ValueError, JSON and safetensors errors, Hub errors: one message
