@@ -70,10 +70,9 @@ def conversational(tmp, on_error):
     }
     bad = {**good, "prompt": [{"role": "user", "content": 5}]}
     path = write_jsonl(tmp / "conv.jsonl", [bad, good, {**good, "chosen": [{"role": "assistant", "content": None}]}])
-    return ["dpo", "--set", f"data.source={path}", "--set", f"data.on_error={on_error}", "--set", "loss=pm"] + [
-        "--set",
-        "data.portion=all",
-    ]
+    # the hh-rlhf layout's "Human:" and "Assistant:" are words the world's tokenizer does not know
+    unknown = ["--set", "data.max_unknown_share=1", "--set", "data.portion=all"]
+    return ["dpo", "--set", f"data.source={path}", "--set", f"data.on_error={on_error}", "--set", "loss=pm", *unknown]
 
 
 RECIPE = str(Path(__file__).parents[1] / "configs" / "recipes" / "llama3.2-1b-tldr.yaml")
@@ -301,3 +300,56 @@ def test_the_hub_is_set_offline_when_it_takes_no_connection(monkeypatch, answers
     sources.offline_unless_hub_answers()
     listener.close()
     assert hub.HF_HUB_OFFLINE is datasets.config.HF_HUB_OFFLINE is (not answers)
+
+
+def test_data_the_tokenizer_does_not_know_is_refused(lm, tmp_path):
+    """SFT on words the model's tokenizer lacks trained on <unk>s (54 %) and reported a perplexity as if it
+    had learnt something."""
+    rows = [{"prompt": "w1 w2", "response": f"nowhere{i} w3"} for i in range(20)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ["sft", "--run-dir", str(tmp_path / "run"), "-s", f"data.source={path}", "-s", f"model.name_or_path={lm}"]
+    args += ["-s", "data.portion=all"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "sft: 20 of the data's 80 tokens (25%) are the tokenizer's unknown token '<unk>'" in result.output.replace(
+        "\n", ""
+    )
+    assert not (tmp_path / "run" / "sft").exists()
+    allowed = CliRunner().invoke(app, [*args, "-s", "data.max_unknown_share=0.3", "-s", "optim.epochs=1"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "20 tokens unknown to the tokenizer" in allowed.output.replace("\n", "")
+
+
+def other_tokenizer_model(tmp: Path, vocab_words: int, reward: bool) -> Path:
+    from pmrlhf.models import load_reward_model
+
+    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=vocab_words)).vocabulary())
+    load = load_reward_model if reward else load_causal_lm
+    return save_model(load(ModelConfig(), tok), tok, tmp / f"other-{vocab_words}")
+
+
+@pytest.mark.parametrize("command", ["ppo", "probe"])
+def test_a_reward_model_of_another_tokenizer_is_refused(lm, tmp_path, command):
+    """The policy's token ids went to a reward model that read them as other words."""
+    reward = other_tokenizer_model(tmp_path, 12, reward=True)
+    where = ["-s", f"policy.name_or_path={lm}", "-s", f"reward.name_or_path={reward}", "-s", "iterations=1"]
+    if command == "probe":
+        where = ["-s", f"reference={lm}", "-s", f"reward={reward}"]
+    result = CliRunner().invoke(app, [command, "--run-dir", str(tmp_path / "run"), "-s", "world.n_prompts=4", *where])
+    assert result.exit_code == 2, result.output
+    assert f"{reward} (a reward model) was trained with another tokenizer than {lm}" in result.output.replace("\n", "")
+
+
+def test_a_tokenizer_larger_than_the_models_embedding_is_refused(lm, tmp_path):
+    """transformers grew the embedding by random rows for the tokens it lacked, without a word."""
+    import shutil
+
+    folder = tmp_path / "grown"
+    shutil.copytree(lm, folder)
+    bigger = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=90)).vocabulary())
+    bigger.save_pretrained(folder)
+    result = CliRunner().invoke(app, ["dpo", "--run-dir", str(tmp_path / "run"), "-s", f"model.name_or_path={folder}"])
+    assert result.exit_code == 2, result.output
+    rows = len(build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary()))
+    message = f"{folder} (a language model) embeds {rows} tokens, but the tokenizer it is read with has {len(bigger)}"
+    assert message in result.output.replace("\n", "")

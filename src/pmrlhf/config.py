@@ -136,18 +136,17 @@ class DataConfig:
     on_error: str = "raise"  # raise | skip: bad rows stop the run, or are counted and reported
     max_prompt_tokens: int = 256  # prompts longer than this are truncated or skipped
     prompt_overflow: str = "truncate_left"  # truncate_left | skip
-    max_response_tokens: int = 256  # responses are cut to this many tokens
+    max_response_tokens: int = 256  # responses are cut to this many tokens, the end of sequence included (>= 2)
     limit: int | None = None  # use at most this many records (after the split)
+    max_unknown_share: float = 0.01  # refuse data of which more tokens than this share are the tokenizer's unknown
 
     def __post_init__(self) -> None:
         one_of("portion", self.portion, ("all", "sft", "reward", "rl"))
         one_of("on_error", self.on_error, ("raise", "skip"))
         one_of("prompt_overflow", self.prompt_overflow, ("truncate_left", "skip"))
         require(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
-        require(
-            self.max_response_tokens >= 2,
-            f"max_response_tokens must be >= 2 (a token and the end of sequence), got {self.max_response_tokens}",
-        )
+        require(self.max_response_tokens >= 2, f"max_response_tokens must be >= 2, got {self.max_response_tokens}")
+        require(0 <= self.max_unknown_share <= 1, f"max_unknown_share must be in [0, 1], got {self.max_unknown_share}")
         require(0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         require(self.limit is None or self.limit >= 1, f"limit must be >= 1 or null, got {self.limit}")
 

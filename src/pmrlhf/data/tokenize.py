@@ -17,7 +17,8 @@ class Encoder:
 
     Prompts longer than ``max_prompt_tokens`` are cut from the left (keeping the end, which the response
     follows) or skipped, per ``overflow``; responses are cut to ``max_response_tokens`` and end with EOS.
-    ``counts`` records what happened, for the run's report.
+    ``counts`` records what happened, for the run's report, and how many of the data's ``tokens`` the tokenizer
+    did not know (its unknown token): a model trained on those learns nothing of the words they stand for.
     """
 
     tokenizer: object
@@ -27,6 +28,8 @@ class Encoder:
     counts: Counter = field(default_factory=Counter)
     capped_by: int | None = None  # the model's positions, where they lowered max_prompt_tokens
     chat_template: bool = False  # conversations' prompts through the tokenizer's chat template
+    max_unknown_share: float = 1.0  # share of unknown tokens above which ``check_unknown`` refuses the data
+    tokens: int = 0  # tokens encoded from the data's text
     _start: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -52,7 +55,15 @@ class Encoder:
         cut = min(data.max_response_tokens, context - prompt) if capped_by else data.max_response_tokens
         if data.chat_template and getattr(tokenizer, "chat_template", None) is None:
             raise InputError("data.chat_template is set, but the tokenizer has no chat template")
-        return cls(tokenizer, prompt, cut, data.prompt_overflow, capped_by=capped_by, chat_template=data.chat_template)
+        return cls(
+            tokenizer,
+            prompt,
+            cut,
+            data.prompt_overflow,
+            capped_by=capped_by,
+            chat_template=data.chat_template,
+            max_unknown_share=data.max_unknown_share,
+        )
 
     def summary(self) -> str:
         """What encoding changed, for a person: empty when nothing was cut or skipped."""
@@ -66,6 +77,24 @@ class Encoder:
             )
         return text
 
+    def check_unknown(self, stage: str) -> None:
+        """Refuse data whose tokens the tokenizer mostly does not know: training went on, on ``<unk>``s."""
+        unknown = self.counts[UNKNOWN]
+        if self.tokens and unknown / self.tokens > self.max_unknown_share:
+            raise InputError(
+                f"{stage}: {unknown} of the data's {self.tokens} tokens ({unknown / self.tokens:.0%}) are the "
+                f"tokenizer's unknown token {self.tokenizer.unk_token!r}: its vocabulary lacks the data's words. Use "
+                "a model whose tokenizer covers them, or raise data.max_unknown_share"
+            )
+
+    def _counted(self, ids: list[int]) -> list[int]:
+        self.tokens += len(ids)
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        n = ids.count(unk) if unk is not None and unk != self.tokenizer.eos_token_id else 0  # GPT-2's is its EOS
+        if n:  # counted only where there are any: ``summary`` lists what happened
+            self.counts[UNKNOWN] += n
+        return ids
+
     def prompts(self, texts) -> list[list[int]]:
         """Every prompt that fits, encoded; skipped ones are left out (and counted)."""
         return [ids for ids in (self.prompt(t) for t in texts) if ids is not None]
@@ -77,9 +106,11 @@ class Encoder:
         with the opening of the assistant's turn."""
         if self.chat_template and isinstance(text, ChatPrompt):
             messages = list(text.messages)
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            ids = self._counted(
+                self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+            )
         else:
-            ids = self.start_tokens() + self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.start_tokens() + self._counted(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) > self.max_prompt_tokens:
             if self.overflow == "skip":
                 self.counts["prompts skipped (too long)"] += 1
@@ -106,11 +137,14 @@ class Encoder:
         return self._start
 
     def response(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self._counted(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) >= self.max_response_tokens:
             self.counts["responses cut"] += 1
             ids = ids[: self.max_response_tokens - 1]
         return ids + [self.tokenizer.eos_token_id]
+
+
+UNKNOWN = "tokens unknown to the tokenizer"
 
 
 def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:

@@ -129,10 +129,8 @@ def attention_implementation(cfg: ModelConfig) -> str | None:
 
 def attention_for_passes(cfg: ModelConfig, batch: int, length: int) -> ModelConfig:
     """``cfg`` with ``auto`` attention settled for a stage whose largest pass is ``batch`` sequences of ``length``
-    tokens: on a CPU, SDPA beyond ``EAGER_LIMIT``. On 2 cores of an AMD EPYC (family 26) in bf16, eager attention
-    leads a training pass by 7-30 % up to batch x length^2 = 0.6 M and is level with SDPA at 1.3-1.6 M; at
-    16 x 288^2 (1.3 M) a whole RLOO iteration of GPT-2 (6 x 256) ran 8 % faster with eager, one of a Llama
-    (4 x 512) as fast; SDPA leads a training pass by 1.6x at 64 x 288^2 (5.3 M) (``benchmarks/scaling.py``)."""
+    tokens: on a CPU, SDPA beyond ``EAGER_LIMIT``, where its kernels overtake eager attention
+    (``benchmarks/scaling.py`` measures both; ``docs/ppo.md``)."""
     if cfg.attn_implementation != "auto" or torch.cuda.is_available() or batch * length**2 <= EAGER_LIMIT:
         return cfg
     return dataclasses.replace(cfg, attn_implementation="sdpa")
@@ -189,12 +187,41 @@ def _finish(model, cfg: ModelConfig, task_type: str):
     return train_without_dropout(model)
 
 
-def _fit_vocabulary(model, tokenizer) -> None:
-    """Give ``model`` an embedding for every token of ``tokenizer`` (one that adds tokens to the checkpoint's,
-    such as a pad token, has more) and the tokenizer's pad token."""
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+def _fit_vocabulary(model, tokenizer, source: str, role: str) -> None:
+    """Refuse to read ``tokenizer``'s ids with a ``model`` (from ``source``) that means other tokens by them: one
+    with fewer embeddings than the tokenizer has words (made up at random), or one trained with another tokenizer
+    (a reward model would score other words). Special tokens a tokenizer adds past the model's embeddings (Qwen2's
+    ``<|endoftext|>``) get rows. Set the tokenizer's pad token."""
+    own = str(getattr(tokenizer, "name_or_path", "") or "")
+    if source and own and Path(own) != Path(source):
+        theirs, ours = _vocabulary(source), tokenizer.get_vocab()
+        if theirs is not None and theirs != ours:
+            differ = sum(theirs.get(token) != i for token, i in ours.items()) + len(theirs.keys() - ours.keys())
+            raise InputError(
+                f"{source} ({role}) was trained with another tokenizer than {own}: {differ} tokens have other ids "
+                f"or none there, and token ids pass from one to the other, so it would read other words. Use {role} "
+                f"trained with {own}'s tokenizer"
+            )
+    rows = model.get_input_embeddings().num_embeddings
+    special = {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    if not set(range(rows, len(tokenizer))) <= special:
+        raise InputError(
+            f"{source or 'the model'} ({role}) embeds {rows} tokens, but the tokenizer it is read with has "
+            f"{len(tokenizer)}: tokens past {rows - 1} would get random embeddings. Use the model's own tokenizer"
+        )
+    if rows < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _vocabulary(source: str) -> dict[str, int] | None:
+    """The token ids of the tokenizer saved with the model at ``source``; None where it has none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source).get_vocab()
+    except Exception:  # no tokenizer files beside the model, nothing to compare
+        return None
 
 
 def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
@@ -216,7 +243,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     else:
         model = AutoModelForCausalLM.from_config(_tiny_from(cfg, tokenizer), **kw)
     fuse_activations(model)
-    _fit_vocabulary(model, tokenizer)
+    _fit_vocabulary(model, tokenizer, source, "a language model")
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -253,7 +280,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
         c.num_labels = 1
         model = AutoModelForSequenceClassification.from_config(c, **kw)
     fuse_activations(model)
-    _fit_vocabulary(model, tokenizer)
+    _fit_vocabulary(model, tokenizer, source, "a reward model")
     if not trainable:
         model.requires_grad_(False).eval()
         return model

@@ -136,10 +136,10 @@ def move_aside(root: Path, prefix: str) -> None:
 def check_same_run(checkpoint: Path, saved: dict | None, config: dict, may_change: tuple[str, ...]) -> None:
     """Refuse to resume from a checkpoint of another run: every setting but ``may_change`` must match."""
     if saved is None:
-        raise ValueError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
+        raise InputError(f"{checkpoint} records no config (written by an older version): it cannot be resumed safely")
     differ = differences(saved, config, may_change)
     if differ:
-        raise ValueError(
+        raise InputError(
             f"{checkpoint} belongs to another run: {'; '.join(differ)}. Resume with its settings, or start afresh"
         )
 

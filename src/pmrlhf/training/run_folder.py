@@ -23,7 +23,9 @@ def stage_encoder(tokenizer, data: DataConfig, model: ModelConfig, path=None, ne
 
 
 def say_encoding(stage: str, encoder) -> None:
-    """One line on what encoding cut or skipped, if anything, from the main process."""
+    """One line on what encoding cut or skipped, if anything, from the main process; data the tokenizer does not
+    know is refused (``Encoder.check_unknown``)."""
+    encoder.check_unknown(stage)
     if encoder.summary() and process_state().is_main_process:
         console.print(f"[yellow]{stage}: {encoder.summary()}[/yellow]")
 
@@ -31,6 +33,7 @@ def say_encoding(stage: str, encoder) -> None:
 def require_examples(stage: str, kept: int, loaded: int, encoder) -> None:
     """Say what encoding cut or skipped, and refuse to train on nothing (a loop over no batches would never
     reach its step count), saying how many records were loaded and why they were dropped."""
+    encoder.check_unknown(stage)
     if kept:
         say_encoding(stage, encoder)
         return

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import to_dict
+from pmrlhf.config import InputError, to_dict
 from pmrlhf.io import atomic_write_json, console, progress_bar
 from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.sampling import CompiledDecoding, generate
@@ -76,7 +76,7 @@ class PPOTrainer:
         self.reward_path = c.reward.name_or_path or str(run / "reward" / "model")
         for role, path in (("policy", self.policy_path), ("reward", self.reward_path)):
             if not Path(path).exists() and not getattr(c, role).name_or_path:
-                raise ValueError(f"no {role} model at {path}: run the earlier stage or set {role}.name_or_path")
+                raise InputError(f"no {role} model at {path}: run the earlier stage or set {role}.name_or_path")
         self.tokenizer = load_tokenizer(self.policy_path)
         self.encoder = stage_encoder(self.tokenizer, c.data, c.policy, self.policy_path, c.max_new_tokens)
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
