@@ -89,7 +89,7 @@ def test_maxent_and_registry():
     logp, ref_logp, mask = batch(4)
     torch.testing.assert_close(PEN.maxent(logp, ref_logp, mask, tau=0.3), 0.3 * PEN.pm(logp, ref_logp, mask))
     assert set(PEN.PENALTIES) >= {"kl", "pm", "cpm_token", "cpm_sequence", "maxent"}
-    assert PEN.get_penalty("cpm_token") is PEN.cpm_token
+    assert PEN.get_penalty("cpm_token").penalty is PEN.cpm_token
     with pytest.raises(ValueError, match="unknown penalty 'entropy'"):
         PEN.get_penalty("entropy")
     with pytest.raises(ValueError, match="alpha"):
@@ -99,8 +99,7 @@ def test_maxent_and_registry():
 def test_penalties_do_not_mutate_inputs():
     logp, ref_logp, mask = batch(5)
     before = (logp.clone(), ref_logp.clone(), mask.clone())
-    for name, fn in PEN.PENALTIES.items():
-        kwargs = {"alpha": 0.3} if name.startswith("cpm") else {}
-        fn(logp, ref_logp, mask, **kwargs)
+    for rule in PEN.PENALTIES.values():
+        rule.penalty(logp, ref_logp, mask, **rule.kwargs({}))
     for a, b in zip(before, (logp, ref_logp, mask), strict=True):
         assert torch.equal(a, b)

@@ -548,3 +548,38 @@ def test_resume_refuses_another_runs_checkpoint_and_a_fresh_start_moves_old_ones
         ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.1, iterations=6, checkpoint_every=2, resume=True))
     ppo.run(ppo_config(run, tiny_world_config, kl_ctl=0.5, iterations=6, checkpoint_every=2, resume=True))
     assert [r["step"] for r in read_jsonl(run / "ppo" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_penalty_with_a_new_hyperparameter_is_one_function_and_one_entry(
+    trained, tmp_path, tiny_world_config, monkeypatch
+):
+    """A penalty registered here, with a hyperparameter no built-in one has, trains from its config section, is
+    recorded in objective.json, and evaluation takes its optimum from its entry: ``e^{r / coef + w log pi_ref}``."""
+    from pmrlhf.evaluation import exact
+    from pmrlhf.objectives import penalties as PEN
+    from pmrlhf.stages import evaluate
+
+    def partial_kl(logp, ref_logp, mask, weight):  # PM at weight 0, KL at weight 1
+        return torch.where(mask.bool(), logp - weight * ref_logp, 0.0)
+
+    def regularizer(logp, ref_logp, mask, weight):
+        return ((logp - weight * ref_logp) * mask).sum(-1)
+
+    monkeypatch.setitem(PEN.PENALTIES, "partial_kl", PEN.PenaltyRule(partial_kl, regularizer, "pm", {"weight": 1.0}))
+    run = copy_run(trained, tmp_path)
+    section = {"name": "partial_kl", "coef": 0.5, "options": {"weight": 0.25}}
+    ppo.run(ppo_config(run, tiny_world_config, iterations=3, penalty=section))
+    objective = json.loads((run / "ppo" / "objective.json").read_text())
+    assert objective["penalty"] == "partial_kl" and objective["weight"] == 0.25 and objective["coef"] == 0.5
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.ones(2, 3, 4, dtype=torch.float64)
+    ref_tokens = exact.TokensOverM(-torch.rand(2, 3, 4, generator=g, dtype=torch.float64), tokens, tokens[..., 0] > 0)
+    r = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    ref = ref_tokens.sequences.logp.exp()
+    expected = torch.softmax(r / 0.5 + 0.25 * ref.log(), -1)
+    torch.testing.assert_close(exact.own_target(objective, r, ref, ref_tokens.mask, ref_tokens), expected)
+
+    evaluate.run_eval(evaluate.EvalConfig(run_dir=str(run), world=tiny_world_config))
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    assert 0 <= summary["ppo"]["world"]["tv_to_own_target"] <= 1

@@ -250,7 +250,8 @@ def ppo(
     run_dir: Path | None = RunDirOpt,
     resume: bool = ResumeOpt,
 ) -> None:
-    """Stage 3: PPO with a penalty from the registry: kl (standard RLHF), pm, cpm_token, cpm_sequence, maxent."""
+    """Stage 3: PPO with a penalty from the registry: kl (standard RLHF), pm, cpm_token, cpm_sequence, cpm_mean,
+    cpm_prefix, maxent."""
     from pmrlhf.stages import ppo as stage
 
     _wrote(_run(stage.run, _resumed(_config(stage.PPOConfig, config, overrides, run_dir), resume)))

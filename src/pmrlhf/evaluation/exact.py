@@ -76,13 +76,14 @@ class TokensOverM:
     def sequences(self) -> OverM:
         return OverM(torch.where(self.mask, (self.logp * self.tokens).sum(-1).double(), float("-inf")), self.mask)
 
-    def reference_term(self, penalty: str, **kwargs) -> torch.Tensor:
-        """``penalties.reference_term`` of every response, reading this model as the reference, ``[P, k]``."""
-        from pmrlhf.objectives.penalties import reference_term
+    def optimum_terms(self, penalty: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``penalties.optimum_terms`` ``(s, c)`` of every response, reading this model as the reference,
+        ``[P, k]`` each."""
+        from pmrlhf.objectives.penalties import optimum_terms
 
         P, k, L = self.logp.shape
-        c = reference_term(penalty, self.logp.reshape(P * k, L).double(), self.tokens.reshape(P * k, L), **kwargs)
-        return torch.where(self.mask, c.reshape(P, k), 0.0)
+        s, c = optimum_terms(penalty, self.logp.reshape(P * k, L).double(), self.tokens.reshape(P * k, L), **kwargs)
+        return torch.where(self.mask, s.reshape(P, k), 1.0), torch.where(self.mask, c.reshape(P, k), 0.0)
 
 
 def tokens_over_m(model, tokenizer, world: World) -> TokensOverM:
@@ -187,7 +188,7 @@ def own_target(
     it is not determined by M(x) alone (the forward KL's normaliser runs over every response).
 
     ``r``: ``effective_reward`` (-inf off the mask); ``ref``: the reference's sequence probabilities;
-    ``ref_tokens``: the reference's token log-probabilities (PPO: each penalty's ``reference_term``);
+    ``ref_tokens``: the reference's token log-probabilities (PPO: each penalty's ``optimum_terms``);
     ``lengths``: tokens per response (IPO, SimPO); ``labels``: for DPO, the world's ``label_preference`` and
     ``pair_weights`` (``truth_over_m``), what its losses are minimised under.
     """
@@ -208,17 +209,24 @@ def own_target(
             preference=None if labels is None else labels["label_preference"],
             pair_weights=None if labels is None else labels["pair_weights"],
         )
-    penalty = objective["penalty"]
-    if penalty == "kl" and objective.get("kl_estimator") == "k3":
+    if objective.get("kl_estimator") == "k3":  # the forward KL(pi_ref || pi), recorded only for the kl penalty
         return None
-    if penalty == "maxent":
-        return optimal.max_entropy(r, coef * objective["tau"])
-    return optimal.pm_with_reference(r / coef, ref_tokens.reference_term(penalty, **penalty_kwargs(objective)))
+    s, c = ref_tokens.optimum_terms(objective["penalty"], **penalty_kwargs(objective))
+    return optimal.pm_with_reference(r / (coef * s), c / s)
+
+
+def family(objective: dict) -> str | None:
+    """The family of a PPO run's penalty (``penalties.PenaltyRule.family``); None for any other run."""
+    from pmrlhf.objectives.penalties import get_penalty
+
+    return get_penalty(objective["penalty"]).family if objective.get("method") == "ppo" else None
 
 
 def penalty_kwargs(objective: dict) -> dict:
-    """The keyword arguments of a PPO run's penalty, from its recorded objective."""
-    return {"alpha": objective.get("alpha") or 0.0} if objective["penalty"].startswith("cpm") else {}
+    """The keyword arguments of a PPO run's penalty, from its recorded objective (``ppo.config.objective``)."""
+    from pmrlhf.objectives.penalties import get_penalty
+
+    return get_penalty(objective["penalty"]).kwargs(objective)
 
 
 @torch.no_grad()
@@ -236,19 +244,19 @@ def targets_mass_outside_m(
     seed: int = 0,
 ) -> dict[str, float]:
     """How much mass the KL RLHF optimum of the run's reward and coefficient puts outside M(x), and for a
-    conditional PM run (``cpm_*``) its own optimum, averaged over prompts.
+    conditional PM run its own optimum, averaged over prompts.
 
     Both weigh each response by ``e^{r(y)/coef + c(y)}``, with ``c`` the part of ``log pi_ref(y|x)`` the penalty
-    keeps (``penalties.reference_term``; all of it for KL). Over M(x) that is exact (``r`` is
-    ``effective_reward`` there). The sum over every other response the reference can write within ``max_new_tokens``
-    is estimated without bias from ``samples`` responses of the reference per prompt:
+    keeps (``penalties.optimum_terms``, whose ``s`` is 1 for both; all of it for KL). Over M(x) that is exact
+    (``r`` is ``effective_reward`` there). The sum over every other response the reference can write within
+    ``max_new_tokens`` is estimated without bias from ``samples`` responses of the reference per prompt:
     ``sum_{y not in M} w(y) = E_{y ~ ref}[1{y not in M} w(y) / ref(y)]``. The mass outside is that sum over itself
     plus the exact sum over M(x): a ratio, so the estimate is consistent (exact as ``samples`` grows) but biased
     low for a finite number of heavy-tailed weights. The sampling is seeded and leaves the caller's random state
     as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
     """
     from pmrlhf.models.sampling import generate
-    from pmrlhf.objectives.penalties import reference_term
+    from pmrlhf.objectives.penalties import get_penalty, optimum_terms
 
     coef = objective_coef(objective)
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
@@ -269,14 +277,14 @@ def targets_mass_outside_m(
     off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
     r_c = (r / coef).masked_fill(~mask, float("-inf"))
     rules = [("kl_target", "kl", {})]
-    if objective.get("penalty", "").startswith("cpm"):
+    if objective.get("method") == "ppo" and get_penalty(objective["penalty"]).family == "conditional":
         rules.append(("own_target", objective["penalty"], penalty_kwargs(objective)))
     out = {}
     for name, penalty, kwargs in rules:
         # log of w(y) / ref(y) for each sampled response off M(x); -inf on M(x), whose part is exact
-        kept = reference_term(penalty, token_ref, tokens, **kwargs)
+        kept = optimum_terms(penalty, token_ref, tokens, **kwargs)[1]
         terms = torch.where(off, scores + kept - ref_logp, float("-inf")).reshape(-1, samples)
-        inside = torch.logsumexp(r_c + ref_tokens.reference_term(penalty, **kwargs), -1)
+        inside = torch.logsumexp(r_c + ref_tokens.optimum_terms(penalty, **kwargs)[1], -1)
         outside = torch.logsumexp(terms, -1) - math.log(samples)
         out[f"{name}_mass_outside_m"] = torch.sigmoid(outside - inside).mean().item()
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import read_json
-from pmrlhf.evaluation.exact import objective_coef
+from pmrlhf.evaluation.exact import family, objective_coef
 from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
 from pmrlhf.io import atomic_write_text
 
@@ -24,7 +24,7 @@ def _load(path: Path):
     return read_json(path, f"run the stage that writes {path.parent.name}/ again") if path.is_file() else None
 
 
-def _family(metrics: dict) -> str:
+def _method(metrics: dict) -> str:
     """The method that trained a policy (``objective.json``): ppo or dpo."""
     return metrics["objective"]["method"]
 
@@ -32,12 +32,7 @@ def _family(metrics: dict) -> str:
 def _is_kl(metrics: dict) -> bool:
     """The standard-RLHF baseline of a family: KL-penalised PPO, or DPO itself (its loss ``sigmoid``)."""
     objective = metrics["objective"]
-    return objective.get("penalty") == "kl" if _family(metrics) == "ppo" else objective.get("loss") == "sigmoid"
-
-
-def _penalty(metrics: dict) -> str:
-    """The penalty of a PPO run; "" for any other."""
-    return metrics["objective"].get("penalty", "") if _family(metrics) == "ppo" else ""
+    return family(objective) == "kl" if _method(metrics) == "ppo" else objective.get("loss") == "sigmoid"
 
 
 def _temperature(metrics: dict) -> float:
@@ -100,17 +95,17 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
             )
     trained = {n: m for n, m in summary.items() if n != REFERENCE}
     baselines: dict[str, tuple[str, dict]] = {}
-    for family in ("ppo", "dpo"):
-        runs = {n: m for n, m in trained.items() if _is_kl(m) and _family(m) == family}
+    for method in ("ppo", "dpo"):
+        runs = {n: m for n, m in trained.items() if _is_kl(m) and _method(m) == method}
         if runs:
-            baselines[family] = min(runs.items(), key=lambda kv: abs(_temperature(kv[1]) - 1))
+            baselines[method] = min(runs.items(), key=lambda kv: abs(_temperature(kv[1]) - 1))
     others = {n: m for n, m in trained.items() if not _is_kl(m)}
-    for family, (kl_name, kl) in baselines.items():
+    for method, (kl_name, kl) in baselines.items():
         if "world" not in kl:
             continue
         w = kl["world"]
         biased = w["tv_to_kl_target"] < w["tv_to_reward_model"]
-        what = "KL RLHF" if family == "ppo" else "DPO"
+        what = "KL RLHF" if method == "ppo" else "DPO"
         out.append(
             f"**{what} follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
             f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and "
@@ -118,9 +113,9 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
             + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
         )
     for name, m in others.items():
-        if _family(m) not in baselines:
+        if _method(m) not in baselines:
             continue
-        kl_name, kl = baselines[_family(m)]
+        kl_name, kl = baselines[_method(m)]
         text = (
             f"**{name}** vs {kl_name}: sampled PM divergence {m['pm_divergence']:.4f} vs {kl['pm_divergence']:.4f} "
             f"({_change(m['pm_divergence'], kl['pm_divergence'])}; the paper reports 29-41 % lower on real models)"
@@ -135,8 +130,8 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
                 f"vs {wk['mass_outside_m']:.3f}"
             )
         out.append(text + ".")
-    pm = {n: m for n, m in others.items() if _penalty(m) == "pm" and "world" in m}
-    cpm = {n: m for n, m in others.items() if _penalty(m).startswith("cpm") and "world" in m}
+    pm = {n: m for n, m in others.items() if family(m["objective"]) == "pm" and "world" in m}
+    cpm = {n: m for n, m in others.items() if family(m["objective"]) == "conditional" and "world" in m}
     if pm and cpm:
         worst_pm = max(m["world"]["mass_outside_m"] for m in pm.values())
         worst_cpm = max(m["world"]["mass_outside_m"] for m in cpm.values())

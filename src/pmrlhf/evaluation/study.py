@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pmrlhf.data.world import World
+from pmrlhf.evaluation.exact import family
 from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
 from pmrlhf.evaluation.report import REFERENCE
 
@@ -104,7 +105,7 @@ def seed_metrics(run_dir: Path, world: World) -> dict[str, dict]:
     out = {}
     for name, m in summary.items():
         row = {k: m["world"].get(k, math.nan) for k in METRICS}  # NaN: no estimate of its optimum off M(x)
-        if m["objective"].get("penalty") == "kl" and name != REFERENCE:
+        if family(m["objective"]) == "kl" and name != REFERENCE:
             row["own_target_mass_outside_m"] = m["world"].get("kl_target_mass_outside_m", math.nan)
         row["minority_share"] = minority_share(over_m[name], world)
         row["pm_divergence_sampled"] = m["pm_divergence"]
@@ -123,7 +124,7 @@ def baseline(objectives: dict[str, dict], method: str) -> str | None:
     for name, o in objectives.items():
         if name == REFERENCE or o.get("method") != method:
             continue
-        if method == "ppo" and o.get("penalty") == "kl" and o.get("beta") == 1 and o.get("coef") == 1:
+        if method == "ppo" and family(o) == "kl" and o.get("beta") == 1 and o.get("coef") == 1:
             return name
         if method == "dpo" and o.get("loss") == "sigmoid" and o.get("beta") == 1:
             return name
@@ -182,11 +183,10 @@ def table(study: dict) -> str:
 
 def _rule(objective: dict) -> str | None:
     """The conditional rule of a run (a ``cpm_*`` penalty or the cpm DPO loss), or None."""
-    if objective.get("method") == "ppo" and objective.get("penalty", "").startswith("cpm"):
-        rule = {"cpm": "cpm_token"}.get(objective["penalty"], objective["penalty"])
-        advantage = objective.get("advantage", "gae")  # an objective.json without the key is from a GAE run
+    if family(objective) == "conditional":
+        rule, advantage = objective["penalty"], objective.get("advantage", "gae")  # without the key: a GAE run
         return rule if advantage == "gae" else f"{rule}, {advantage}"
-    if objective.get("method") == "dpo" and objective.get("loss") == "cpm":
+    if objective.get("method") == "dpo" and objective.get("alpha") is not None:
         return "dpo cpm"
     return None
 

@@ -47,7 +47,7 @@ def max_entropy(r: torch.Tensor, tau: float) -> torch.Tensor:
 def pm_with_reference(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Optimum of ``E_pi[r] - E_pi[log pi(y|x) - c(y)]``: ``e^{r + c} / sum e^{r + c}`` (Gibbs' variational
     principle). Every conditional PM rule is one choice of ``c``, the part of ``log pi_ref(y|x)`` its condition
-    keeps (``penalties.reference_term``): all of it is KL RLHF (5.1), none PM (3.2), ``1[pi_ref(y|x) < alpha]
+    keeps (``penalties.optimum_terms``): all of it is KL RLHF (5.1), none PM (3.2), ``1[pi_ref(y|x) < alpha]
     log pi_ref(y|x)`` Def. 4.1; the per-token, length-normalised and prefix rules select tokens or responses
     by their own conditions."""
     return torch.softmax(r + c, dim=-1)

@@ -8,7 +8,7 @@ the reference (``ref_logp``), and the response mask, all ``[B, T]``, and returns
 
     E_{y ~ pi}[ r(x, y) ] - coef * E_{y ~ pi}[ regulariser(y) ]
 
-with the sequence-level regulariser each penalty names (``REGULARIZERS`` states each as a formula;
+with the sequence-level regulariser each penalty names (its registry entry states each as a formula;
 ``tests/test_objectives_exact.py`` checks the claim by enumeration for every penalty and estimator):
 
 * ``kl``  -> ``log pi(y|x) - log pi_ref(y|x)``, the KL term of eq. (2.3);
@@ -25,13 +25,17 @@ That needs each token's penalty to be fixed by the tokens up to it: reward-to-go
 penalties from t on only. A penalty that depends on tokens after t (as Def. 4.1's condition on the whole
 response does) must sit on the last token, where every token is already chosen.
 
-Look penalties up by name in ``PENALTIES``; extra parameters (``alpha``, ``tau``) are keyword arguments.
+``PENALTIES`` is the registry: each name's ``PenaltyRule`` holds the per-token penalty, its regulariser, its
+family and its hyperparameters (``alpha``, ``tau``: keyword arguments of both). Everything else (the PPO config,
+the objective a run records, evaluation, the study, the report) reads a penalty from its entry, so a new one is a
+function and an entry.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -139,29 +143,6 @@ def _check_alpha(alpha: float) -> None:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
 
 
-PENALTIES: dict[str, Penalty] = {
-    "kl": kl,
-    "pm": pm,
-    "cpm_token": cpm_token,
-    "cpm_sequence": cpm_sequence,
-    "cpm_mean": cpm_mean,
-    "cpm_prefix": cpm_prefix,
-    "cpm": cpm_token,
-    "maxent": maxent,
-}
-
-
-def get_penalty(name: str) -> Penalty:
-    """The penalty registered under ``name``, with a clear error for an unknown one."""
-    try:
-        return PENALTIES[name]
-    except KeyError:
-        raise ValueError(f"unknown penalty {name!r}; known: {sorted(PENALTIES)}") from None
-
-
-# The sequence-level regulariser each penalty optimises, written out from its definition rather than by summing
-# the penalty: ``(logp, ref_logp, mask, **kwargs) -> [B]``. A penalty without an entry here has no stated
-# objective, and the enumeration test refuses it.
 def _seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return _masked(x, mask).sum(-1)
 
@@ -171,31 +152,90 @@ def _prefix_ref(ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(_masked(ref_logp, mask), -1)
 
 
-REGULARIZERS: dict[str, Callable[..., torch.Tensor]] = {
-    "kl": lambda logp, ref_logp, mask: _seq(logp, mask) - _seq(ref_logp, mask),
-    "pm": lambda logp, ref_logp, mask: _seq(logp, mask),
-    "cpm_sequence": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha), _seq(ref_logp, mask), 0.0)
+FAMILIES = ("kl", "pm", "conditional", "maxent")
+
+
+@dataclass(frozen=True)
+class PenaltyRule:
+    """A registered penalty. ``regularizer`` is the sequence-level regulariser it optimises, ``(logp, ref_logp,
+    mask, **hyperparameters) -> [B]``, written out from its definition rather than by summing the penalty (the
+    enumeration test checks the two against each other). ``family``: ``kl`` (keeps ``log pi_ref``: its optimum
+    inherits the reference's bias, Thm. 3.1), ``pm`` (preference matching, eq. (3.10)), ``conditional`` (PM where
+    the reference is above ``alpha``, KL elsewhere: Def. 4.1 and its variants) or ``maxent``; every family but
+    ``kl`` matches the whole distribution, so it is refused with truncated sampling. ``hyperparameters``: names
+    and defaults of its keyword arguments."""
+
+    penalty: Penalty
+    regularizer: Callable[..., torch.Tensor]
+    family: str
+    hyperparameters: dict[str, float] = field(default_factory=dict)
+    default_coef: float = 1.0  # the coefficient where none is given (the paper's kl_ctl 0.1, ent_ctl 1)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+
+    def kwargs(self, given: Mapping[str, float | None]) -> dict[str, float]:
+        """Its keyword arguments: each hyperparameter's value in ``given`` (a config, a recorded objective), else
+        its default."""
+        return {k: float(v if given.get(k) is None else given[k]) for k, v in self.hyperparameters.items()}
+
+
+PENALTIES: dict[str, PenaltyRule] = {
+    "kl": PenaltyRule(kl, lambda logp, ref_logp, mask: _seq(logp, mask) - _seq(ref_logp, mask), "kl", {}, 0.1),
+    "pm": PenaltyRule(pm, lambda logp, ref_logp, mask: _seq(logp, mask), "pm"),
+    "cpm_token": PenaltyRule(
+        cpm_token,
+        lambda logp, ref_logp, mask, alpha: (
+            _seq(logp, mask) - _seq(torch.where(ref_logp < _log(alpha), ref_logp, 0.0), mask)
+        ),
+        "conditional",
+        {"alpha": 0.3},
     ),
-    "cpm_token": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - _seq(torch.where(ref_logp < _log(alpha), ref_logp, 0.0), mask)
+    "cpm_sequence": PenaltyRule(
+        cpm_sequence,
+        lambda logp, ref_logp, mask, alpha: (
+            _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha), _seq(ref_logp, mask), 0.0)
+        ),
+        "conditional",
+        {"alpha": 0.3},
     ),
-    "cpm_mean": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha) * mask.sum(-1), _seq(ref_logp, mask), 0.0)
+    "cpm_mean": PenaltyRule(
+        cpm_mean,
+        lambda logp, ref_logp, mask, alpha: (
+            _seq(logp, mask) - torch.where(_seq(ref_logp, mask) < _log(alpha) * mask.sum(-1), _seq(ref_logp, mask), 0.0)
+        ),
+        "conditional",
+        {"alpha": 0.3},
     ),
-    "cpm_prefix": lambda logp, ref_logp, mask, alpha: (
-        _seq(logp, mask) - _seq(torch.where(_prefix_ref(ref_logp, mask) < _log(alpha), ref_logp, 0.0), mask)
+    "cpm_prefix": PenaltyRule(
+        cpm_prefix,
+        lambda logp, ref_logp, mask, alpha: (
+            _seq(logp, mask) - _seq(torch.where(_prefix_ref(ref_logp, mask) < _log(alpha), ref_logp, 0.0), mask)
+        ),
+        "conditional",
+        {"alpha": 0.3},
     ),
-    "maxent": lambda logp, ref_logp, mask, tau=1.0: tau * _seq(logp, mask),
+    "maxent": PenaltyRule(maxent, lambda logp, ref_logp, mask, tau: tau * _seq(logp, mask), "maxent", {"tau": 1.0}),
 }
-REGULARIZERS["cpm"] = REGULARIZERS["cpm_token"]
 
 
-def reference_term(name: str, ref_logp: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
-    """``c(y)``, ``[B]``, for a penalty whose regulariser is ``log pi(y|x) - c(y)``: the part of
-    ``log pi_ref(y|x)`` it keeps (all of it for kl, none for pm, what each conditional rule's condition selects).
-    The optimum of ``E r - coef E[regulariser]`` is then ``e^{r / coef + c(y)}`` normalised
-    (``optimal.pm_with_reference``). ``maxent`` is not of this form unless ``tau = 1``."""
-    if name == "maxent" and kwargs.get("tau", 1.0) != 1.0:
-        raise ValueError("maxent with tau != 1 regularises tau * log pi, not log pi - c")
-    return -REGULARIZERS[name](torch.zeros_like(ref_logp), ref_logp, mask, **kwargs)
+def get_penalty(name: str) -> PenaltyRule:
+    """The penalty registered under ``name``, with a clear error for an unknown one."""
+    try:
+        return PENALTIES[name]
+    except KeyError:
+        raise ValueError(f"unknown penalty {name!r}; known: {sorted(PENALTIES)}") from None
+
+
+def optimum_terms(name: str, ref_logp: torch.Tensor, mask: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, c)``, ``[B]`` each, of a penalty whose regulariser is ``s log pi(y|x) - c(y)`` (every registered one
+    is, as the enumeration test checks): ``c`` is the part of ``log pi_ref(y|x)`` it keeps (all of it for kl, none
+    for pm, what each conditional rule's condition selects) and ``s`` the weight of ``log pi`` (maxent's ``tau``,
+    else 1). The optimum of ``E r - coef E[regulariser]`` is then ``e^{(r / coef + c(y)) / s}`` normalised
+    (``optimal.pm_with_reference``)."""
+    regularizer = get_penalty(name).regularizer
+    zeros = torch.zeros_like(ref_logp)
+    c = -regularizer(zeros, ref_logp, mask, **kwargs)
+    s = regularizer(mask.to(ref_logp.dtype) / mask.sum(-1, keepdim=True).clamp(min=1), ref_logp, mask, **kwargs) + c
+    return s, c

@@ -62,7 +62,7 @@ class DPOConfig:
     def validate(self) -> None:
         require(self.loss in dpo.DPO_LOSSES, f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")
         require(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        if self.loss == "cpm":
+        if "alpha" in dpo.DPO_LOSSES[self.loss].hyperparameters:
             require(
                 0 < self.alpha <= 1,
                 f"alpha must be in (0, 1] (the reference probability above which PM applies), got {self.alpha}",
@@ -185,7 +185,7 @@ def run(config: DPOConfig) -> Path:
             "method": "dpo",
             "loss": config.loss,
             "beta": config.beta,
-            "alpha": config.alpha if config.loss == "cpm" else None,
+            "alpha": config.alpha if "alpha" in dpo.DPO_LOSSES[config.loss].hyperparameters else None,
             "label_smoothing": config.label_smoothing if config.loss in ("sigmoid", "robust") else 0.0,
             "simpo_gamma": config.simpo_gamma if config.loss == "simpo" else None,
         }

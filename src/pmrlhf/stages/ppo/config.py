@@ -21,7 +21,7 @@ from pmrlhf.config import (
 )
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.objectives import rl
-from pmrlhf.objectives.penalties import get_penalty
+from pmrlhf.objectives.penalties import PENALTIES, PenaltyRule, get_penalty
 
 PAPER_FLAGS = ("kl_ctl", "ent_ctl", "alpha_ctl")  # the reference code's flag names, accepted as aliases
 
@@ -43,49 +43,60 @@ MOVED = {
 class PenaltyConfig:
     """The regulariser of the objective: a penalty of ``objectives.penalties`` and its arguments."""
 
-    name: str = "kl"  # kl | pm | cpm_token | cpm_sequence | cpm_mean | cpm_prefix | maxent (entropy: pm or cpm_token)
-    coef: float | None = None  # its coefficient; None: 0.1 for kl (the paper's kl_ctl), 1 for the others (ent_ctl)
-    alpha: float = 0.3  # alpha of conditional PM (the paper's alpha_ctl)
+    # a penalty of objectives.penalties.PENALTIES: kl | pm | cpm_token | cpm_sequence | cpm_mean | cpm_prefix |
+    # maxent (the paper's entropy: pm or cpm_token)
+    name: str = "kl"
+    coef: float | None = None  # its coefficient; None: its own default, 0.1 for kl (the paper's kl_ctl), else 1
+    alpha: float = 0.3  # alpha of the conditional rules (the paper's alpha_ctl)
     tau: float = 1.0  # tau of maxent
+    options: dict[str, float] = field(default_factory=dict)  # any other hyperparameter of a registered penalty
     kl_estimator: str = "k1"  # for kl: k1 in the reward; k2 or k3 only with placement loss
     # for kl: "reward" (k1 per token, eq. (2.3)) or "loss" (k2 of the whole response, the same objective; k3, the
     # forward KL(pi_ref || pi)), differentiated as in GRPO but per response
     placement: str = "reward"
 
+    def rule(self) -> PenaltyRule:
+        try:
+            return get_penalty(self.name)
+        except ValueError as e:
+            raise ConfigError(f"penalty.name: {e}") from None
+
     def coefficient(self) -> float:
-        if self.coef is not None:
-            return self.coef
-        return 0.1 if self.name == "kl" else 1.0
+        return self.rule().default_coef if self.coef is None else self.coef
 
     def kwargs(self) -> dict:
-        """The penalty's keyword arguments."""
-        if self.name.startswith("cpm"):
-            return {"alpha": self.alpha}
-        return {"tau": self.tau} if self.name == "maxent" else {}
+        """The penalty's keyword arguments, each hyperparameter its entry names from this section."""
+        return self.rule().kwargs({"alpha": self.alpha, "tau": self.tau, **self.options})
+
+    def is_kl(self) -> bool:
+        """Whether this is the KL penalty, the only one with estimators (k1 in the reward, k2 or k3 in the loss)."""
+        return self.rule().family == "kl"
 
     def kl_in_loss(self) -> str | None:
         """The KL estimator that goes into the loss instead of the reward, or None."""
-        return self.kl_estimator if self.name == "kl" and self.placement == "loss" else None
+        return self.kl_estimator if self.is_kl() and self.placement == "loss" else None
 
     def validate(self) -> None:
-        get_penalty(self.name)
+        rule = self.rule()
+        unknown = sorted(set(self.options) - set(rule.hyperparameters))
+        require(not unknown, f"penalty.options: {self.name} takes no {', '.join(unknown)}")
         one_of("penalty.placement", self.placement, ("reward", "loss"))
         one_of("penalty.kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         require(self.coefficient() >= 0, f"penalty.coef (kl_ctl / ent_ctl) must be >= 0, got {self.coefficient()}")
         require(self.tau > 0, f"penalty.tau must be > 0, got {self.tau}")
-        if self.name == "kl" and self.placement == "reward" and self.kl_estimator != "k1":
+        if self.is_kl() and self.placement == "reward" and self.kl_estimator != "k1":
             raise ConfigError(
                 f"kl_estimator {self.kl_estimator} as a reward is not a KL penalty (a reward -coef * k3 follows "
                 "E r - coef KL(pi || pi_ref) + coef KL(pi_ref || pi); k2 collapses onto one answer): use k1, or "
                 "set placement: loss, where k2 gives the gradient of KL(pi || pi_ref) and k3 of KL(pi_ref || pi)"
             )
-        if self.name == "kl" and self.placement == "loss" and self.kl_estimator == "k1":
+        if self.is_kl() and self.placement == "loss" and self.kl_estimator == "k1":
             raise ConfigError(
                 "kl_estimator k1 in the loss has zero expected gradient: use k2 or k3 there, or k1 as a reward"
             )
-        if self.placement == "loss" and self.name != "kl":
+        if self.placement == "loss" and not self.is_kl():
             raise ConfigError(f"placement: loss is for penalty kl, not {self.name!r}")
-        if self.name.startswith("cpm"):
+        if "alpha" in rule.hyperparameters:
             require(0 < self.alpha <= 1, f"penalty.alpha must be in (0, 1], got {self.alpha}")
 
 
@@ -179,7 +190,8 @@ class PPOConfig:
         if penalty.get("name") == "entropy":
             alpha = float(penalty.get("alpha", PenaltyConfig.alpha))
             penalty["name"] = "cpm_token" if alpha > 0 else "pm"
-        flag = "kl_ctl" if penalty.get("name", PenaltyConfig.name) == "kl" else "ent_ctl"
+        rule = PENALTIES.get(penalty.get("name", PenaltyConfig.name))  # an unknown name is refused with the others
+        flag = "kl_ctl" if rule is not None and rule.family == "kl" else "ent_ctl"
         if flag in flags:
             _set_once(penalty, "coef", flags[flag], flag)
         return {**data, "penalty": penalty} if penalty else data
@@ -246,7 +258,7 @@ class PPOConfig:
         )
         one_of("loss_normalization", self.loss_normalization, rl.LOSS_NORMALIZATIONS)
         if self.top_p < 1 or self.temperature != 1:
-            require(self.penalty.name == "kl", self.processed_sampling_message() + ": set top_p: 1 and temperature: 1")
+            require(self.penalty.is_kl(), self.processed_sampling_message() + ": set top_p: 1 and temperature: 1")
             warnings.warn(self.processed_sampling_message(), stacklevel=2)
         require(self.clip_reward_value > 0, f"clip_reward_value must be > 0, got {self.clip_reward_value}")
 
@@ -269,10 +281,9 @@ def objective(config: PPOConfig, coef: float, moments) -> dict:
         "coef": coef,
         "initial_coef": p.coefficient(),
         "adaptive_coef": c.adaptive_kl.target > 0,
-        "alpha": p.kwargs().get("alpha"),
-        "tau": p.kwargs().get("tau"),
-        "kl_estimator": p.kl_estimator if p.name == "kl" else None,
-        "kl_placement": p.placement if p.name == "kl" else None,
+        **p.kwargs(),  # each hyperparameter under its name, as evaluation.exact.penalty_kwargs reads it back
+        "kl_estimator": p.kl_estimator if p.is_kl() else None,
+        "kl_placement": p.placement if p.is_kl() else None,
         "advantage": c.advantage,
         "beta": c.beta,
         "clip_reward_value": c.clip_reward_value,

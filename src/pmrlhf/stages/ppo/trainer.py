@@ -14,7 +14,6 @@ from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_mo
 from pmrlhf.models.sampling import CompiledDecoding, generate
 from pmrlhf.models.scoring import critic_values, token_logprobs
 from pmrlhf.objectives import rl
-from pmrlhf.objectives.penalties import get_penalty
 from pmrlhf.stages.ppo.config import PPOConfig, objective
 from pmrlhf.stages.ppo.rollout import (
     Demonstrations,
@@ -82,7 +81,7 @@ class PPOTrainer:
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
         self.prompts = self.encoder.prompts(r.prompt for r in records)
         require_examples(c.name, len(self.prompts), len(records), self.encoder)
-        self.penalty = get_penalty(c.penalty.name)
+        self.penalty = c.penalty.rule().penalty
         self.coef = c.penalty.coefficient()
         self._load_roles()
         self.ptx = (
