@@ -114,3 +114,27 @@ def test_string_settings_from_the_command_line_are_taken_as_written():
         load_config(sft.SFTConfig, None, ["optim.lr=[1"])
     pipeline = load_config(PipelineConfig, None, ["ppo.iterations=7", "run_dir=2026-12-05"])
     assert pipeline.ppo["iterations"] == 7 and pipeline.run_dir == "2026-12-05"
+
+
+def test_the_readmes_examples_are_valid_configs(tmp_path):
+    """The README's pipeline file and its one-stage commands: every stage of the one, and the config of each of
+    the others, are what the command line would accept."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    (tmp_path / "my-run.yaml").write_text(re.search(r"```yaml\n(.*?)```", readme, re.S).group(1))
+    configs = load_config(PipelineConfig, tmp_path / "my-run.yaml").stage_configs()
+    assert configs["ppo-cpm-prefix"].penalty.name == "cpm_prefix" and configs["ppo-cpm-prefix"].penalty.alpha == 0.01
+    assert configs["ppo-kl"].penalty.coefficient() == 1.0 and configs["dpo-pm"].loss == "pm"
+    commands = [shlex.split(line.split("#")[0]) for line in readme.splitlines() if line.startswith("pmrlhf ")]
+    stages = {"ppo": ppo.PPOConfig, "dpo": dpo.DPOConfig}
+    checked = 0
+    for argv in commands:
+        if argv[1] in stages and "--help" not in argv:
+            overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+            config = load_config(stages[argv[1]], None, overrides)
+            config.validate()
+            checked += 1
+    assert checked == 2
