@@ -3,12 +3,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from pmrlhf.objectives.reward import kwise_loss, listwise_loss, pair_accuracy, pairwise_loss
+from pmrlhf.objectives.reward import kwise_loss, listwise_loss, pair_accuracy
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Eq. (2.2): ``-mean log sigmoid(r(x, y_w) - r(x, y_l))``, the reference the losses are checked against."""
+    return -F.logsigmoid(chosen - rejected).mean()
 
 
 def test_pairwise_is_eq_2_2():
+    """A comparison is a ranking of two: the K-wise loss on it is eq. (2.2)."""
     torch.testing.assert_close(
-        pairwise_loss(torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])),
+        kwise_loss(torch.tensor([[2.0, 0.0], [0.0, 1.0]])),
         torch.tensor((math.log1p(math.exp(-2)) + math.log1p(math.exp(1))) / 2),
     )
 

@@ -10,11 +10,6 @@ import torch
 import torch.nn.functional as F
 
 
-def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """Eq. (2.2): ``-mean log sigmoid(r(x, y_w) - r(x, y_l))``; ``chosen``, ``rejected``: ``[N]``."""
-    return -F.logsigmoid(chosen - rejected).mean()
-
-
 def kwise_loss(scores: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """InstructGPT's K-wise loss: every one of the C(K,2) pairs of a ranking, in one batch element.
 

@@ -22,35 +22,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(
-    x: torch.Tensor,
-    mask: torch.Tensor,
-    shift_mean: bool = True,
-    eps: float = 1e-8,
-    sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-) -> torch.Tensor:
-    """Normalise ``x`` to unit (unbiased) variance over the masked entries, and zero mean if ``shift_mean``.
-
-    ``sum_over_workers`` sums a scalar over every process holding part of the batch (an all-reduce); with it
-    the statistics are those of the whole batch, so the split does not change the result. Entries outside the
-    mask are returned as 0.
-    """
-    mean, inv_std = whitening(x, mask, eps, sum_over_workers)
-    out = (x - mean) * inv_std
-    if not shift_mean:
-        out = out + mean
-    return out * mask.to(x.dtype)
-
-
 def whitening(
     x: torch.Tensor,
     mask: torch.Tensor,
     eps: float = 1e-8,
     sum_over_workers: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mean, 1 / sqrt(var + eps))`` of ``x`` over the masked entries of every worker's part: what ``whiten``
-    shifts and scales by. A loss term that must keep its weight against whitened advantages is scaled by the
-    second."""
+    """``(mean, 1 / sqrt(var + eps))`` of ``x`` over the masked entries of every worker's part (the unbiased
+    variance): what whitening advantages shifts and scales them by. ``sum_over_workers`` sums a scalar over every
+    process holding part of the batch (an all-reduce), so the split does not change the result. A loss term that
+    must keep its weight against whitened advantages is scaled by the second."""
     m = mask.to(x.dtype)
     n = sum_over_workers(m.sum()).clamp(min=1)
     mean = sum_over_workers((x * m).sum()) / n
@@ -100,17 +81,14 @@ def rloo(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (s - baseline).reshape(-1)
 
 
-def group_mean(scores: torch.Tensor, group_size: int, scale: bool = False, eps: float = 1e-6) -> torch.Tensor:
-    """Score minus the mean score of its prompt's group; divided by the group's std if ``scale`` (GRPO).
+def group_mean(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Score minus the mean score of its prompt's group.
 
     The mean includes the sample itself, so the expected update is ``(group_size - 1) / group_size`` times the
     exact gradient (RLOO's leave-one-out baseline has no such factor): the same direction, a smaller step.
     """
     s = _grouped(scores, group_size)
-    out = s - s.mean(-1, keepdim=True)
-    if scale:
-        out = out / (s.std(-1, keepdim=True) + eps)
-    return out.reshape(-1)
+    return (s - s.mean(-1, keepdim=True)).reshape(-1)
 
 
 def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:

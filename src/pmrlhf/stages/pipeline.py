@@ -30,7 +30,6 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
-from pmrlhf.stages.ppo.config import penalty_section
 from pmrlhf.training import checkpoints
 from pmrlhf.training.run_folder import write_run_config
 from pmrlhf.training.setup import check_launch, on_the_main_process
@@ -123,7 +122,7 @@ class PipelineConfig:
 
         for variant in self.variants:
             # a variant's sections (penalty, optim, ...) change only the keys they name in the base's
-            ppo_settings = merge_sections(penalty_section(self.ppo), penalty_section(variant))
+            ppo_settings = merge_sections(ppo.penalty_section(self.ppo), ppo.penalty_section(variant))
             merged = {**shared, "policy": to_dict(self.policy), "reward": to_dict(self.reward_model), **ppo_settings}
             build(variant["name"], ppo.PPOConfig, {**merged, "data": data("rl", ppo_settings)}, own_models)
         for variant in self.dpo_variants:

@@ -24,7 +24,7 @@ optimum (``rl.shape_rewards``).
 Modules: ``config`` (the settings), ``rollout`` (prompts and trajectories), ``trainer`` (the loop).
 """
 
-from pmrlhf.stages.ppo.config import AdaptiveKLConfig, PenaltyConfig, PPOConfig
+from pmrlhf.stages.ppo.config import AdaptiveKLConfig, PenaltyConfig, PPOConfig, penalty_section
 from pmrlhf.stages.ppo.trainer import PPOTrainer, run
 
-__all__ = ["AdaptiveKLConfig", "PPOConfig", "PPOTrainer", "PenaltyConfig", "run"]
+__all__ = ["AdaptiveKLConfig", "PPOConfig", "PPOTrainer", "PenaltyConfig", "penalty_section", "run"]

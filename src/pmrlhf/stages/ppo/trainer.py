@@ -105,11 +105,11 @@ class PPOTrainer:
         ones are held in the half type. A role trained with LoRA holds the only copy of its base: the reference
         is the actor with its adapter off, and the reward model the critic with its adapter off."""
         c, acc = self.config, self.accelerator
-        policy, reference, reward, frozen_reward = c.role_models(
+        policy, reference, critic_model, frozen_reward = c.role_models(
             max(map(len, self.prompts)), acc.num_processes, acc.mixed_precision
         )
         self._fresh_actor = lambda: load_causal_lm(policy, self.tokenizer, path=self.policy_path)
-        self._fresh_critic = lambda: Critic(load_reward_model(reward, self.tokenizer, path=self.reward_path))
+        self._fresh_critic = lambda: Critic(load_reward_model(critic_model, self.tokenizer, path=self.reward_path))
         actor = self._fresh_actor()
         critic_is_reward = c.advantage == "gae" and c.reward.lora_r > 0
         if not c.policy.lora_r:
