@@ -62,11 +62,11 @@ def _root(
     ),
 ) -> None:
     """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
-    _quiet_libraries()
 
 
 def _quiet_libraries() -> None:
-    """Per-file loading and saving bars of transformers and datasets drown the stages' own progress."""
+    """Per-file loading and saving bars of transformers and datasets drown the stages' own progress. Done as a
+    command starts its work, not in the root callback: importing them there cost every ``--help`` a second."""
     import datasets
     import transformers
 
@@ -112,6 +112,7 @@ def _run(stage_run, cfg, folder: Path | None = None, option: str = "--run-dir"):
     from pmrlhf.io import no_space
 
     folder = Path(folder if folder is not None else getattr(cfg, "run_dir", getattr(cfg, "sweep_dir", ".")))
+    _quiet_libraries()
     previous = signal.signal(signal.SIGTERM, _stop) if _in_main_thread() else None
     try:
         return stage_run(cfg)
