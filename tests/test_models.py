@@ -218,14 +218,14 @@ def test_train_without_dropout_is_training_mode_with_evaluation_arithmetic(tmp_p
 def test_every_stage_we_train_runs_the_activation_checkpointing_it_is_asked_for(
     trained, tmp_path, tiny_world_config, monkeypatch
 ):
-    """With ``gradient_checkpointing: true`` the reward, DPO and PPO stages checkpoint their layers, although their
+    """With ``gradient_checkpointing: true`` the SFT, reward, DPO and PPO stages checkpoint their layers, although their
     models load in evaluation mode (on an H200 the Llama-3.2-1B reward and DPO stages peaked 12-13 GiB above the
     plan before they did, 16-17 GiB above what they hold now)."""
     from transformers import modeling_utils
 
     from helpers import copy_run, ppo_config
     from pmrlhf.config import DataConfig, OptimConfig
-    from pmrlhf.stages import dpo, ppo, reward
+    from pmrlhf.stages import dpo, ppo, reward, sft
 
     calls = []
     real = modeling_utils.checkpoint  # what activation_checkpointing_enable hands the layers
@@ -236,6 +236,7 @@ def test_every_stage_we_train_runs_the_activation_checkpointing_it_is_asked_for(
     few = dict(data=DataConfig(portion="reward", limit=32), optim=OptimConfig(batch_size=16, epochs=1))
     layers = 2  # the tiny models' layers: each training pass checkpoints every one
     steps = {
+        "sft": lambda: sft.run(sft.SFTConfig(name="sft-ckpt", model=checkpointed, **common, **few)),
         "reward": lambda: reward.run(reward.RewardConfig(name="rm-ckpt", model=checkpointed, **common, **few)),
         "dpo": lambda: dpo.run(dpo.DPOConfig(name="dpo-ckpt", model=checkpointed, **common, **few)),
         "ppo": lambda: ppo.run(ppo_config(run, tiny_world_config, name="ppo-ckpt", iterations=1, policy=checkpointed)),

@@ -151,7 +151,7 @@ def fuse_activations(model):
 def train_without_dropout(model):
     """Put a model in training mode with every dropout at zero, and return it: what ``load_causal_lm`` and
     ``load_reward_model`` do to a model loaded to be trained (the reward model, DPO's policy, PPO's actor and
-    critic; SFT loads through TRL's trainer).
+    critic, SFT's model).
 
     transformers runs activation checkpointing only in training mode, and ``from_pretrained`` returns a model in
     evaluation mode: left there, ``gradient_checkpointing: true`` silently kept every activation. Dropout stays

@@ -15,7 +15,7 @@ models:
 * a frozen model (PPO's reference and reward model, DPO's reference while it scores) is held whole in bf16 on
   every GPU, as the stages never shard it; with LoRA it is the trained model's base and holds nothing more;
 * the token log-probabilities peak at three chunks of float32 logits (``scoring.CHUNK_BYTES``) where the
-  architecture allows chunking, else at three batches of them; SFT, which TRL's trainer runs, at its logits;
+  architecture allows chunking, else at three batches of them;
 * PPO's sampling keeps a bf16 KV cache of every layer for its prompts and new tokens.
 
 A stage's peak is its models' state plus the largest of its passes. Allocator slack and the CUDA context
@@ -190,9 +190,9 @@ def _mask_values_unread():
 
 def training_pass(model, batch: int, length: int, kind: str, checkpointing: bool) -> int:
     """Peak bytes of one forward and backward pass beyond the model's state: the saved activations, and the
-    log-probabilities' (or logits') buffers. ``kind``: ``logprobs`` (PPO, DPO), ``scores`` (reward model,
-    critic) or ``logits`` (SFT). With activation checkpointing, the layers' inputs are kept and one layer's
-    activations are recomputed at a time."""
+    log-probabilities' buffers. ``kind``: ``logprobs`` (SFT, DPO, PPO's actor) or ``scores`` (reward model,
+    critic). With activation checkpointing, the layers' inputs are kept and one layer's activations are
+    recomputed at a time."""
     from pmrlhf.models.scoring import CHUNK_BYTES, HEAD_ONLY, sequence_scores, token_logprobs
 
     ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
@@ -203,10 +203,8 @@ def training_pass(model, batch: int, length: int, kind: str, checkpointing: bool
         # log-softmax, their gradient); unchunked, the saved log-softmax and then its gradient
         run = lambda: token_logprobs(model, ids, attn)  # noqa: E731
         extra = 3 * min(CHUNK_BYTES, logits) if model.config.model_type in HEAD_ONLY else logits
-    elif kind == "scores":
-        run, extra = (lambda: sequence_scores(model, ids, attn)), 0
     else:
-        run, extra = (lambda: model(input_ids=ids, attention_mask=attn).logits.float()), logits
+        run, extra = (lambda: sequence_scores(model, ids, attn)), 0
     model.train()
     saved = saved_for_backward(model, run)
     if not checkpointing:
@@ -280,7 +278,9 @@ def plan_stage(name: str, config, launch: Launch) -> StagePlan:
     per_gpu = config.optim.batch_size
     parts = {"trained model": state(p, launch, True, layers), "autocast weight copies": 2 * p if mixed else 0}
     if isinstance(config, SFTConfig):
-        parts["activations and logits"] = _pass(model, per_gpu, length, "logits", model_cfg.gradient_checkpointing)
+        parts["activations and log-probabilities"] = _pass(
+            model, per_gpu, length, "logprobs", model_cfg.gradient_checkpointing
+        )
     elif reward:
         parts["activations"] = _pass(model, per_gpu * 2, length, "scores", model_cfg.gradient_checkpointing)
     elif isinstance(config, DPOConfig):

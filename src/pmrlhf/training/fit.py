@@ -1,4 +1,4 @@
-"""One training loop for the stages that fit a model to a fixed set of examples (the reward model, the DPO family):
+"""One training loop for the stages that fit a model to a fixed set of examples (SFT, the reward model, the DPO family):
 seeded epochs of global batches, each process training on its share, gradient accumulation, the schedule,
 held-out evaluation, the best model kept, progress, the metrics log, and checkpoints it resumes from exactly.
 

@@ -51,7 +51,7 @@ def token_mean_share(accelerator, mask: torch.Tensor) -> torch.Tensor:
 
 def lr_schedule(optimizer, optim: OptimConfig, steps: int):
     """The learning-rate schedule ``optim.scheduler`` names over ``steps`` optimiser steps, after a linear warm-up
-    over the first ``optim.warmup_ratio`` of them: transformers' schedules, as the SFT stage's Trainer runs them.
+    over the first ``optim.warmup_ratio`` of them: transformers' schedules, as its Trainer runs them.
 
     The stage steps it after each optimiser step. It is not given to ``accelerator.prepare``, which would step it
     once per process at every call: there each process's data loader holds only its share of the steps, whereas
