@@ -16,7 +16,7 @@ MAY_IMPORT = {
     "objectives": set(),
     "data": BASE,
     "models": BASE | {"data"},
-    "training": BASE | {"data", "models", "objectives"},
+    "training": BASE,
     "evaluation": BASE | {"data", "models", "objectives"},
     "stages": BASE | {"data", "models", "objectives", "training", "evaluation"},
     "cli": BASE | {"pmrlhf", "data", "models", "objectives", "training", "evaluation", "stages"},

@@ -247,7 +247,7 @@ def test_a_hub_name_without_a_network_is_one_line(tmp_path):
 
 def test_a_run_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
     """As root every folder is writable, so the refusal the file system would give is made here."""
-    import pmrlhf.training.run_folder as run_folder
+    import pmrlhf.stages.run_folder as run_folder
 
     def refuse(config, path):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))

@@ -26,11 +26,10 @@ def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def draw(probs: torch.Tensor) -> torch.Tensor:
     """One index per row of ``probs`` ``[B, V]``, drawn from that row: by the inverse of its cumulative sum, one
-    uniform number per row. ``torch.multinomial`` draws an exponential for every entry instead: on 2 CPU cores,
-    for 64 rows, 7.9-8.5 ms at 8,192 entries (a third to a half of a decoding step of a 6 x 256 GPT-2) and
-    122-139 ms at 128,256, against 0.2-1.1 and 20-43 ms this way (``benchmarks/generation.py``). The sums run
-    in float64, so each index's share of [0, 1) is its float32 probability to within 1e-16, and an index of
-    probability 0 is never drawn."""
+    uniform number per row. ``torch.multinomial`` draws an exponential for every entry instead, a large share of
+    a small model's decoding step at a large vocabulary (``benchmarks/generation.py``; docs/performance.md). The
+    sums run in float64, so each index's share of [0, 1) is its float32 probability to within 1e-16, and an index
+    of probability 0 is never drawn."""
     cdf = probs.cumsum(-1, dtype=torch.float64)
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1).squeeze(-1)
@@ -138,9 +137,9 @@ class _Decoding:
 class CompiledDecoding:
     """Decoding steps compiled with ``torch.compile`` over a static KV cache of ``max_length`` positions.
 
-    Every step has the same shapes, so it compiles once per batch size (2-9 s for a 6-layer, 256-wide model on 2
-    CPU cores) and then runs as fused kernels without the Python of transformers' forward around them: 16 tokens
-    for 16 sequences in 42 ms instead of 53 on that model. The prompt pass stays eager, as prompt lengths vary.
+    Every step has the same shapes, so it compiles once per batch size (seconds on a CPU) and then runs as fused
+    kernels without the Python of transformers' forward around them (``benchmarks/ppo_step.py`` times both). The
+    prompt pass stays eager, as prompt lengths vary.
     """
 
     def __init__(self, model, max_length: int):

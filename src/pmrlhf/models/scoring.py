@@ -22,9 +22,8 @@ def join(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> t
 # (no soft-capping, no logit scale): for them the full-vocabulary logits of a batch are never held at once.
 HEAD_ONLY = frozenset({"gpt2", "llama", "mistral", "opt", "qwen2", "qwen3", "gpt_neox"})
 CHUNK_BYTES = 2**28  # float32 logits of one chunk of tokens: 256 MiB
-# On a CPU, a chunk of at most 512 tokens keeps its logits in the caches: at 8,192 words (16 MiB of them) the
-# head's forward and backward passes took 1.6-2.0x less time than in 256 MiB chunks (tiny to 24 M-parameter models,
-# 64 sequences of 96 and 288 tokens, 2 cores of an AMD EPYC).
+# On a CPU, a chunk of at most 512 tokens keeps its logits in the caches, where larger chunks spill out of them and
+# slow the head's forward and backward passes (docs/performance.md).
 CPU_CHUNK_TOKENS = 512
 
 

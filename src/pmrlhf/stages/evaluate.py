@@ -19,7 +19,7 @@ from pmrlhf.evaluation.probe import probe
 from pmrlhf.evaluation.truth import reward_model_gap, truth_over_m
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
-from pmrlhf.training.run_folder import (
+from pmrlhf.stages.run_folder import (
     OBJECTIVE,
     finish_stage,
     load_stage_records,

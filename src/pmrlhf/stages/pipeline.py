@@ -30,8 +30,8 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.evaluation.report import write_report
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.stages import dpo, evaluate, ppo, reward, sft
+from pmrlhf.stages.run_folder import write_run_config
 from pmrlhf.training import checkpoints
-from pmrlhf.training.run_folder import write_run_config
 from pmrlhf.training.setup import check_launch, on_the_main_process
 
 

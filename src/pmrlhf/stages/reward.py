@@ -24,9 +24,7 @@ from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import sequence_scores
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
-from pmrlhf.training.fit import BestModel, Fit, fit
-from pmrlhf.training.guards import check_weights_finite
-from pmrlhf.training.run_folder import (
+from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
     require_examples,
@@ -35,6 +33,8 @@ from pmrlhf.training.run_folder import (
     tokenizer_source,
     write_objective,
 )
+from pmrlhf.training.fit import BestModel, Fit, fit
+from pmrlhf.training.guards import check_weights_finite
 from pmrlhf.training.setup import gathered_model, load_precisions, optim_accelerator, seed_everything
 
 

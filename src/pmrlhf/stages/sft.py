@@ -20,9 +20,7 @@ from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, token_logprobs
-from pmrlhf.training.fit import Fit, fit
-from pmrlhf.training.guards import check_weights_finite
-from pmrlhf.training.run_folder import (
+from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
     require_examples,
@@ -31,6 +29,8 @@ from pmrlhf.training.run_folder import (
     tokenizer_source,
     write_objective,
 )
+from pmrlhf.training.fit import Fit, fit
+from pmrlhf.training.guards import check_weights_finite
 from pmrlhf.training.setup import gathered_model, load_precisions, optim_accelerator, seed_everything
 
 

@@ -20,7 +20,7 @@ from pmrlhf.data.world import World
 from pmrlhf.evaluation import study
 from pmrlhf.io import atomic_write_json, atomic_write_text, console, progress_bar
 from pmrlhf.stages import pipeline
-from pmrlhf.training.run_folder import world_dir
+from pmrlhf.stages.run_folder import world_dir
 from pmrlhf.training.setup import on_the_main_process
 
 

@@ -93,7 +93,7 @@ def optimizer_step(accelerator, model, optimizer, loss, max_grad_norm: float, wh
 
     A non-finite loss, or gradient norm, stops the run before the step (``guards``); ``where`` names the stage
     and step in that message. On one process without loss scaling or accumulation, accelerate's wrappers only
-    add Python around the same calls (a sixth of a tiny model's optimiser step), so they are bypassed there.
+    add Python around the same calls (a noticeable share of a tiny model's step), so they are bypassed there.
     Under DeepSpeed the model's own engine does all of it.
     """
     from accelerate.utils import DistributedType

@@ -123,7 +123,7 @@ def check_launch() -> None:
 
 EMULATED_BF16 = (
     "bf16 mixed precision on a CPU without native bf16 (AVX512-BF16, AMX or Arm's BF16): PyTorch emulates it, "
-    "3-20x slower than float32; set the model's dtype to float32 on this machine"
+    "several times slower than float32; set the model's dtype to float32 on this machine"
 )
 
 

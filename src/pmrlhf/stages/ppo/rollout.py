@@ -3,6 +3,7 @@ by the frozen models and the critic, and the demonstrations of PPO-ptx."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from typing import NamedTuple
@@ -12,7 +13,7 @@ import torch
 from pmrlhf.config import DataConfig
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.models.scoring import critic_values, join, sequence_scores, token_logprobs
-from pmrlhf.training.run_folder import load_stage_records
+from pmrlhf.stages.run_folder import load_stage_records
 
 
 class RunningMoments:
@@ -56,9 +57,7 @@ class Demonstrations:
     """The SFT portion's demonstrations, encoded, for PPO-ptx's log-likelihood term."""
 
     def __init__(self, data: DataConfig, run_dir: str, world: WorldConfig, encoder, pad_id: int):
-        records, _ = load_stage_records(
-            DataConfig(**{**data.__dict__, "portion": "sft"}), "demonstration", run_dir, world
-        )
+        records, _ = load_stage_records(dataclasses.replace(data, portion="sft"), "demonstration", run_dir, world)
         pairs = [(encoder.prompt(r.prompt), encoder.response(r.response)) for r in records]
         self.pairs, self.pad_id = [(p, r) for p, r in pairs if p is not None], pad_id
 

@@ -23,11 +23,7 @@ from pmrlhf.stages.ppo.rollout import (
     rollout_metrics,
     score,
 )
-from pmrlhf.training import checkpoints
-from pmrlhf.training.ema import EMA
-from pmrlhf.training.guards import check_finite, check_weights_finite
-from pmrlhf.training.optim import adamw, lr_schedule, optimizer_step, token_mean_share
-from pmrlhf.training.run_folder import (
+from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
     require_examples,
@@ -35,6 +31,10 @@ from pmrlhf.training.run_folder import (
     stage_encoder,
     write_objective,
 )
+from pmrlhf.training import checkpoints
+from pmrlhf.training.ema import EMA
+from pmrlhf.training.guards import check_finite, check_weights_finite
+from pmrlhf.training.optim import adamw, lr_schedule, optimizer_step, token_mean_share
 from pmrlhf.training.setup import (
     frozen_autocast,
     gathered_model,
@@ -121,7 +121,7 @@ class PPOTrainer:
         actor_opt = adamw(actor.parameters(), acc, c.optim.lr, c.optim.weight_decay)
         self.actor_sched = lr_schedule(actor_opt, c.optim, c.iterations)
         self.actor, self.actor_opt = acc.prepare(actor, actor_opt)
-        # once: accelerate's unwrap_model looks for DeepSpeed on disk at every call (0.4 ms where it is installed)
+        # once: accelerate's unwrap_model looks for DeepSpeed on disk at every call where it is installed
         self.actor_module = acc.unwrap_model(self.actor)
         self.critic = self.critic_opt = self.critic_sched = None
         if critic is not None:

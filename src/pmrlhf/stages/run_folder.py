@@ -3,6 +3,7 @@ the run's world, the stage's records and the encoder that turns them into token 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from pathlib import Path
@@ -175,7 +176,7 @@ def load_stage_records(data: DataConfig, kind: str, run_dir: str | Path, world: 
     source = data_source(data, kind, run_dir, world)
     if data.source == "world" and data.portion != "all":
         # The world writes each stage's data to its own file; the 20/40/40 split is for one shared dataset.
-        data = DataConfig(**{**data.__dict__, "portion": "all"})
+        data = dataclasses.replace(data, portion="all")
     records, report = load_records(data, kind, source)
     console.print(f"[dim]{report.summary()}[/dim]")
     return records, report
