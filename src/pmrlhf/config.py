@@ -347,32 +347,31 @@ def load_config(cls: type[T], path: Path | str | None = None, overrides: list[st
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's one-line description, read from the class's source: the comment on the line that declares it,
-    or else the comment lines right above it. Comments are where the settings are documented in the code, and
-    ``--help`` shows them from there."""
+    """Each field's one-line description, read from the source of the class that declares it last (a stage's
+    config redeclares a shared field to give it its own default): the comment on its line, or else the comment
+    lines right above it. Comments are where the settings are documented in the code, and ``--help`` shows them."""
     import inspect
     import io
     import re
     import textwrap
     import tokenize
 
-    source = textwrap.dedent(inspect.getsource(cls))
-    comments, code = {}, set()
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
-            code.update(range(tok.start[0], tok.end[0] + 1))
-    names = {f.name for f in dataclasses.fields(cls)}
-    docs = {}
-    for number, line in enumerate(source.splitlines(), 1):
-        match = re.match(r"    (\w+)\s*:", line)
-        if not match or match.group(1) not in names or match.group(1) in docs:
-            continue
-        above = []
-        while number - len(above) - 1 in comments and number - len(above) - 1 not in code:
-            above.insert(0, comments[number - len(above) - 1])
-        docs[match.group(1)] = comments.get(number) or " ".join(above)
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        source, comments, code = textwrap.dedent(inspect.getsource(klass)), {}, set()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                comments[tok.start[0]] = tok.string.lstrip("#").strip()
+            elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT):
+                code.update(range(tok.start[0], tok.end[0] + 1))
+        for number, line in enumerate(source.splitlines(), 1):
+            match = re.match(r"    (\w+)\s*:", line)
+            if not match or match.group(1) not in {f.name for f in dataclasses.fields(klass)}:
+                continue
+            above = []
+            while number - len(above) - 1 in comments and number - len(above) - 1 not in code:
+                above.insert(0, comments[number - len(above) - 1])
+            docs[match.group(1)] = comments.get(number) or " ".join(above) or docs.get(match.group(1), "")
     return docs
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require, require_checkpointing
+from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, require
 from pmrlhf.data.sources import holdout
-from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import WithoutAdapter, load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, sequence_logprobs, token_logprobs
 from pmrlhf.objectives import dpo
+from pmrlhf.stages.base import StageConfig
 from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
@@ -36,28 +36,18 @@ from pmrlhf.training.setup import gathered_model, load_precisions, optim_acceler
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageConfig):
     """``pmrlhf dpo``."""
 
-    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "dpo"  # sub-folder of this stage's outputs
-    seed: Seed = 0  # seed of shuffling and dropout
-    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # comparisons
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # the comparisons
     model: ModelConfig = field(default_factory=ModelConfig)  # policy and reference; "" = <run_dir>/sft/model
     loss: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | robust | ipo | simpo | pm | cpm
     beta: float = 0.1  # DPO's beta (the inverse temperature of the implicit reward)
     label_smoothing: float = 0.0  # cDPO's eps (sigmoid) or robust DPO's flip rate
     simpo_gamma: float = 1.0  # SimPO's target margin
     alpha: float = 0.1  # conditional PM-DPO: responses with pi_ref(y|x) >= alpha get the PM form
-    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from; 0 writes none
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, epochs=2, batch_size=32))
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def __post_init__(self) -> None:
-        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
         require(self.loss in dpo.DPO_LOSSES, f"unknown DPO loss {self.loss!r}; known: {sorted(dpo.DPO_LOSSES)}")

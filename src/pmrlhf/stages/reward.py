@@ -15,15 +15,15 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require, require_checkpointing
+from pmrlhf.config import DataConfig, ModelConfig, OptimConfig, require
 from pmrlhf.data.records import Comparison, Ranking
 from pmrlhf.data.sources import holdout
 from pmrlhf.data.tokenize import Encoder, pad
-from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_reward_model, load_tokenizer, save_model
 from pmrlhf.models.scoring import sequence_scores
 from pmrlhf.objectives.reward import REWARD_LOSSES, pair_accuracy
+from pmrlhf.stages.base import StageConfig
 from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
@@ -39,28 +39,18 @@ from pmrlhf.training.setup import gathered_model, load_precisions, optim_acceler
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(StageConfig):
     """Stage 2 (``pmrlhf rm``)."""
 
-    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "reward"  # sub-folder of this stage's outputs
-    seed: Seed = 0  # seed of the score head, shuffling and dropout
-    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # the comparisons or rankings
     data_kind: str = "comparison"  # comparison | ranking: pairs, or K-wise rankings
     loss: str = "pairwise"  # pairwise (eq. (2.2); all C(K,2) pairs for rankings) | listwise (Plackett-Luce, App. A.1)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model the score head sits on
     init_from_sft: bool = True  # start from <run_dir>/sft/model when model.name_or_path is empty and it exists
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, epochs=3, batch_size=32))
     eval_every: int = 50  # optimiser steps between held-out evaluations (and at the end of every epoch)
     patience: int = 4  # evaluations without a better held-out accuracy before stopping; 0 never stops early
-    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from; 0 writes none
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def __post_init__(self) -> None:
-        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
         require(self.loss in REWARD_LOSSES, f"unknown reward loss {self.loss!r}; use one of {sorted(REWARD_LOSSES)}")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, Seed, require_checkpointing
+from pmrlhf.config import DataConfig, ModelConfig, OptimConfig
 from pmrlhf.data.sources import holdout
-from pmrlhf.data.world import WorldConfig
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 from pmrlhf.models.scoring import join, token_logprobs
+from pmrlhf.stages.base import StageConfig
 from pmrlhf.stages.run_folder import (
     finish_stage,
     load_stage_records,
@@ -35,23 +35,13 @@ from pmrlhf.training.setup import gathered_model, load_precisions, optim_acceler
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(StageConfig):
     """Stage 1 (``pmrlhf sft``)."""
 
-    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "sft"  # sub-folder of this stage's outputs
-    seed: Seed = 0  # seed of initialisation, shuffling and dropout
-    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))
-    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))  # the demonstrations
+    model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune; "" builds a tiny one
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=8, batch_size=32))
-    checkpoint_every: int = 100  # optimiser steps between checkpoints to resume from; 0 writes none
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: bool = False  # continue from the newest checkpoint in <run_dir>/<name>.partial/checkpoints
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-    def __post_init__(self) -> None:
-        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
 
 def encoded(records, encoder) -> list[tuple[list[int], list[int]]]:

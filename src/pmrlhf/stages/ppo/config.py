@@ -13,15 +13,13 @@ from pmrlhf.config import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
-    Seed,
     one_of,
     require,
-    require_checkpointing,
     require_learning_rate,
 )
-from pmrlhf.data.world import WorldConfig
 from pmrlhf.objectives import rl
 from pmrlhf.objectives.penalties import PENALTIES, PenaltyRule, get_penalty
+from pmrlhf.stages.base import StageConfig
 
 PAPER_FLAGS = ("kl_ctl", "ent_ctl", "alpha_ctl")  # the reference code's flag names, accepted as aliases
 
@@ -115,14 +113,15 @@ def penalty_section(data: dict) -> dict:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(StageConfig):
     """Stage 3 (``pmrlhf ppo``). Defaults: the paper's PPO settings (Sec. 6, its reference code)."""
 
-    run_dir: str = "runs/demo"  # the run folder every stage of a pipeline shares
     name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
-    seed: Seed = 0  # seed of sampling, shuffling and initialisation
-    world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))
+    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))  # the prompts
+    checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
+    logging: LoggingConfig = field(
+        default_factory=lambda: LoggingConfig(log_every=1)
+    )  # where metrics go besides metrics.jsonl
     policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
     reward: ModelConfig = field(default_factory=ModelConfig)  # reward model and critic; "" = <run_dir>/reward/model
     # --- the objective ---
@@ -162,15 +161,10 @@ class PPOConfig:
     # torch.compile the decoding step over a static KV cache: a one-time compile (seconds on CPU) for faster
     # sampling; for long runs, not with sharded parameters
     compile_sampler: bool = False
-    # --- running ---
-    checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    resume: bool = False  # continue from the last checkpoint in <run_dir>/<name>/checkpoints
     # no | bf16 | fp16; None: the half type policy.dtype names, else what `accelerate launch` was configured
     # with (no outside it). With mixed precision the actor and critic keep float32 weights and compute under
     # autocast, and the frozen reference and reward model are held in the half type.
     mixed_precision: str | None = None
-    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))
 
     @classmethod
     def canonical_keys(cls, data: dict) -> dict:
@@ -216,9 +210,6 @@ class PPOConfig:
             f"policy whose log-probabilities the loss takes, so penalty {self.penalty.name} no longer optimises "
             "its stated objective (a PM objective matches the whole distribution); policy/ratio shows the mismatch"
         )
-
-    def __post_init__(self) -> None:
-        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
 
     def validate(self) -> None:
         self.penalty.validate()
