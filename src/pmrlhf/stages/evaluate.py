@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, ModelConfig, Seed, read_json, require
+from pmrlhf.config import DataConfig, InputError, ModelConfig, Seed, read_json, require
 from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m, reward_beta, rewards_over_m
 from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
@@ -143,7 +143,7 @@ def run_eval(config: EvalConfig) -> Path:
     prompts = _prompts(config, tokenizer)
     policies = config.policies or discover_policies(config.run_dir)
     if not policies:
-        raise ValueError(f"no policies to evaluate: none found in {config.run_dir} and none given in policies")
+        raise InputError(f"no policies to evaluate: none found in {config.run_dir} and none given in policies")
     summary, instances, over_m = {}, {}, {}
     for name, path in {"reference (SFT)": str(ref_path), **policies}.items():
         objective = policy_objective(path, config.beta)

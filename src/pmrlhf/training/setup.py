@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import ModelConfig, OptimConfig
+from pmrlhf.config import InputError, ModelConfig, OptimConfig
 
 
 def _cpu_deepspeed() -> None:
@@ -69,7 +69,7 @@ def stage_accelerator(
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         plugin = accelerator.state.deepspeed_plugin
         if plugin.zero_stage == 3:
-            raise ValueError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
+            raise InputError(ZERO3_REFUSED)  # set in a DeepSpeed config file, which check_launch does not read
         stage = {
             "train_micro_batch_size_per_gpu": micro_batch_size,
             "gradient_accumulation_steps": gradient_accumulation_steps,
@@ -80,7 +80,7 @@ def stage_accelerator(
             if given == "auto":
                 plugin.deepspeed_config[key] = value
             elif float(given) != value:
-                raise ValueError(
+                raise InputError(
                     f"the DeepSpeed config sets {key}: {given}, but this stage's config asks for {value}; leave it "
                     "out of the accelerate config (or set it to auto) so that the stage's setting is used"
                 )
@@ -112,9 +112,9 @@ def check_launch() -> None:
     """
     flag = lambda name: os.environ.get(name, "false").lower() in ("1", "true", "yes")  # noqa: E731
     if flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        raise ValueError(ZERO3_REFUSED)
+        raise InputError(ZERO3_REFUSED)
     if flag("ACCELERATE_USE_FSDP") and flag("FSDP_CPU_RAM_EFFICIENT_LOADING"):
-        raise ValueError(
+        raise InputError(
             "fsdp_cpu_ram_efficient_loading: true leaves every model that FSDP does not wrap (the frozen reference "
             "and reward models) uninitialised on all processes but the first; set it to false in the accelerate "
             "config"

@@ -61,13 +61,13 @@ class PPOTrainer:
         self.accelerator = acc
         if c.prompts_per_iteration % acc.num_processes:
             # unequal shares can mean unequal numbers of minibatches, and DDP would wait for the missing ones
-            raise ValueError(
+            raise InputError(
                 f"prompts_per_iteration={c.prompts_per_iteration} must be a multiple of the number of processes, "
                 f"{acc.num_processes}"
             )
         self.sharded_parameters = parameters_sharded(acc)
         if c.compile_sampler and self.sharded_parameters:
-            raise ValueError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
+            raise InputError("compile_sampler does not work with sharded parameters (FSDP); set it to false")
         self.out = stage_dir(c.run_dir, c.name, c, resumable=True)
         seed_everything(c.seed + acc.process_index)
         run = Path(c.run_dir)
