@@ -19,14 +19,13 @@ from pmrlhf.stages.pipeline import PipelineConfig
 )
 def test_an_override_changes_its_key_only(cls, override, section, key):
     """``--set section.key=value`` keeps every other key of the section at the stage's own default (SFT's lr 3e-3
-    and batch 32, the reward stage's reward portion, PPO's 16 response tokens and log_every 1), not at the bare
+    and batch 32, PPO's 16 response tokens and log_every 1), not at the bare
     sub-config's."""
     value = override.split("=", 1)[1]
     got = getattr(load_config(cls, None, [override]), section)
     default = getattr(cls(), section)
-    expected = dataclasses.replace(default, **{key: type(getattr(default, key))(value)})
-    if isinstance(getattr(default, key), bool):
-        expected = dataclasses.replace(default, **{key: value == "true"})
+    given = value == "true" if isinstance(getattr(default, key), bool) else type(getattr(default, key))(value)
+    expected = dataclasses.replace(default, **{key: given})
     assert got == expected
 
 
@@ -34,7 +33,7 @@ def test_a_yaml_section_given_in_part_keeps_the_stage_defaults_beneath(tmp_path)
     path = tmp_path / "ppo.yaml"
     path.write_text("data:\n  source: prompts.jsonl\nlogging: {wandb: false}\n")
     cfg = load_config(ppo.PPOConfig, path, ["data.max_prompt_tokens=64"])
-    assert (cfg.data.portion, cfg.data.max_response_tokens, cfg.data.max_prompt_tokens) == ("rl", 16, 64)
+    assert (cfg.data.portion, cfg.data.max_response_tokens, cfg.data.max_prompt_tokens) == ("all", 16, 64)
     assert cfg.data.source == "prompts.jsonl" and cfg.logging.log_every == 1
     with pytest.raises(ConfigError, match="data.nope"):
         load_config(ppo.PPOConfig, path, ["data.nope=1"])

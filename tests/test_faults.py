@@ -225,3 +225,16 @@ def test_an_empty_truth_file_is_named(finished, tmp_path):
     result = CliRunner().invoke(app, ["probe", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 2, result.output
     assert f"{tmp_path / 'run' / 'world' / 'truth.json'} cannot be read" in result.output.replace("\n", "")
+
+
+def test_written_files_and_folders_get_ordinary_permissions(tmp_path):
+    """Through tempfile they were private: report.md was written 0600, a model folder 0700."""
+    from pmrlhf.io import atomic_dir, atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        report = atomic_write_text(tmp_path / "report.md", "x")
+        model = atomic_dir(tmp_path / "model", lambda tmp: (tmp / "weights").write_text("y"))
+    finally:
+        os.umask(umask)
+    assert (report.stat().st_mode & 0o777, model.stat().st_mode & 0o777) == (0o644, 0o755)

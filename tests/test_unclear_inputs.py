@@ -2,6 +2,7 @@
 was wrong and what would be right, with exit code 2 (1 where the run itself failed), and nothing half-written."""
 
 import errno
+import importlib.util
 import json
 import os
 import subprocess
@@ -353,3 +354,35 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_refused(lm, tmp_path):
     rows = len(build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary()))
     message = f"{folder} (a language model) embeds {rows} tokens, but the tokenizer it is read with has {len(bigger)}"
     assert message in result.output.replace("\n", "")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
+def test_logging_to_a_missing_package_is_refused_before_any_work(tmp_path):
+    """It failed after the data and models had loaded, with an 86-line traceback and a partial folder left."""
+    result = CliRunner().invoke(app, ["dpo", "--run-dir", str(tmp_path), "--set", "logging.tensorboard=true"])
+    assert result.exit_code == 2, result.output
+    assert "logging.tensorboard needs the tensorboard package: pip install 'pmrlhf[tensorboard]'" in result.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_stage_on_its_own_takes_every_row_and_says_why_when_it_does_not(lm, tmp_path):
+    """The paper's 20/40/40 split is the pipeline's: `pmrlhf rm` on 30 rows kept 12 of them without saying why."""
+    rows = [{"prompt": f"w{i % 12}", "chosen": "w1 w2", "rejected": f"w{3 + i % 9}"} for i in range(30)]
+    path = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    args = ["rm", "-s", f"data.source={path}", "-s", f"model.name_or_path={lm}", "-s", "optim.epochs=1"]
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "all" / "reward" / "summary.json").read_text())["data"].endswith("30 of 30 rows kept")
+    split = CliRunner().invoke(app, [*args, "--run-dir", str(tmp_path / "part"), "-s", "data.portion=reward"])
+    assert split.exit_code == 0, split.output
+    summary = json.loads((tmp_path / "part" / "reward" / "summary.json").read_text())
+    assert summary["data"].endswith("12 of 30 rows kept (data.portion: reward, its 40 % of the paper's 20/40/40 split)")
+
+
+def test_a_stage_after_sft_without_an_sft_model_says_so(tmp_path):
+    path = write_jsonl(tmp_path / "prefs.jsonl", [COMPARISON] * 4)
+    result = CliRunner().invoke(app, ["dpo", "--run-dir", str(tmp_path / "run"), "-s", f"data.source={path}"])
+    assert result.exit_code == 2, result.output
+    text = result.output.replace("\n", "")
+    assert f"no model to start from for {path}: set model.name_or_path" in text
+    assert f"{tmp_path / 'run' / 'sft' / 'model'} once `pmrlhf sft` has written it" in text

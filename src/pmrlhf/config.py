@@ -9,6 +9,7 @@ that a run used.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import types
@@ -47,12 +48,6 @@ def require_learning_rate(name: str, lr: float) -> None:
 
 # A seed: torch, numpy and Python's random all take [0, 2**32) (numpy refuses more, torch wraps negatives).
 Seed = typing.NewType("Seed", int)
-
-
-def require_checkpointing(checkpoint_every: int, keep_checkpoints: int) -> None:
-    """Every training stage's checkpoint settings: keeping none deleted each checkpoint as it was written."""
-    require(checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0 writes none), got {checkpoint_every}")
-    require(keep_checkpoints >= 1, f"keep_checkpoints must be >= 1 (the newest ones kept), got {keep_checkpoints}")
 
 
 @dataclass
@@ -117,6 +112,9 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        for name in ("tensorboard", "wandb"):  # missing, the stage failed only after loading its data and models
+            found = not getattr(self, name) or importlib.util.find_spec(name) is not None
+            require(found, f"{name} needs the {name} package: pip install 'pmrlhf[{name}]'")
 
 
 @dataclass
@@ -130,7 +128,7 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our field name -> the source's column name
     hf_split: str = "train"  # split of a Hub dataset
     hf_config: str | None = None  # configuration name of a Hub dataset
-    portion: str = "all"  # the paper's 20/40/40 split (Sec. 6): all | sft | reward | rl
+    portion: str = "all"  # all | sft | reward | rl: of the paper's 20/40/40 split (Sec. 6), which `run` deals out
     split_seed: Seed = 0  # seed of that split
     eval_fraction: float = 0.1  # share of the portion held out for evaluation
     on_error: str = "raise"  # raise | skip: bad rows stop the run, or are counted and reported

@@ -42,6 +42,7 @@ def atomic_write_text(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        _as_created(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -68,6 +69,14 @@ def atomic_write_json(path: Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+def _as_created(path: Path | str, mode: int) -> None:
+    """Give a temporary file or folder the permissions an ordinary one gets (``mode`` less the umask): tempfile
+    makes them private (0600, 0700), and a report or model written through one stayed unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def atomic_dir(path: Path, write: Callable[[Path], None], replace: bool = True) -> Path:
     """Fill a fresh temporary folder with ``write(tmp)`` and swap it in for ``path`` in one rename.
 
@@ -79,6 +88,7 @@ def atomic_dir(path: Path, write: Callable[[Path], None], replace: bool = True) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
+        _as_created(tmp, 0o777)
         write(tmp)
         if replace:
             replace_dir(tmp, path)

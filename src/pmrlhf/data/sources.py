@@ -39,12 +39,20 @@ class LoadReport:
     rows: int = 0
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)  # reason -> count
+    portion: str = "all"  # the part of the paper's split the rows were taken from
+    limit: int | None = None  # data.limit, where it cut the rows
 
     def summary(self) -> str:
         text = f"{self.source}: {self.kept} of {self.rows} rows kept"
+        why = []
         if self.skipped:
-            text += " (skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()) + ")"
-        return text
+            why.append("skipped: " + ", ".join(f"{n} {why}" for why, n in self.skipped.most_common()))
+        if self.portion != "all":
+            share = round(100 * (PORTIONS[self.portion][1] - PORTIONS[self.portion][0]))
+            why.append(f"data.portion: {self.portion}, its {share} % of the paper's 20/40/40 split")
+        if self.limit is not None and self.kept == self.limit:
+            why.append(f"data.limit: {self.limit}")
+        return text + (f" ({'; '.join(why)})" if why else "")
 
 
 def iter_rows(source: str, hf_split: str = "train", hf_config: str | None = None) -> Iterator[dict[str, Any]]:
@@ -170,7 +178,7 @@ def load_records(config: DataConfig, kind: str, source: str | None = None) -> tu
     if config.on_error not in ("raise", "skip"):
         raise ValueError(f"data.on_error must be 'raise' or 'skip', got {config.on_error!r}")
     rename = {theirs: ours for ours, theirs in config.columns.items()}
-    report = LoadReport(source)
+    report = LoadReport(source, portion=config.portion, limit=config.limit)
     converter = None if config.format == "auto" else FORMATS.get(config.format)
     if config.format != "auto" and converter is None:
         raise ValueError(f"unknown data.format {config.format!r}; known: auto, {', '.join(sorted(FORMATS))}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pmrlhf.config import DataConfig, LoggingConfig, Seed, require_checkpointing
+from pmrlhf.config import DataConfig, LoggingConfig, Seed, require
 from pmrlhf.data.world import WorldConfig
 
 
@@ -25,4 +25,6 @@ class StageConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # where metrics go besides metrics.jsonl
 
     def __post_init__(self) -> None:
-        require_checkpointing(self.checkpoint_every, self.keep_checkpoints)
+        every, keep = self.checkpoint_every, self.keep_checkpoints  # keeping none deleted each one as it was written
+        require(every >= 0, f"checkpoint_every must be >= 0 (0 writes none), got {every}")
+        require(keep >= 1, f"keep_checkpoints must be >= 1 (the newest ones kept), got {keep}")

@@ -40,7 +40,7 @@ class DPOConfig(StageConfig):
     """``pmrlhf dpo``."""
 
     name: str = "dpo"  # sub-folder of this stage's outputs
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # the comparisons
+    data: DataConfig = field(default_factory=DataConfig)  # the comparisons
     model: ModelConfig = field(default_factory=ModelConfig)  # policy and reference; "" = <run_dir>/sft/model
     loss: str = "sigmoid"  # sigmoid (DPO; cDPO with label_smoothing) | robust | ipo | simpo | pm | cpm
     beta: float = 0.1  # DPO's beta (the inverse temperature of the implicit reward)

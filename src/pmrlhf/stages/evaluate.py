@@ -39,7 +39,7 @@ class EvalConfig:
     name: str = "eval"  # sub-folder of the outputs
     seed: Seed = 0  # seed of the sampled pairs (the same for every model)
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts
     policies: dict[str, str] = field(default_factory=dict)  # name -> model path; {} = every <run_dir>/ppo*/model
     reference: str = ""  # "" = <run_dir>/sft/model
     reward: str = ""  # "" = <run_dir>/reward/model
@@ -66,7 +66,7 @@ class ProbeConfig:
     name: str = "probe"  # sub-folder of the outputs
     seed: Seed = 0  # seed of the sampled pairs
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl"))  # the prompts
+    data: DataConfig = field(default_factory=DataConfig)  # the prompts
     reference: str = ""  # "" = <run_dir>/sft/model
     reward: str = ""  # "" = <run_dir>/reward/model
     beta: float = 1.0  # p_reward uses r / beta

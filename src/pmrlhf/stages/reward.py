@@ -43,7 +43,7 @@ class RewardConfig(StageConfig):
     """Stage 2 (``pmrlhf rm``)."""
 
     name: str = "reward"  # sub-folder of this stage's outputs
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="reward"))  # the comparisons or rankings
+    data: DataConfig = field(default_factory=DataConfig)  # the comparisons or rankings
     data_kind: str = "comparison"  # comparison | ranking: pairs, or K-wise rankings
     loss: str = "pairwise"  # pairwise (eq. (2.2); all C(K,2) pairs for rankings) | listwise (Plackett-Luce, App. A.1)
     model: ModelConfig = field(default_factory=ModelConfig)  # the model the score head sits on

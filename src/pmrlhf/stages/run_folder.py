@@ -188,6 +188,8 @@ def tokenizer_source(model_name_or_path: str, data: DataConfig, run_dir: str | P
         return model_name_or_path
     if data.source == "world":
         return str(ensure_world(world_dir(run_dir), world) / "tokenizer")
+    sft = Path(run_dir) / "sft" / "model"
     raise InputError(
-        "a tiny model built from config needs a tokenizer: use the world as data, or set model.name_or_path"
+        f"no model to start from for {data.source}: set model.name_or_path (a stage after SFT starts from {sft} once "
+        "`pmrlhf sft` has written it); a tiny model built from config reads only the world (data.source: world)"
     )

@@ -39,7 +39,7 @@ class SFTConfig(StageConfig):
     """Stage 1 (``pmrlhf sft``)."""
 
     name: str = "sft"  # sub-folder of this stage's outputs
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="sft"))  # the demonstrations
+    data: DataConfig = field(default_factory=DataConfig)  # the demonstrations
     model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune; "" builds a tiny one
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=8, batch_size=32))
 

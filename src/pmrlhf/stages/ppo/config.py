@@ -117,7 +117,7 @@ class PPOConfig(StageConfig):
     """Stage 3 (``pmrlhf ppo``). Defaults: the paper's PPO settings (Sec. 6, its reference code)."""
 
     name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
-    data: DataConfig = field(default_factory=lambda: DataConfig(portion="rl", max_response_tokens=16))  # the prompts
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_response_tokens=16))  # the prompts
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
     logging: LoggingConfig = field(
         default_factory=lambda: LoggingConfig(log_every=1)
