@@ -334,7 +334,8 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed of every stage's training; the world stays the same."),
     resume: bool = ResumeOpt,
 ) -> None:
-    """The synthetic world end to end: SFT, reward model, PPO (KL, PM, conditional PM), eval, probe, report."""
+    """The synthetic world end to end: SFT, reward model, PPO (KL, PM, conditional PM), DPO (DPO, PM-DPO,
+    conditional PM-DPO), eval, probe, report."""
     from pmrlhf.stages import pipeline
 
     cfg = pipeline.demo_config(quick, str(run_dir) if run_dir else None)

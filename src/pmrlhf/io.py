@@ -19,14 +19,16 @@ console = Console(stderr=True)
 
 
 def progress_bar(disable: bool = False):
-    """The progress bar of a long loop: what it does, how far, and the time left (``disable`` it on every process
-    but the one that speaks)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    """The progress bar of a long loop: what it does, how far, the time taken and the time left (``disable`` it on
+    every process but the one that speaks)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),  # a finished bar shows how long it took; the time left alone ended at 0:00:00
+        TextColumn("left"),
         TimeRemainingColumn(),
     ]
     return Progress(*columns, console=console, disable=disable)

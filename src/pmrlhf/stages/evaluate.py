@@ -40,7 +40,8 @@ class EvalConfig:
     seed: Seed = 0  # seed of the sampled pairs (the same for every model)
     world: WorldConfig = field(default_factory=WorldConfig)  # used when data.source is "world"
     data: DataConfig = field(default_factory=DataConfig)  # the prompts
-    policies: dict[str, str] = field(default_factory=dict)  # name -> model path; {} = every <run_dir>/ppo*/model
+    # name -> model path; {}: every policy a PPO or DPO stage wrote in <run_dir> (its objective.json says so)
+    policies: dict[str, str] = field(default_factory=dict)
     reference: str = ""  # "" = <run_dir>/sft/model
     reward: str = ""  # "" = <run_dir>/reward/model
     beta: float = 1.0  # p_reward uses r / beta, unless the stage that trained a policy records its own
