@@ -119,6 +119,7 @@ CASES = [
     ("tau 0", lambda t: ["ppo", "-s", "penalty.name=maxent", "-s", "penalty.tau=0"], 2, "penalty.tau must be > 0"),
     ("ptx -1", lambda t: ["ppo", "--set", "ptx_coef=-1"], 2, "ptx_coef must be >= 0, got -1"),
     ("lr not YAML", lambda t: ["rm", "--set", "optim.lr=[1"], 2, "optim.lr: '[1' is not a YAML value"),
+    ("signs twice", lambda t: ["rm", "--set", "optim.batch_size=+-5"], 2, "optim.batch_size: expected an integer"),
     # the same refusal from a pipeline's variant and a sweep's method, naming the method
     ("run variant", lambda t: pipeline_yaml(t, BAD_VARIANT), 2, "odd: penalty.alpha must be in (0, 1], got 0"),
     ("sweep method", lambda t: pipeline_yaml(t, BAD_METHOD.format(d=t / "s"), "sweep"), 2, "odd: gamma must be in"),

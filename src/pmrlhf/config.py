@@ -211,11 +211,15 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{name}: expected true or false, got {value!r}")
     if hint in (int, Seed):
-        if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().lstrip("+-").isdigit():
+        try:
+            number = int(value) if isinstance(value, int | str) and not isinstance(value, bool) else None
+        except ValueError:  # "+-5", "1e3": int() refuses them
+            number = None
+        if number is None:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        if hint is Seed and not 0 <= int(value) < 2**32:
+        if hint is Seed and not 0 <= number < 2**32:
             raise ConfigError(f"{name}: a seed must be in [0, 2**32), got {value}")
-        return int(value)
+        return number
     if hint is float:
         try:
             number = float(value)
