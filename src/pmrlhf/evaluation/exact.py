@@ -256,7 +256,7 @@ def targets_mass_outside_m(
     as it was. PM's optimum is left out: ``e^r`` over all text has no useful estimate.
     """
     from pmrlhf.models.sampling import generate
-    from pmrlhf.objectives.penalties import get_penalty, optimum_terms
+    from pmrlhf.objectives.penalties import optimum_terms
 
     coef = objective_coef(objective)
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
@@ -277,7 +277,7 @@ def targets_mass_outside_m(
     off = torch.tensor([tuple(y) not in in_m[i // samples] for i, y in enumerate(responses)])
     r_c = (r / coef).masked_fill(~mask, float("-inf"))
     rules = [("kl_target", "kl", {})]
-    if objective.get("method") == "ppo" and get_penalty(objective["penalty"]).family == "conditional":
+    if family(objective) == "conditional":
         rules.append(("own_target", objective["penalty"], penalty_kwargs(objective)))
     out = {}
     for name, penalty, kwargs in rules:

@@ -79,6 +79,8 @@ def run(config: SFTConfig) -> Path:
         total, tokens = response_nll(model, share, pad_id)
         return total / max(tokens, 1), {}
 
+    final: dict[str, float] = {}  # the last evaluation: the loop evaluates after its last step, at the saved weights
+
     def evaluate(model) -> dict[str, float]:
         with torch.no_grad():
             parts = [
@@ -86,7 +88,8 @@ def run(config: SFTConfig) -> Path:
                 for i in range(0, len(held), config.optim.batch_size)
             ]
         loss = sum(t.item() for t, _ in parts) / max(sum(n for _, n in parts), 1)
-        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+        final.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))})
+        return dict(final)
 
     spec = Fit(
         name=config.name,
@@ -96,7 +99,6 @@ def run(config: SFTConfig) -> Path:
     )
     fitted = fit(accelerator, model, train, config, out, spec)
     check_weights_finite(f"{config.name}: the model to save", fitted.model)  # the last steps' were never checked
-    final = evaluate(fitted.model) if held else {}
     plain = gathered_model(accelerator, fitted.model, lambda: load_causal_lm(trainable, tokenizer))
     if main:
         path = save_model(plain, tokenizer, out / "model")

@@ -119,9 +119,7 @@ class PPOConfig(StageConfig):
     name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
     data: DataConfig = field(default_factory=lambda: DataConfig(max_response_tokens=16))  # the prompts
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
-    logging: LoggingConfig = field(
-        default_factory=lambda: LoggingConfig(log_every=1)
-    )  # where metrics go besides metrics.jsonl
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))  # a line per iteration
     policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
     reward: ModelConfig = field(default_factory=ModelConfig)  # reward model and critic; "" = <run_dir>/reward/model
     # --- the objective ---
