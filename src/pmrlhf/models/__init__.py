@@ -16,6 +16,7 @@ from torch import nn
 from pmrlhf.config import InputError, ModelConfig
 from pmrlhf.data.sources import offline_unless_hub_answers
 from pmrlhf.io import atomic_dir
+from pmrlhf.models.fetch import resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,7 +104,7 @@ def context_length(cfg: ModelConfig, tokenizer, path: str | Path | None = None) 
     weights are loaded); None where the config does not say."""
     from transformers import AutoConfig
 
-    source = str(path or cfg.name_or_path)
+    source = resolve(str(path or cfg.name_or_path))
     config = (
         _loaded(source, "a model", AutoConfig.from_pretrained, trust_remote_code=cfg.trust_remote_code)
         if source
@@ -228,7 +229,7 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     """The policy or the reference: from ``path``, ``cfg.name_or_path``, or a tiny model built from config."""
     from transformers import AutoModelForCausalLM
 
-    source = str(path or cfg.name_or_path)
+    source = resolve(str(path or cfg.name_or_path))
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
         model, info = _loaded(
@@ -262,7 +263,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
     """
     from transformers import AutoModelForSequenceClassification
 
-    source = str(path or cfg.name_or_path)
+    source = resolve(str(path or cfg.name_or_path))
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
     if source:
         model, info = _loaded(
@@ -390,7 +391,7 @@ def load_tokenizer(source: str | Path):
     """A tokenizer with a pad token (the end-of-sequence token if the model has none), padding on the left."""
     from transformers import AutoTokenizer
 
-    tok = _loaded(str(source), "a tokenizer", AutoTokenizer.from_pretrained)
+    tok = _loaded(resolve(str(source)), "a tokenizer", AutoTokenizer.from_pretrained)
     if tok.eos_token is None:  # responses end with it, and sampling stops at it
         raise InputError(f"the tokenizer of {source} has no end-of-sequence token: set eos_token in its config")
     if tok.pad_token is None:

@@ -94,6 +94,18 @@ KNOWN_CONFIGS = {
         tie_word_embeddings=True,
         head_dim=128,
     ),
+    "fetch:smollm2": dict(  # SmolLM2-135M-Instruct, as pmrlhf fetch smollm2 converts it
+        model_type="llama",
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        head_dim=64,
+    ),
 }
 
 
