@@ -182,8 +182,8 @@ CHAT_TEMPLATE = (
 
 def test_conversations_take_the_tokenizers_chat_template_when_asked(tmp_path):
     """A conversation's prompt keeps its messages: with ``data.chat_template`` the encoder renders them with the
-    tokenizer's template, opening the assistant's turn, as a chat model was tuned on; without, the hh-rlhf layout.
-    A tokenizer without a template is refused when one is asked for."""
+    tokenizer's template, opening the assistant's turn, as a chat model was tuned on, and the reply follows as
+    written; without, the hh-rlhf layout. A tokenizer without a template is refused when one is asked for."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -222,3 +222,8 @@ def test_conversations_take_the_tokenizers_chat_template_when_asked(tmp_path):
     assert templated == tok(rendered, add_special_tokens=False)["input_ids"]
     plain = Encoder.from_data(tok, DataConfig()).prompt(record.prompt)
     assert plain == tok(str(record.prompt), add_special_tokens=False)["input_ids"] != templated
+    # the reply follows the template's turn as written, and the hh layout's "Assistant:" after a space
+    eos = [tok.eos_token_id]
+    reply = Encoder.from_data(tok, DataConfig(chat_template=True)).response(record.chosen)
+    assert reply == tok("Blue.", add_special_tokens=False)["input_ids"] + eos
+    assert Encoder.from_data(tok, DataConfig()).response(record.chosen) == tok(" Blue.")["input_ids"] + eos

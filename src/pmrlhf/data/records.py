@@ -25,6 +25,18 @@ class ChatPrompt(str):
         return prompt
 
 
+class ChatReply(str):
+    """An assistant's reply in a conversation: its text as it follows the hh-rlhf layout's ``Assistant:`` (after a
+    space), and its ``content`` as written, which follows a chat template's opening of the assistant's turn."""
+
+    content: str
+
+    def __new__(cls, text: str, content: str):
+        reply = super().__new__(cls, text)
+        reply.content = content
+        return reply
+
+
 @dataclass(frozen=True)
 class Demonstration:
     prompt: str
@@ -173,7 +185,8 @@ def trl_conversational(row: dict[str, Any]) -> dict[str, Any]:
             or any(not isinstance(m.get("content"), str) for m in msgs)
         ):
             raise RowError(key, "expected a list of assistant messages whose content is a string")
-        out[key] = " " + " ".join(m["content"] for m in msgs)
+        content = " ".join(m["content"] for m in msgs)
+        out[key] = ChatReply(" " + content, content)
         if not out[key].strip():
             raise RowError(key, "is empty")
     return {"prompt": prompt, **out, "response": out["chosen"]}
@@ -198,6 +211,9 @@ def ranking(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def prompt_only(row: dict[str, Any]) -> dict[str, Any]:
+    """A prompt alone: a text, or TRL's conversational list of messages (kept for the chat template)."""
+    if isinstance(row.get("prompt"), list):
+        return {"prompt": ChatPrompt(_render_messages(row["prompt"], "prompt") + _ASSISTANT, row["prompt"])}
     return {"prompt": _text(row, "prompt")}
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pmrlhf.config import DataConfig, InputError
-from pmrlhf.data.records import ChatPrompt
+from pmrlhf.data.records import ChatPrompt, ChatReply
 
 
 @dataclass
@@ -137,6 +137,10 @@ class Encoder:
         return self._start
 
     def response(self, text: str) -> list[int]:
+        """The response's ids and the end of sequence; a conversation's reply, after a chat template, as written
+        (its hh-rlhf text has a space after ``Assistant:`` that the template's turn does not)."""
+        if self.chat_template and isinstance(text, ChatReply):
+            text = text.content
         ids = self._counted(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) >= self.max_response_tokens:
             self.counts["responses cut"] += 1

@@ -42,7 +42,7 @@ from pmrlhf.io import atomic_dir
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SEP = ":"
 PROFILES = ("even", "lopsided", "minority")
-KINDS = ("words", "text")
+KINDS = ("words", "text", "realtext")
 
 
 @dataclass
@@ -63,10 +63,14 @@ class WorldConfig:
     ref_floor: float = 0.02  # every answer keeps at least this share of q, so a reference model can learn it
     uniform_share: float = 0.3  # share of labelled pairs drawn uniformly over M(x) rather than from q
     label_noise: float = 0.0  # probability a labeler's answer is flipped
-    kind: str = "words"  # words: answers of min_words..max_words words; text: leaves of a tree of segments
+    # words: answers of min_words..max_words words; text: leaves of a tree of segments; realtext: a real model's
+    # answers to the prompts of data/realtext.py, labelled by two groups whose rewards are functions of the text
+    kind: str = "words"
     segment_words: int = 8  # text: longest segment between branching points (the first: 1-2 times this)
-    minority_share: float = 1 / 11  # text: share of labelers in the minority group
+    minority_share: float = 1 / 11  # text, realtext: share of labelers in the minority group
     minority_preference: float = 0.7  # text: the minority group's Plackett-Luce probability of its favourite
+    text_model: str = "fetch:smollm2"  # realtext: the model that answers (responses_per_prompt answers a prompt)
+    response_tokens: int = 48  # realtext: longest answer, in tokens
     seed: Seed = 0  # everything in the world follows from this
 
     def validate(self) -> None:
@@ -74,7 +78,8 @@ class WorldConfig:
         for name, n in least.items():
             require(getattr(self, name) >= n, f"{name} must be >= {n}, got {getattr(self, name)}")
         require(1 <= self.min_words <= self.max_words, "need 1 <= min_words <= max_words")
-        require(2 <= self.ranking_k <= self.responses_per_prompt, "need 2 <= ranking_k <= responses_per_prompt")
+        ranks = self.kind == "realtext" or 2 <= self.ranking_k <= self.responses_per_prompt  # realtext has none
+        require(ranks, "need 2 <= ranking_k <= responses_per_prompt")
         require(
             self.vocab_words**self.min_words >= self.responses_per_prompt, "too few words to make distinct responses"
         )
@@ -83,14 +88,12 @@ class WorldConfig:
         require(0 <= self.label_noise < 0.5, f"label_noise must be in [0, 0.5), got {self.label_noise}")
         require(0 <= self.uniform_share <= 1, f"uniform_share must be in [0, 1], got {self.uniform_share}")
         require(self.kind in KINDS, f"kind must be one of {KINDS}, got {self.kind!r}")
-        if self.kind == "text":
-            require(
-                self.segment_words >= 3 and self.vocab_words >= 2, "text needs segment_words >= 3, vocab_words >= 2"
-            )
+        text = "segment_words >= 3, vocab_words >= 2"
+        require(self.kind != "text" or (self.segment_words >= 3 and self.vocab_words >= 2), f"text needs {text}")
+        require(self.response_tokens >= 2, f"response_tokens must be >= 2, got {self.response_tokens}")
+        if self.kind != "words":
             require(0 <= self.minority_share < 0.5, f"minority_share must be in [0, 0.5), got {self.minority_share}")
-            require(
-                0 < self.minority_preference < 1, f"minority_preference must be in (0, 1): {self.minority_preference}"
-            )
+            require(0 < self.minority_preference < 1, f"minority_preference in (0, 1): {self.minority_preference}")
 
 
 @dataclass
@@ -120,6 +123,8 @@ class World:
     def generate(cls, config: WorldConfig | None = None) -> World:
         config = config or WorldConfig()
         config.validate()
+        if config.kind == "realtext":
+            raise InputError("a realtext world is sampled from its model by the first stage of a run that reads it")
         g = torch.Generator().manual_seed(config.seed)
         if config.kind == "text":
             return cls(config, [_text_prompt(i, config, g) for i in range(config.n_prompts)])
@@ -228,10 +233,10 @@ class World:
 
         def fill(tmp: Path) -> None:
             g = torch.Generator().manual_seed(c.seed + 1)
-            _write_jsonl(tmp / "sft.jsonl", self.demonstrations(c.n_demonstrations, g))
-            _write_jsonl(tmp / "comparisons.jsonl", self.comparisons(c.n_comparisons, g))
-            _write_jsonl(tmp / "rankings.jsonl", self.rankings(c.n_rankings, g))
-            _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p.prompt} for p in self.prompts])
+            write_jsonl(tmp / "sft.jsonl", self.demonstrations(c.n_demonstrations, g))
+            write_jsonl(tmp / "comparisons.jsonl", self.comparisons(c.n_comparisons, g))
+            write_jsonl(tmp / "rankings.jsonl", self.rankings(c.n_rankings, g))
+            write_jsonl(tmp / "prompts.jsonl", [{"prompt": p.prompt} for p in self.prompts])
             (tmp / "truth.json").write_text(
                 json.dumps({"config": asdict(c), "prompts": [asdict(p) for p in self.prompts]}, indent=1)
             )
@@ -377,10 +382,8 @@ def _text_prompt(i: int, config: WorldConfig, g: torch.Generator) -> PromptTruth
     )
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def build_tokenizer(vocabulary: list[str]):

@@ -55,6 +55,11 @@ def sample_pairs(
     return Samples(pairs, split(logp), split(ref_logp), split(reward), split(length))
 
 
+def texts_of(samples: Samples, tokenizer) -> list[tuple[str, str]]:
+    """Each sampled pair as text, special tokens (the end of sequence) left out."""
+    return [tuple(tokenizer.decode(y, skip_special_tokens=True).strip() for y in pair) for pair in samples.responses]
+
+
 def sec61_metrics(s: Samples, beta: float) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Aggregate metrics and per-instance values (for histograms and CDFs, Figs. 5-8).
 

@@ -33,6 +33,22 @@ METRICS = {
 }
 
 
+# the sampled metrics of eval's summary a study of the real-text world reports (``evaluation/realtext.py``)
+REAL_METRICS = {
+    "pm_divergence_sampled": "PM div. vs reward model",
+    "pm_divergence_truth": "PM div. vs truth",
+    "ref_perplexity": "reference perplexity",
+    "words": "words",
+    "sentiment": "sentiment",
+    "minority_share": "minority's share",
+    "minority_win_rate": "minority's win rate",
+    "majority_win_rate": "majority's win rate",
+}
+# what a method's difference from its baseline is taken of, seed by seed
+COMPARED = ("pm_divergence_uniform_pairs", "mass_outside_m")
+REAL_COMPARED = ("pm_divergence_sampled", "pm_divergence_truth", "minority_share")
+
+
 @functools.cache
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (``p > 1/2``) of Student's t with ``df`` degrees of freedom: bisection on its CDF, the
@@ -88,7 +104,9 @@ class Interval:
         return self.n > 1 and (self.low > 0 or self.high < 0)
 
     def __str__(self) -> str:
-        return "n/a" if self.n == 0 else f"{self.mean:.3f} ± {self.half:.3f}"
+        if self.n <= 1:  # one seed has no interval: a sample, not a result
+            return "n/a" if self.n == 0 else f"{self.mean:.3f} (1 seed)"
+        return f"{self.mean:.3f} ± {self.half:.3f}"
 
 
 def minority_share(conditional: list[list[float]], world: World) -> float:
@@ -99,8 +117,14 @@ def minority_share(conditional: list[list[float]], world: World) -> float:
 
 
 def seed_metrics(run_dir: Path, world: World) -> dict[str, dict]:
-    """Per policy of one seed's run: its recorded objective and every metric of ``METRICS``."""
+    """Per policy of one seed's run: its recorded objective and every metric of ``METRICS`` (``REAL_METRICS`` in
+    the real-text world)."""
     summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    if world.config.kind == "realtext":
+        return {
+            name: {"objective": m["objective"], "metrics": {k: m.get(k, m["pm_divergence"]) for k in REAL_METRICS}}
+            for name, m in summary.items()
+        }
     over_m = json.loads((run_dir / "eval" / "over_m.json").read_text())
     out = {}
     for name, m in summary.items():
@@ -136,11 +160,12 @@ def seed_values(seeds: dict[int, dict[str, dict]], name: str, key: str) -> list[
     return [s[name]["metrics"].get(key, math.nan) if name in s else math.nan for s in seeds.values()]
 
 
-def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
-    """Every method's intervals over the seeds, and its seed-by-seed differences from its family's baseline."""
+def aggregate(seeds: dict[int, dict[str, dict]], real: bool = False) -> dict:
+    """Every method's intervals over the seeds, and its seed-by-seed differences from its family's baseline;
+    ``real``: of the real-text world's metrics."""
     names = list(next(iter(seeds.values())))
     objectives = {n: next(iter(seeds.values()))[n]["objective"] for n in names}
-    keys = [*METRICS, "pm_divergence_sampled"]
+    keys, compared = (list(REAL_METRICS), REAL_COMPARED) if real else ([*METRICS, "pm_divergence_sampled"], COMPARED)
     methods = {}
     for name in names:
         values = {k: seed_values(seeds, name, k) for k in keys}
@@ -151,10 +176,15 @@ def aggregate(seeds: dict[int, dict[str, dict]]) -> dict:
             row["baseline"] = base
             row["differences"] = {
                 k: Interval.of([a - b for a, b in zip(values[k], seed_values(seeds, base, k), strict=True)])
-                for k in ("pm_divergence_uniform_pairs", "mass_outside_m")
+                for k in compared
             }
         methods[name] = row
-    return {"seeds": list(seeds), "methods": methods}
+    return {
+        "seeds": list(seeds),
+        "methods": methods,
+        "metrics": REAL_METRICS if real else METRICS,
+        "compared": compared,
+    }
 
 
 def meets_target(row: dict, kl: dict, outside: float = 0.10) -> bool:
@@ -168,15 +198,26 @@ def meets_target(row: dict, kl: dict, outside: float = 0.10) -> bool:
 
 
 def table(study: dict) -> str:
-    """Markdown: per method, every metric's mean ± 95 % half-width, and its difference from the baseline in exact
-    PM divergence and mass outside M(x), marked * where the paired interval excludes 0."""
-    head = "| method | " + " | ".join(METRICS.values()) + " | Δ PM div. vs baseline | Δ mass outside vs baseline |"
-    lines = [head, "|---|" + "---|" * (len(METRICS) + 2)]
+    """Markdown: per method, every metric's mean ± 95 % half-width, and its difference from the baseline in the
+    study's compared metrics (exact PM divergence and mass outside M(x) in a synthetic world), marked * where the
+    paired interval excludes 0."""
+    metrics, compared = study["metrics"], study["compared"]
+    head = (
+        "| method | "
+        + " | ".join(metrics.values())
+        + " | "
+        + " | ".join(f"Δ {metrics.get(k, k)} vs baseline" for k in compared)
+    )
+    lines = [head + " |", "|---|" + "---|" * (len(metrics) + len(compared))]
     for name, row in study["methods"].items():
-        cells = [str(row["intervals"][k]) for k in METRICS]
-        for k in ("pm_divergence_uniform_pairs", "mass_outside_m"):
+        cells = [str(row["intervals"][k]) for k in metrics]
+        for k in compared:
             d = row.get("differences", {}).get(k)
-            cells.append("—" if d is None else f"{d.mean:+.3f} ± {d.half:.3f}{'*' if d.excludes_zero() else ''}")
+            cells.append(
+                "—"
+                if d is None
+                else f"{d.mean:+.3f}{f' ± {d.half:.3f}' if d.n > 1 else ''}{'*' if d.excludes_zero() else ''}"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -269,4 +310,35 @@ def plot_minority(study: dict, truth: float, path: Path, learnable: float | None
     ax.invert_yaxis()
     ax.set_xlabel("probability of the minority's preferred answers, within M(x)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=2)  # below the axis, off the bars
+    return save_figure(fig, path)
+
+
+def plot_real(study: dict, path: Path) -> Path:
+    """The real-text study in two panels, one bar per method with its interval: the sampled PM divergence against
+    the reward model and against the truth, and the minority's share of the answers."""
+    rows = [(n, r["intervals"]) for n, r in study["methods"].items()]
+    fig, (left, right) = subplots(1, 2, figsize=(11.0, 0.35 * len(rows) + 1.8), sharey=True)
+    y = range(len(rows))
+    for shift, key, colour in ((-0.2, "pm_divergence_sampled", "tab:blue"), (0.2, "pm_divergence_truth", "tab:red")):
+        left.barh(
+            [i + shift for i in y],
+            [r[key].mean for _, r in rows],
+            height=0.4,
+            xerr=[r[key].half for _, r in rows],
+            capsize=2,
+            color=colour,
+            label=REAL_METRICS[key],
+        )
+    right.barh(
+        y,
+        [r["minority_share"].mean for _, r in rows],
+        xerr=[r["minority_share"].half for _, r in rows],
+        capsize=2,
+        color="tab:green",
+    )
+    left.set_yticks(list(y), [n for n, _ in rows], fontsize=7)
+    left.invert_yaxis()
+    left.set_xlabel("sampled PM divergence (lower: closer to matching)")
+    right.set_xlabel("share of answers of at most 20 words (the minority's kind)")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     return save_figure(fig, path)

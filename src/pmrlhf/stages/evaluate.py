@@ -13,12 +13,14 @@ import torch
 
 from pmrlhf.config import DataConfig, InputError, ModelConfig, Seed, read_json, require
 from pmrlhf.data.world import World, WorldConfig
+from pmrlhf.evaluation import realtext
 from pmrlhf.evaluation.exact import compare_with_closed_forms, policy_over_m, reward_beta, rewards_over_m
-from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics
+from pmrlhf.evaluation.metrics import sample_pairs, sec61_metrics, texts_of
 from pmrlhf.evaluation.probe import probe
 from pmrlhf.evaluation.truth import reward_model_gap, truth_over_m
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+from pmrlhf.stages.realworld import load_truth
 from pmrlhf.stages.run_folder import (
     OBJECTIVE,
     finish_stage,
@@ -145,7 +147,9 @@ def run_eval(config: EvalConfig) -> Path:
     policies = config.policies or discover_policies(config.run_dir)
     if not policies:
         raise InputError(f"no policies to evaluate: none found in {config.run_dir} and none given in policies")
-    summary, instances, over_m = {}, {}, {}
+    summary, instances, over_m, texts, sampled = {}, {}, {}, {}, {}
+    real_text = config.data.source == "world" and config.world.kind == "realtext"
+    real = load_truth(world_dir(config.run_dir)) if real_text else None
     for name, path in {"reference (SFT)": str(ref_path), **policies}.items():
         objective = policy_objective(path, config.beta)
         beta = reward_beta(objective)
@@ -169,7 +173,12 @@ def run_eval(config: EvalConfig) -> Path:
             )
             metrics, inst = sec61_metrics(samples, beta)
             metrics |= {"beta": beta, "path": path, "objective": objective}
-            if config.data.source == "world":
+            texts[name] = texts_of(samples, tokenizer)
+            sampled[name] = _sampled_rows(prompts, texts[name], samples, tokenizer)
+            if real is not None:
+                metrics |= realtext.truth_metrics(samples, texts[name], real)
+                metrics |= realtext.win_rates(texts[name], texts["reference (SFT)"], real)
+            elif config.data.source == "world":
                 dist = policy_over_m(policy, tokenizer, World.load(world_dir(config.run_dir)))
                 metrics["world"] = compare_with_closed_forms(
                     policy,
@@ -184,9 +193,11 @@ def run_eval(config: EvalConfig) -> Path:
                 )
                 over_m[name] = dist.conditional.tolist()
         summary[name], instances[name] = metrics, inst
+        truth = f" (truth {metrics['pm_divergence_truth']:.3f})" if real is not None else ""
         console.print(
-            f"{name:<24} PM divergence {metrics['pm_divergence']:.4f}  length {metrics['length']:.1f}  "
-            f"perplexity {metrics['perplexity']:.2f}  entropy {metrics['entropy']:.2f}  KL {metrics['kl']:.3f}"
+            f"{name:<20} PM div. {metrics['pm_divergence']:.3f}{truth}  len {metrics['length']:.1f}  "
+            f"ppl {metrics['perplexity']:.1f}  KL {metrics['kl']:.3f}"
+            + (f"  minority's share {metrics['minority_share']:.2f}" if real is not None else "")
         )
     if over_m:
         world = World.load(world_dir(config.run_dir))
@@ -204,7 +215,20 @@ def run_eval(config: EvalConfig) -> Path:
         atomic_write_json(out / "over_m.json", over_m)
     atomic_write_json(out / "summary.json", summary)
     atomic_write_json(out / "instances.json", instances)
+    atomic_write_json(out / "samples.json", sampled)
     return finish_stage(out)
+
+
+def _sampled_rows(prompts: list[list[int]], pairs: list[tuple[str, str]], samples, tokenizer) -> list[dict]:
+    """What a person reads of a policy: each prompt, its two sampled answers and the reward model's scores."""
+    return [
+        {
+            "prompt": tokenizer.decode(prompt, skip_special_tokens=True).strip(),
+            "completions": list(pair),
+            "rewards": [samples.reward[0][i].item(), samples.reward[1][i].item()],
+        }
+        for i, (prompt, pair) in enumerate(zip(prompts, pairs, strict=True))
+    ]
 
 
 @on_the_main_process

@@ -168,8 +168,14 @@ def world_dir(run_dir: str | Path) -> Path:
 def data_source(data: DataConfig, kind: str, run_dir: str | Path, world: WorldConfig) -> str:
     """The file or Hub name to read ``kind`` records from; ``"world"`` builds the run's world if needed."""
     if data.source == "world":
-        return str(ensure_world(world_dir(run_dir), world) / FILES[kind])
+        return str(_ensure(world_dir(run_dir), world) / FILES[kind])
     return data.source
+
+
+def _ensure(path: Path, world: WorldConfig) -> Path:
+    from pmrlhf.stages.realworld import ensure_realtext_world
+
+    return ensure_realtext_world(path, world) if world.kind == "realtext" else ensure_world(path, world)
 
 
 def load_stage_records(data: DataConfig, kind: str, run_dir: str | Path, world: WorldConfig) -> tuple[list, LoadReport]:
@@ -186,6 +192,8 @@ def tokenizer_source(model_name_or_path: str, data: DataConfig, run_dir: str | P
     """Where the tokenizer comes from: the model's own, or the world's when a tiny model trains on the world."""
     if model_name_or_path:
         return model_name_or_path
+    if data.source == "world" and world.kind == "realtext":
+        return world.text_model
     if data.source == "world":
         return str(ensure_world(world_dir(run_dir), world) / "tokenizer")
     sft = Path(run_dir) / "sft" / "model"

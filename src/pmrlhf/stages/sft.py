@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from pmrlhf.config import DataConfig, ModelConfig, OptimConfig
+from pmrlhf.config import ConfigError, DataConfig, ModelConfig, OptimConfig
 from pmrlhf.data.sources import holdout
 from pmrlhf.io import atomic_write_json, console
 from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
@@ -31,7 +31,13 @@ from pmrlhf.stages.run_folder import (
 )
 from pmrlhf.training.fit import Fit, fit
 from pmrlhf.training.guards import check_weights_finite
-from pmrlhf.training.setup import gathered_model, load_precisions, optim_accelerator, seed_everything
+from pmrlhf.training.setup import (
+    gathered_model,
+    load_precisions,
+    optim_accelerator,
+    process_state,
+    seed_everything,
+)
 
 
 @dataclass
@@ -42,6 +48,11 @@ class SFTConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)  # the demonstrations
     model: ModelConfig = field(default_factory=ModelConfig)  # the model to fine-tune; "" builds a tiny one
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-3, epochs=8, batch_size=32))
+    train: bool = True  # false: the starting model (an instruct model) is the reference as it is, not trained
+
+    def validate(self) -> None:
+        if not self.train and not self.model.name_or_path:
+            raise ConfigError("train: false keeps the starting model as it is: set model.name_or_path")
 
 
 def encoded(records, encoder) -> list[tuple[list[int], list[int]]]:
@@ -59,6 +70,18 @@ def response_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int
     return -token_logprobs(model, ids, attn, keep=response).sum(), int(response.sum())
 
 
+def _kept_as_it_is(config: SFTConfig, model, tokenizer, out: Path, report) -> Path:
+    """The starting model saved as the reference, untrained (``train: false``)."""
+    if process_state().is_main_process:
+        save_model(model, tokenizer, out / "model")
+        write_objective(out, {"method": "sft", "loss": f"none: {config.model.name_or_path} as it is"})
+        atomic_write_json(out / "summary.json", {"steps": 0, "train_examples": 0, "data": report.summary()})
+    done = finish_stage(out)
+    console.print(f"[green]{config.model.name_or_path} kept as the reference at {done / 'model'}[/green]")
+    process_state().wait_for_everyone()
+    return done / "model"
+
+
 def run(config: SFTConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model``; return that path."""
     seed_everything(config.seed)
@@ -68,6 +91,8 @@ def run(config: SFTConfig) -> Path:
     records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
     trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
+    if not config.train:  # loaded without LoRA's layers, to be saved as it is
+        return _kept_as_it_is(config, load_causal_lm(trainable, tokenizer, trainable=False), tokenizer, out, report)
     model = load_causal_lm(trainable, tokenizer)
     encoder = stage_encoder(tokenizer, config.data, trainable)
     train_records, held_records = holdout(records, config.data.eval_fraction, config.data.split_seed)
