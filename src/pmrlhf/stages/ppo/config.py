@@ -3,6 +3,7 @@ and the combinations refused because they optimise no stated objective (``docs/p
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class PenaltyConfig:
     """The regulariser of the objective: a penalty of ``objectives.penalties`` and its arguments."""
 
     # a penalty of objectives.penalties.PENALTIES: kl | pm | cpm_token | cpm_sequence | cpm_mean | cpm_prefix |
-    # maxent (the paper's entropy: pm or cpm_token)
+    # cpm_running | maxent (the paper's entropy: pm or cpm_token)
     name: str = "kl"
     coef: float | None = None  # its coefficient; None: its own default, 0.1 for kl (the paper's kl_ctl), else 1
     alpha: float = 0.3  # alpha of the conditional rules (the paper's alpha_ctl)
@@ -106,6 +107,18 @@ class AdaptiveKLConfig:
     horizon: int = 10_000  # responses over which an error of the KL is corrected
 
 
+def reward_function(spec: str):
+    """The function ``spec`` (``module:function``) names, refused in one line where it cannot be imported."""
+    module, _, name = spec.partition(":")
+    require(bool(module and name), f"reward_function must be module:function, got {spec!r}")
+    try:
+        function = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward_function {spec!r} cannot be imported ({e})") from None
+    require(callable(function), f"reward_function {spec!r} is not a function")
+    return function
+
+
 def penalty_section(data: dict) -> dict:
     """``data`` with a ``penalty`` given as a name (the paper's ``penalty: kl``) written as its section."""
     penalty = data.get("penalty")
@@ -119,9 +132,12 @@ class PPOConfig(StageConfig):
     name: str = "ppo"  # sub-folder of this stage's outputs, e.g. ppo-kl, ppo-cpm-0.3
     data: DataConfig = field(default_factory=lambda: DataConfig(max_response_tokens=16))  # the prompts
     checkpoint_every: int = 25  # iterations between checkpoints; 0 only at the end
-    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1))  # a line per iteration
+    # a line per iteration, a table of what the policy wrote every 25
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(log_every=1, samples_every=25))
     policy: ModelConfig = field(default_factory=ModelConfig)  # actor and reference; "" = <run_dir>/sft/model
     reward: ModelConfig = field(default_factory=ModelConfig)  # reward model and critic; "" = <run_dir>/reward/model
+    # module:function(prompts, completions) -> rewards (TRL's reward functions), scoring in place of the reward model
+    reward_function: str = ""
     # --- the objective ---
     penalty: PenaltyConfig = field(default_factory=PenaltyConfig)  # the regulariser: name, coef, alpha, ...
     beta: float = 1.0  # the reward is clip(r_theta) / beta (Sec. 6's form; 1 gives the reference code's)
@@ -211,6 +227,8 @@ class PPOConfig(StageConfig):
 
     def validate(self) -> None:
         self.penalty.validate()
+        if self.reward_function:
+            reward_function(self.reward_function)  # refused here, not after the models are loaded
         require_learning_rate("critic_lr", self.critic_lr)
         one_of("advantage", self.advantage, ("gae", *rl.SEQUENCE_ADVANTAGES))
         require(

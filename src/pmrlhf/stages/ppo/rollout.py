@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from pmrlhf.config import DataConfig
+from pmrlhf.config import DataConfig, InputError
 from pmrlhf.data.world import WorldConfig
 from pmrlhf.models.scoring import critic_values, join, sequence_scores, token_logprobs
 from pmrlhf.stages.run_folder import load_stage_records
@@ -121,3 +121,25 @@ def rollout_metrics(traj: Trajectory, scores, penalty, rewards, coef: float, con
         "objective/coef": torch.tensor(coef),
         "tokens": m.sum().float(),
     }
+
+
+def function_scores(function, tokenizer, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    """A reward function's scores (``reward_function``): called as TRL calls one, with the prompts and the
+    completions as text (special tokens left out), one number per completion."""
+    text = lambda ids: [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]  # noqa: E731
+    scores = list(function(prompts=text(prompts), completions=text(responses)))
+    if len(scores) != len(responses):
+        raise InputError(f"the reward function gave {len(scores)} scores for {len(responses)} completions")
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def sample_rows(tokenizer, prompts: list[list[int]], responses: list[list[int]], scores, n: int = 4) -> list[dict]:
+    """The first ``n`` prompts of an iteration with their completions and scores, as a person reads them."""
+    return [
+        {
+            "prompt": tokenizer.decode(p, skip_special_tokens=True).strip(),
+            "completion": tokenizer.decode(r, skip_special_tokens=True).strip(),
+            "reward": round(float(score), 4),
+        }
+        for p, r, score in list(zip(prompts, responses, scores.tolist(), strict=True))[:n]
+    ]

@@ -14,13 +14,15 @@ from pmrlhf.models import Critic, WithoutAdapter, load_causal_lm, load_reward_mo
 from pmrlhf.models.sampling import CompiledDecoding, generate
 from pmrlhf.models.scoring import critic_values, token_logprobs
 from pmrlhf.objectives import rl
-from pmrlhf.stages.ppo.config import PPOConfig, objective
+from pmrlhf.stages.ppo.config import PPOConfig, objective, reward_function
 from pmrlhf.stages.ppo.rollout import (
     Demonstrations,
     PromptStream,
     RunningMoments,
     Trajectory,
+    function_scores,
     rollout_metrics,
+    sample_rows,
     score,
 )
 from pmrlhf.stages.run_folder import (
@@ -82,12 +84,12 @@ class PPOTrainer:
         self.prompts = self.encoder.prompts(r.prompt for r in records)
         require_examples(c.name, len(self.prompts), len(records), self.encoder)
         self.penalty = c.penalty.rule().penalty
+        self.reward_function = reward_function(c.reward_function) if c.reward_function else None
         self.coef = c.penalty.coefficient()
         self._load_roles()
+        ptx = c.ptx_coef > 0
         self.ptx = (
-            Demonstrations(c.data, c.run_dir, c.world, self.encoder, self.tokenizer.pad_token_id)
-            if c.ptx_coef > 0
-            else None
+            Demonstrations(c.data, c.run_dir, c.world, self.encoder, self.tokenizer.pad_token_id) if ptx else None
         )
         self.ema = EMA(self.actor_module, c.ema_decay) if c.ema_decay else None
         self.decoding = (
@@ -150,6 +152,8 @@ class PPOTrainer:
                 self.iteration += 1
                 if log is not None and (self.iteration % c.logging.log_every == 0 or self.iteration == c.iterations):
                     log.log(self.iteration, row)
+                if log is not None and c.logging.samples_every and self.iteration % c.logging.samples_every == 0:
+                    log.samples(self.iteration, sample_rows(self.tokenizer, *self.last_samples))
                 progress.update(
                     task,
                     advance=1,
@@ -163,7 +167,7 @@ class PPOTrainer:
         return self._finish()
 
     def step(self) -> dict[str, float]:
-        t0 = time.perf_counter()
+        c, t0 = self.config, time.perf_counter()
         prompts, group = self._next_prompts()  # 1
         responses, logps = self._generate(prompts)  # 2
         t1 = time.perf_counter()
@@ -175,16 +179,16 @@ class PPOTrainer:
         t3 = time.perf_counter()
         if self.ema is not None:  # 7
             self.ema.update()
-        rollout = rollout_metrics(traj, scores, penalty, rewards, self.coef, self.config)
+        rollout = rollout_metrics(traj, scores, penalty, rewards, self.coef, c)
         metrics = mean_over_processes(self.accelerator, rollout) | stats
-        self._adapt_coef(metrics["objective/kl"])
+        if c.adaptive_kl.target > 0:
+            responses = c.prompts_per_iteration * c.samples_per_prompt
+            self.coef = rl.adaptive_coef(
+                self.coef, metrics["objective/kl"], c.adaptive_kl.target, responses, c.adaptive_kl.horizon
+            )
         tokens = metrics.pop("tokens") * self.accelerator.num_processes
-        return metrics | {
-            "time/generate": t1 - t0,
-            "time/score": t2 - t1,
-            "time/train": t3 - t2,
-            "time/tokens_per_second": tokens / (t3 - t0),
-        }
+        times = {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "tokens_per_second": tokens / (t3 - t0)}
+        return metrics | {f"time/{k}": v for k, v in times.items()}
 
     # --- the steps -------------------------------------------------------------------------------------------
 
@@ -213,11 +217,15 @@ class PPOTrainer:
             )
 
     def _score(self, prompts, responses, logps, group) -> Trajectory:
-        """Reference log-probabilities, critic values, reward-model scores."""
-        models = (self.reference, self.reward_model, self.critic)
+        """Reference log-probabilities, critic values, the reward model's or the reward function's scores."""
+        c, models = self.config, (self.reference, self.reward_model, self.critic)
         with frozen_autocast(self.accelerator):
             traj = score(*models, prompts, responses, logps, group, self.tokenizer.pad_token_id)
-        check_finite(self._where(), "a reward-model score", traj.scores, "the reward model (reward.name_or_path)")
+        if self.reward_function is not None:
+            scores = function_scores(self.reward_function, self.tokenizer, prompts, responses)
+            traj = traj._replace(scores=scores.to(traj.scores))
+        check_finite(self._where(), "a reward score", traj.scores, c.reward_function or "the reward model")
+        self.last_samples = prompts, responses, traj.scores
         return traj
 
     def _shape_rewards(self, traj: Trajectory) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,13 +322,6 @@ class PPOTrainer:
         where = f"{self._where()}, critic"
         optimizer_step(self.accelerator, self.critic, self.critic_opt, loss, c.optim.max_grad_norm, where)
         return {"losses/value": vf_loss.item(), "value/clipfrac": vf_stats["vf_clipfrac"].item()}
-
-    def _adapt_coef(self, kl: float) -> None:
-        """Ziegler et al.'s proportional controller: move coef so the sequence KL approaches its target."""
-        c = self.config.adaptive_kl
-        if c.target > 0:
-            error = max(-0.2, min(0.2, kl / c.target - 1))
-            self.coef *= 1 + error * self.config.prompts_per_iteration * self.config.samples_per_prompt / c.horizon
 
     # --- what the steps share --------------------------------------------------------------------------------
 
