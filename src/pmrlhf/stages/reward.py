@@ -108,6 +108,28 @@ def evaluate(model, data, pad_id: int, batch_size: int) -> dict[str, float]:
     return {"eval/accuracy": correct / max(pairs, 1), "eval/margin": margin / max(pairs, 1)}
 
 
+def read_where_transformers_reads(model, tokenizer) -> str:
+    """Make plain transformers read the saved reward model's score at the token pmrlhf reads, the response's end of
+    sequence; say where it reads it. transformers reads the last token that is not the config's pad token, so
+    where the pad token is the end of sequence (SmolLM2, Llama-3, GPT-2) it read the token before. The saved
+    config then names another token that never ends a text as the pad token (the tokenizer's unknown or
+    beginning-of-sequence token; pmrlhf itself reads by the attention mask), and the saved tokenizer pads with it.
+    A tokenizer with no such token (GPT-2's one special token is all three) leaves transformers a token short."""
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return "the end of sequence"
+    spare = [t for t in (tokenizer.unk_token, tokenizer.bos_token) if t and t != tokenizer.eos_token]
+    if not spare:
+        console.print(
+            "[yellow]reward: the tokenizer's one special token pads and ends sequences, so plain transformers reads "
+            "this model's score one token before pmrlhf does; score with pmrlhf or give the tokenizer a pad token"
+            "[/yellow]"
+        )
+        return "the token before the end of sequence (no spare special token to pad with)"
+    tokenizer.pad_token = spare[0]
+    model.config.pad_token_id = tokenizer.pad_token_id  # a LoRA model's config is its base model's
+    return f"the end of sequence (pad token {spare[0]!r})"
+
+
 def run(config: RewardConfig) -> Path:
     """Train and save ``<run_dir>/<name>/model`` (the best by held-out accuracy); return that path."""
     config.validate()
@@ -155,6 +177,7 @@ def run(config: RewardConfig) -> Path:
             "data": report.summary(),
             "encoding": dict(encoder.counts),
         }
+        summary["read_by_transformers_at"] = read_where_transformers_reads(final, tokenizer)
         save_model(final, tokenizer, out / "model")
         write_objective(out, {"method": "reward", "loss": config.loss, "data_kind": config.data_kind})
         atomic_write_json(out / "summary.json", summary)
