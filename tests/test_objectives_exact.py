@@ -38,6 +38,8 @@ CASES = [
     ("cpm_mean", {"alpha": 0.45}),
     ("cpm_prefix", {"alpha": 0.1}),
     ("cpm_prefix", {"alpha": 0.3}),
+    ("cpm_running", {"alpha": 0.12}),
+    ("cpm_running", {"alpha": 0.3}),
 ]
 
 
@@ -137,7 +139,8 @@ def test_expected_update_is_the_exact_gradient_of_the_stated_objective(name, kwa
 
 def test_the_thresholds_split_this_mdp():
     """Each alpha above has responses (or tokens, or prefixes) on both sides, so both branches of each rule are
-    exercised; for cpm_prefix some responses switch to the KL form at their second token only."""
+    exercised; for cpm_prefix some responses switch to the KL form at their second token only, and for cpm_running
+    some switch on there, and at the lower alpha some switch back off."""
     _, ref, _ = mdp()
     ref_lp = ref_logprobs(ref, responses())
     by_rule = {
@@ -145,13 +148,16 @@ def test_the_thresholds_split_this_mdp():
         "cpm_mean": (ref_lp.mean(-1)).exp(),
         "cpm_token": ref_lp.exp(),
         "cpm_prefix": ref_lp.cumsum(-1).exp(),
+        "cpm_running": (ref_lp.cumsum(-1) / torch.arange(1, L + 1)).exp(),
     }
     for name, kwargs in CASES:
         if "alpha" in kwargs:
             values = by_rule[name]
             assert (values >= kwargs["alpha"]).any() and (values < kwargs["alpha"]).any(), (name, kwargs)
-            if name == "cpm_prefix":
-                assert ((values[:, 0] >= kwargs["alpha"]) & (values[:, 1] < kwargs["alpha"])).any()
+            if name == "cpm_prefix" or (name, kwargs) == ("cpm_running", {"alpha": 0.3}):
+                assert ((values[:, 0] >= kwargs["alpha"]) & (values[:, 1] < kwargs["alpha"])).any(), (name, kwargs)
+            if (name, kwargs) == ("cpm_running", {"alpha": 0.12}):  # the running mean recovers: PM again
+                assert ((values[:, 0] < kwargs["alpha"]) & (values[:, 1] >= kwargs["alpha"])).any()
 
 
 @pytest.mark.parametrize("name,kwargs", CASES)

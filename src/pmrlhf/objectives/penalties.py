@@ -128,6 +128,21 @@ def cpm_prefix(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, a
     return _masked(torch.where(prefix >= math.log(alpha), logp, logp - ref_logp), mask)
 
 
+def cpm_running(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Conditional PM per token, on the running mean of the reference's token log-probabilities: ``log pi(T_t)``
+    while ``(1/t) sum_{s<=t} log pi_ref(T_s) >= log alpha``, ``log pi(T_t) - log pi_ref(T_t)`` where it is below.
+
+    The prefix rule's threshold is a probability of the whole prefix, which on real text falls below any fixed
+    alpha within a few tokens however natural the text; the running mean does not decay with length, so one
+    alpha means the same at the 5th token and the 500th (alpha is a geometric-mean token probability, as in
+    ``cpm_mean``). Causal like the prefix rule: each token's penalty is fixed by the tokens up to it, so it stays
+    on its token. Unlike the prefix rule the condition can switch back: a response that recovers after an
+    unlikely stretch is PM-regularised again.
+    """
+    _check_alpha(alpha)
+    return _masked(torch.where(_running_ref(ref_logp, mask) >= math.log(alpha), logp, logp - ref_logp), mask)
+
+
 def maxent(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
     """``tau * log pi(T_t)``: maximum-entropy RL; ``tau = 1`` is PM RLHF (3.10), other ``tau`` are not PM."""
     return _masked(tau * logp, mask)
@@ -150,6 +165,11 @@ def _seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def _prefix_ref(ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``log pi_ref(T_1..T_t | x)`` at each token t of the response."""
     return torch.cumsum(_masked(ref_logp, mask), -1)
+
+
+def _running_ref(ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of ``log pi_ref`` over the response's tokens up to each token t."""
+    return _prefix_ref(ref_logp, mask) / torch.cumsum(mask.to(ref_logp.dtype), -1).clamp(min=1)
 
 
 FAMILIES = ("kl", "pm", "conditional", "maxent")
@@ -212,6 +232,14 @@ PENALTIES: dict[str, PenaltyRule] = {
         cpm_prefix,
         lambda logp, ref_logp, mask, alpha: (
             _seq(logp, mask) - _seq(torch.where(_prefix_ref(ref_logp, mask) < _log(alpha), ref_logp, 0.0), mask)
+        ),
+        "conditional",
+        {"alpha": 0.3},
+    ),
+    "cpm_running": PenaltyRule(
+        cpm_running,
+        lambda logp, ref_logp, mask, alpha: (
+            _seq(logp, mask) - _seq(torch.where(_running_ref(ref_logp, mask) < _log(alpha), ref_logp, 0.0), mask)
         ),
         "conditional",
         {"alpha": 0.3},
