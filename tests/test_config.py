@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from pmrlhf.config import ConfigError, load_config
+from pmrlhf.config import ConfigError, from_dict, load_config
 from pmrlhf.stages import dpo, ppo, reward, sft
 from pmrlhf.stages.pipeline import PipelineConfig
 
@@ -137,3 +137,36 @@ def test_the_readmes_examples_are_valid_configs(tmp_path):
             config.validate()
             checked += 1
     assert checked == 2
+
+
+def test_the_thread_count_follows_the_models_a_command_names(monkeypatch):
+    """One thread where every model is a tiny one built from config (two spun against any other busy process),
+    torch's own count for a real model or a world sampled from one, and a count the user set left alone."""
+    import torch
+
+    from pmrlhf.stages import pipeline, sweep
+    from pmrlhf.training.setup import threads_for
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    real_world = from_dict(sweep.SweepConfig, {"pipeline": {"world": {"kind": "realtext"}}, "grid": [{"name": "a"}]})
+    real_policy = from_dict(pipeline.PipelineConfig, {"policy": {"name_or_path": "some/model"}})
+    try:
+        for config, threads in ((real_world, 2), (real_policy, 2), (pipeline.demo_config(quick=True), 1)):
+            torch.set_num_threads(2)
+            assert threads_for(config) == threads
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert threads_for(pipeline.demo_config(quick=True)) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_ppo_command_and_its_penalty_setting_name_every_registered_penalty():
+    from pmrlhf.cli import ppo as command
+    from pmrlhf.config import field_docs
+    from pmrlhf.objectives.penalties import PENALTIES
+    from pmrlhf.stages.ppo.config import PenaltyConfig
+
+    for name in PENALTIES:
+        assert name in command.__doc__ and name in field_docs(PenaltyConfig)["name"], name

@@ -169,6 +169,7 @@ def test_the_quick_demo_runs_on_two_processes(tmp_path):
     result = torchrun("demo", "--quick", "--run-dir", str(run))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\nreport: ") == 1  # the summary, from one process
+    assert result.stderr.count("world/comparisons.jsonl: ") == 3  # reward, dpo, dpo-pm: each said once, not twice
     assert (run / "report" / "report.md").is_file()
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no folder left half-written
     for metrics in run.glob("*/metrics.jsonl"):

@@ -165,6 +165,14 @@ CASES = [
         "none.yaml does not exist",
     ),
     ("plan malformed accelerate", lambda t: accelerate_config(t, "a: [1\n"), 2, "accelerate.yaml: not valid YAML"),
+    ("fetch unknown", lambda t: ["fetch", "nope"], 2, "no release named 'nope' to fetch; known: smollm2"),
+    (
+        "reward function",
+        lambda t: ["ppo", "--set", "reward_function=no.such:f"],
+        2,
+        "reward_function 'no.such:f' cannot",
+    ),
+    ("world realtext", lambda t: ["world", "--set", "kind=realtext"], 2, "a realtext world is sampled from its model"),
     (
         "plan ZeRO-3",
         lambda t: accelerate_config(t, "distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 3}\n"),
@@ -179,7 +187,7 @@ def test_each_bad_input_gets_one_line_and_its_exit_code(tmp_path, name, argv, co
     args = argv(tmp_path)
     if args[0] == "world":
         args += ["--out", str(tmp_path / "world")]
-    elif args[0] not in ("plan", "sweep"):
+    elif args[0] not in ("plan", "sweep", "fetch"):
         args += ["--run-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == code, result.output

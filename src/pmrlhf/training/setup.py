@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import InputError, ModelConfig, OptimConfig
+from pmrlhf.io import console
 
 
 def _cpu_deepspeed() -> None:
@@ -177,11 +178,14 @@ def gathered_model(accelerator, model, rebuild):
 
 
 def process_state():
-    """accelerate's view of the processes, set up as the stages' Accelerators set it up (on CPU when no GPU)."""
+    """accelerate's view of the processes, set up as the stages' Accelerators set it up (on CPU when no GPU); the
+    console of every process but the main one is silenced from then on."""
     from accelerate import PartialState
 
     _cpu_deepspeed()
-    return PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    console.quiet = not state.is_main_process  # what a stage says, said once, not once per process
+    return state
 
 
 def process_device() -> torch.device:
@@ -222,3 +226,33 @@ def mean_over_processes(accelerator, values: dict[str, torch.Tensor | float]) ->
     if accelerator.num_processes > 1:
         stacked = accelerator.reduce(stacked, "mean")
     return dict(zip(values, stacked.tolist(), strict=True))
+
+
+def threads_for(config) -> int:
+    """Run on one thread when every model a command names is a tiny one built from config; return the count.
+
+    Two threads that share their cores with another process spin and wait for each other (a busy machine made
+    the demo 3-10 times slower), and a model of a few hundred thousand weights gains nothing from a second one.
+    A real model (any ``name_or_path``) keeps torch's default, and a count the user set (``OMP_NUM_THREADS``,
+    which ``torchrun`` sets too) is left as it is. The count is chosen from the config alone, never from the
+    machine's load, so a run repeats whatever else the machine is doing."""
+    if "OMP_NUM_THREADS" in os.environ or not dataclasses.is_dataclass(config):
+        return torch.get_num_threads()
+    if not any(_named_models(dataclasses.asdict(config))):
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
+def _named_models(settings):
+    """Every model name or path in a config's settings, at any depth (a sweep's pipeline, a variant's policy)."""
+    if isinstance(settings, dict):
+        if settings.get("kind") == "realtext":  # a world sampled from a real model
+            yield settings.get("text_model", "fetch:smollm2")
+        for key, value in settings.items():
+            if key == "name_or_path" and value:
+                yield value
+            elif key != "text_model":
+                yield from _named_models(value)
+    elif isinstance(settings, list):
+        for value in settings:
+            yield from _named_models(value)
