@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # One parameter swept over several curves (p_ref, beta, alpha): ordered colours that stay readable in print.
 SEQUENTIAL = plt.get_cmap("viridis")
+# Methods side by side: colours told apart by hue, not by shade (20 of them, then they repeat).
+_CATEGORICAL = plt.get_cmap("tab20")
+
+
+def categorical(i: int):
+    """The ``i``-th colour of a set of unrelated curves or bars: the dark hues of tab20 first, then the light."""
+    return _CATEGORICAL((2 * i) % 20 + (i // 10) % 2)
 
 
 def subplots(*args, **kwargs):

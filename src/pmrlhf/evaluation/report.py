@@ -14,7 +14,7 @@ import torch
 
 from pmrlhf.config import read_json
 from pmrlhf.evaluation.exact import family, objective_coef
-from pmrlhf.evaluation.plots import SEQUENTIAL, save_figure, subplots
+from pmrlhf.evaluation.plots import categorical, save_figure, subplots
 from pmrlhf.io import atomic_write_text
 
 REFERENCE = "reference (SFT)"
@@ -33,6 +33,11 @@ def _is_kl(metrics: dict) -> bool:
     """The standard-RLHF baseline of a family: KL-penalised PPO, or DPO itself (its loss ``sigmoid``)."""
     objective = metrics["objective"]
     return family(objective) == "kl" if _method(metrics) == "ppo" else objective.get("loss") == "sigmoid"
+
+
+def _per_token(metrics: dict) -> bool:
+    """Whether a run is the rule the paper's real-model claim is about: PPO with its code's per-token condition."""
+    return _method(metrics) == "ppo" and metrics["objective"].get("penalty") == "cpm_token"
 
 
 def _temperature(metrics: dict) -> float:
@@ -118,7 +123,8 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
         kl_name, kl = baselines[_method(m)]
         text = (
             f"**{name}** vs {kl_name}: sampled PM divergence {m['pm_divergence']:.4f} vs {kl['pm_divergence']:.4f} "
-            f"({_change(m['pm_divergence'], kl['pm_divergence'])}; the paper reports 29-41 % lower on real models)"
+            f"({_change(m['pm_divergence'], kl['pm_divergence'])}"
+            + ("; the paper reports 29-41 % lower for its per-token rule on real models)" if _per_token(m) else ")")
         )
         if "world" in m and "world" in kl:
             w, wk = m["world"], kl["world"]
@@ -180,49 +186,75 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
     return out
 
 
-def figure_pm_divergence(instances: dict, path: Path) -> Path:
-    fig, (h, c) = subplots(1, 2, figsize=(11, 4.2))
-    names = list(instances)
-    top = max((max(v["pm_divergence"], default=0) for v in instances.values()), default=1) or 1
-    bins = torch.linspace(0, top, 31).tolist()
-    for i, name in enumerate(names):
-        vals = sorted(instances[name]["pm_divergence"])
-        color = SEQUENTIAL(i / max(1, len(names) - 1))
-        h.hist(vals, bins=bins, histtype="step", lw=1.6, label=name, color=color)
-        c.plot(vals, [(k + 1) / len(vals) for k in range(len(vals))], lw=1.6, label=name, color=color)
-    h.set(xlabel="instance PM divergence", ylabel="prompts", title="Histogram of instance PM divergence")
-    c.set(xlabel="instance PM divergence", ylabel="share of prompts <= x", title="CDF of instance PM divergence")
-    h.legend(fontsize=7)
-    c.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, path)
+def figure_pm_divergence(instances: dict, path: Path) -> tuple[Path, str]:
+    """Histogram and CDF of each method's instance PM divergence over its sampled pairs, on a log axis (most pairs
+    lie near 0); with the caption that says what to look for and how many pairs each curve holds."""
+    fig, (h, c) = subplots(1, 2, figsize=(12, 4.2))
+    values = {n: sorted(v["pm_divergence"]) for n, v in instances.items()}
+    positive = [x for v in values.values() for x in v if x > 0]
+    low, top = (min(positive), max(positive)) if positive else (1e-4, 1.0)
+    low = max(low, top * 1e-6)
+    bins = torch.logspace(math.log10(low), math.log10(top), 31).tolist()
+    for i, (name, vals) in enumerate(values.items()):
+        h.hist([max(x, low) for x in vals], bins=bins, histtype="step", lw=1.6, label=name, color=categorical(i))
+        cdf = [(k + 1) / len(vals) for k in range(len(vals))]
+        c.step([max(x, low) for x in vals], cdf, where="post", lw=1.6, color=categorical(i))
+    h.set(xscale="log", xlabel="instance PM divergence (log)", ylabel="sampled pairs", title="Histogram")
+    c.set(xscale="log", xlabel="instance PM divergence (log)", ylabel="share of pairs <= x", title="CDF")
+    fig.legend(fontsize=7, loc="outside right center")
+    counts = sorted({len(v) for v in values.values()})
+    zeros = {n: sum(x <= 0 for x in v) for n, v in values.items()}
+    caption = (
+        f"Instance PM divergence of each method's sampled pairs ({'/'.join(map(str, counts))} pairs per method). "
+        "A curve further left, and a CDF that rises sooner, matches the reward model better."
+    )
+    if any(zeros.values()):
+        caption += (
+            " Pairs of one response drawn twice score 0 and are drawn at the left edge: "
+            + ", ".join(f"{n} {z}" for n, z in zeros.items() if z)
+            + "."
+        )
+    return save_figure(fig, path), caption
 
 
-def figure_probe(pairs: dict, probe: dict, path: Path) -> Path:
+def figure_probe(pairs: dict, probe: dict, path: Path) -> tuple[Path, str]:
+    """The paper's Figs. 3-4: the reference's and the reward model's preferences on reference-sampled pairs, and
+    the collapse rate by length difference, each bar with its number of pairs; with its caption."""
     fig, (a, b, c) = subplots(1, 3, figsize=(14, 4))
     bins = torch.linspace(0, 1, 21).tolist()
     a.hist(pairs["p_ref"], bins=bins, color="tab:gray")
-    a.set(xlabel="p_ref(y1 | y1, y2, x)", ylabel="pairs", title="(a) reference model's preferences")
+    a.set(xlabel="p_ref(y1 | y1, y2, x)", ylabel="sampled pairs", title="(a) reference model's preferences")
     b.hist(pairs["p_reward"], bins=bins, color="tab:blue")
-    b.set(xlabel="p_reward(y1 | y1, y2, x)", ylabel="pairs", title="(b) reward model's preferences")
+    b.set(xlabel="p_reward(y1 | y1, y2, x)", ylabel="sampled pairs", title="(b) reward model's preferences")
     by = probe["collapse_rate_by_length_difference"]
-    c.bar(list(by), [v["collapse_rate"] for v in by.values()], color="tab:red")
+    bars = c.bar(list(by), [v["collapse_rate"] for v in by.values()], color="tab:red")
+    c.bar_label(bars, [f"{v['pairs']} pairs" for v in by.values()], fontsize=7)
     c.set(
         xlabel="|len(y1) - len(y2)| (tokens)",
         ylabel="share with p_ref <= 0.01 or >= 0.99",
         title="(c) collapse rate by length difference",
-        ylim=(0, 1),
+        ylim=(0, 1.1),
     )
-    return save_figure(fig, path)
+    same = sum(d == 0 and abs(p - 0.5) < 1e-9 for d, p in zip(pairs["length_difference"], pairs["p_ref"], strict=True))
+    caption = (
+        f"{len(pairs['p_ref'])} pairs sampled from the reference. Collapse shows as mass at 0 and 1 in (a) where (b) "
+        f"is spread: the reference is sure where the labelers are not. {same} pairs are one response drawn twice "
+        "(p = 0.5 exactly, the spike in the middle). The bars in (c) hold the pairs counted on them."
+    )
+    return save_figure(fig, path), caption
 
 
-def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int = 12) -> Path:
+def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int = 12) -> tuple[Path, str]:
+    """Per prompt, the probability each method, the reward model and the truth give every answer of M(x); with
+    its caption."""
     truth = read_json(truth_path, f"remove {truth_path.parent} for the run to write its world again")["prompts"]
     n = min(max_prompts, len(truth))
     cols = 4
     rows = math.ceil(n / cols)
-    fig, axes = subplots(rows, cols, figsize=(4 * cols, 2.8 * rows))
+    fig, axes = subplots(rows, cols, figsize=(4 * cols, 2.8 * rows + 1.2), squeeze=False)
     fixed = {"ground truth": "black", "learnable target": "tab:gray", "reward model": "tab:blue"}
     names = [*(n for n in fixed if n in over_m), *[k for k in over_m if k not in fixed]]
+    colours = {name: fixed.get(name) or categorical(j + 1) for j, name in enumerate(names)}  # 0 is the blue
     width = 0.8 / len(names)
     for i, ax in enumerate(axes.flat):
         if i >= n:
@@ -231,15 +263,20 @@ def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int =
         p = truth[i]
         k = len(p["responses"])
         for j, name in enumerate(names):
-            color = fixed.get(name) or SEQUENTIAL(j / max(1, len(names) - 1))
-            ax.bar([x + j * width for x in range(k)], over_m[name][i][:k], width, label=name, color=color)
+            ax.bar([x + j * width for x in range(k)], over_m[name][i][:k], width, label=name, color=colours[name])
         ax.set_xticks([x + 0.4 - width / 2 for x in range(k)], [f"{w}w" for w in p["words"]], fontsize=7)
         ax.set_title(f"{p['prompt']} ({p['profile']})", fontsize=9)
         ax.set_ylim(0, 1)
     axes.flat[0].set_ylabel("probability within M(x)")
-    axes.flat[0].legend(fontsize=6, loc="upper left")
-    fig.suptitle("Preferences over the meaningful responses M(x) (x-axis: response length in words)")
-    return save_figure(fig, path)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=min(len(names), 6))
+    shown = f"the first {n} of {len(truth)} prompts" if n < len(truth) else f"all {n} prompts"
+    caption = (
+        f"Preferences over the meaningful answers M(x), {shown} (x-axis: each answer's length in words). Where a "
+        "method's bars follow the reward model's (blue) it matches preferences; where they follow the short answers "
+        "the reference favours, it inherits the reference's bias. Black is the labelers' truth."
+    )
+    return save_figure(fig, path), caption
 
 
 def write_report(
@@ -256,7 +293,9 @@ def write_report(
     sections = [
         "# Preference matching vs KL RLHF: results",
         f"Run folder: `{run}`. Every number below is read from `{eval_name}/summary.json` and "
-        f"`{probe_name}/summary.json`.",
+        f"`{probe_name}/summary.json`. It is one training seed: a sample, whose numbers move with the seed (and with "
+        "the thread count, which changes the order of floating-point sums); `pmrlhf sweep` trains several and gives "
+        "each number an interval.",
         "## Comparison (layout of the paper's Table 3)",
         "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy. "
         "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities. Two "
@@ -273,14 +312,26 @@ def write_report(
         "\n".join(f"- {f}" for f in findings(summary, probe, _load(run / eval_name / "reward_model.json"))),
     ]
     if instances:
-        figure_pm_divergence(instances, out / "pm_divergence.png")
-        sections += ["## PM divergence per prompt", "![PM divergence histogram and CDF](pm_divergence.png)"]
+        _, caption = figure_pm_divergence(instances, out / "pm_divergence.png")
+        sections += [
+            "## PM divergence per sampled pair",
+            "![PM divergence histogram and CDF](pm_divergence.png)",
+            caption,
+        ]
     if probe and pairs:
-        figure_probe(pairs, probe, out / "probe.png")
-        sections += ["## Is preference collapse happening? (Figs. 3-4)", "![probe](probe.png)"]
+        _, caption = figure_probe(pairs, probe, out / "probe.png")
+        sections += ["## Is preference collapse happening? (Figs. 3-4)", "![probe](probe.png)", caption]
     truth_path = run / "world" / "truth.json"
     if over_m and truth_path.is_file():
-        figure_over_m(over_m, truth_path, out / "over_m.png")
-        sections += ["## Preferences over M(x), per prompt", "![over M(x)](over_m.png)"]
+        _, caption = figure_over_m(over_m, truth_path, out / "over_m.png")
+        sections += ["## Preferences over M(x), per prompt", "![over M(x)](over_m.png)", caption]
     path = atomic_write_text(out / "report.md", "\n\n".join(sections) + "\n")
     return path
+
+
+def headline(path: Path) -> str:
+    """The comparison table and the findings of the report at ``path``, for the terminal."""
+    text = Path(path).read_text()
+    table = text.split("## Comparison", 1)[1].split("## Findings", 1)[0]
+    findings = text.split("## Findings", 1)[1].split("\n## ", 1)[0]
+    return "\n".join(line for line in table.splitlines() if line.startswith("|")) + "\n" + findings.rstrip() + "\n"
