@@ -152,12 +152,14 @@ def test_the_thread_count_follows_the_models_a_command_names(monkeypatch):
     real_world = from_dict(sweep.SweepConfig, {"pipeline": {"world": {"kind": "realtext"}}, "grid": [{"name": "a"}]})
     real_policy = from_dict(pipeline.PipelineConfig, {"policy": {"name_or_path": "some/model"}})
     try:
-        for config, threads in ((real_world, 2), (real_policy, 2), (pipeline.demo_config(quick=True), 1)):
-            torch.set_num_threads(2)
-            assert threads_for(config) == threads
         torch.set_num_threads(2)
+        for config, threads in ((real_world, 2), (real_policy, 2), (pipeline.demo_config(quick=True), 1)):
+            with threads_for(config) as n:
+                assert n == torch.get_num_threads() == threads
+            assert torch.get_num_threads() == 2  # the process's own count, back after the command
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert threads_for(pipeline.demo_config(quick=True)) == 2
+        with threads_for(pipeline.demo_config(quick=True)) as n:
+            assert n == 2
     finally:
         torch.set_num_threads(before)
 

@@ -166,7 +166,7 @@ def test_the_quick_demo_runs_on_two_processes(tmp_path):
     """Every stage in one launch: both processes build the world at once, each stage reads what the one before
     wrote from the main process, and evaluation, probe and report run on the main process alone."""
     run = tmp_path / "run"
-    result = torchrun("demo", "--quick", "--run-dir", str(run))
+    result = torchrun("demo", "--quick", "--run-dir", str(run), env={"COLUMNS": "1000"})  # no line wrapped
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\nreport: ") == 1  # the summary, from one process
     assert result.stderr.count("world/comparisons.jsonl: ") == 3  # reward, dpo, dpo-pm: each said once, not twice

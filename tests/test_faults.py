@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pmrlhf.cli import app
@@ -204,9 +205,11 @@ def test_a_spoilt_sft_checkpoint_is_named(finished, tmp_path, tiny_world_config)
     assert f"{found[-1]}: optimizer.bin cannot be read (UnpicklingError" in result.output.replace("\n", "")
 
 
-def test_resuming_a_finished_sft_logs_no_row_twice(finished, tmp_path, tiny_world_config):
+def test_resuming_a_finished_sft_logs_no_row_twice(finished, tmp_path, tiny_world_config, monkeypatch):
     """Resumed from its last checkpoint, a finished stage trains its last steps again, bit for bit, and its log
     keeps one row a step (the Trainer's own loop appended its last rows again)."""
+    # trained in this process on its own thread count, which the command must keep to repeat its sums bit for bit
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     shutil.copytree(finished, tmp_path / "run")
     metrics = tmp_path / "run" / "sft" / "metrics.jsonl"
     untimed = lambda: [{k: v for k, v in r.items() if k != "time"} for r in read_jsonl(metrics)]  # noqa: E731

@@ -65,18 +65,15 @@ def _root(
 
 
 def _prepare_process(cfg) -> None:
-    """Quiet the libraries' per-file bars (not at start: --help took 1 s more) and pick threads (``threads_for``)."""
+    """Quiet the libraries' per-file bars, here and not at start (importing them cost every --help a second)."""
     import datasets
     import transformers
-
-    from pmrlhf.training.setup import threads_for
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     # peft reads transformers' deprecated name on every LoRA model it builds: a warning per stage that says nothing
     warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-    threads_for(cfg)
 
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")
@@ -114,12 +111,14 @@ def _run(stage_run, cfg, folder: Path | None = None, option: str = "--run-dir"):
 
     from pmrlhf.config import InputError
     from pmrlhf.io import no_space
+    from pmrlhf.training.setup import threads_for
 
     folder = Path(folder if folder is not None else getattr(cfg, "run_dir", getattr(cfg, "sweep_dir", ".")))
     _prepare_process(cfg)
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
-        return stage_run(cfg)
+        with threads_for(cfg):  # one thread for tiny models (``training.setup.threads_for``)
+            return stage_run(cfg)
     except KeyboardInterrupt as e:
         _fail(f"stopped: {_where_state_is(cfg, folder)}", 128 + getattr(e, "signal", signal.SIGINT))
     except InputError as e:

@@ -3,6 +3,7 @@ sharded models gathered to save, work done once on the main process."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -228,19 +229,25 @@ def mean_over_processes(accelerator, values: dict[str, torch.Tensor | float]) ->
     return dict(zip(values, stacked.tolist(), strict=True))
 
 
-def threads_for(config) -> int:
-    """Run on one thread when every model a command names is a tiny one built from config; return the count.
+@contextlib.contextmanager
+def threads_for(config):
+    """Run on one thread while a command whose models are all tiny ones built from config runs; yield the count,
+    and give the process its own count back after.
 
     Two threads that share their cores with another process spin and wait for each other (a busy machine made
     the demo 3-10 times slower), and a model of a few hundred thousand weights gains nothing from a second one.
     A real model (any ``name_or_path``) keeps torch's default, and a count the user set (``OMP_NUM_THREADS``,
     which ``torchrun`` sets too) is left as it is. The count is chosen from the config alone, never from the
-    machine's load, so a run repeats whatever else the machine is doing."""
-    if "OMP_NUM_THREADS" in os.environ or not dataclasses.is_dataclass(config):
-        return torch.get_num_threads()
-    if not any(_named_models(dataclasses.asdict(config))):
+    machine's load, so a run repeats whatever else the machine is doing (and a run resumes on the count it ran
+    on: the order of floating-point sums follows it)."""
+    before = torch.get_num_threads()
+    tiny = dataclasses.is_dataclass(config) and not any(_named_models(dataclasses.asdict(config)))
+    if tiny and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
-    return torch.get_num_threads()
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
 
 
 def _named_models(settings):

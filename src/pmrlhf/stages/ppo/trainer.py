@@ -83,9 +83,8 @@ class PPOTrainer:
         records, _ = load_stage_records(c.data, "prompt", c.run_dir, c.world)
         self.prompts = self.encoder.prompts(r.prompt for r in records)
         require_examples(c.name, len(self.prompts), len(records), self.encoder)
-        self.penalty = c.penalty.rule().penalty
+        self.penalty, self.coef = c.penalty.rule().penalty, c.penalty.coefficient()
         self.reward_function = reward_function(c.reward_function) if c.reward_function else None
-        self.coef = c.penalty.coefficient()
         self._load_roles()
         ptx = c.ptx_coef > 0
         self.ptx = (
@@ -221,10 +220,11 @@ class PPOTrainer:
         c, models = self.config, (self.reference, self.reward_model, self.critic)
         with frozen_autocast(self.accelerator):
             traj = score(*models, prompts, responses, logps, group, self.tokenizer.pad_token_id)
-        if self.reward_function is not None:
-            scores = function_scores(self.reward_function, self.tokenizer, prompts, responses)
-            traj = traj._replace(scores=scores.to(traj.scores))
-        check_finite(self._where(), "a reward score", traj.scores, c.reward_function or "the reward model")
+        kind, cause, fn = "model", "the reward model", self.reward_function
+        if fn is not None:
+            kind, cause = "function", c.reward_function
+            traj = traj._replace(scores=function_scores(fn, self.tokenizer, prompts, responses).to(traj.ids.device))
+        check_finite(self._where(), f"a reward-{kind} score", traj.scores, cause)
         self.last_samples = prompts, responses, traj.scores
         return traj
 
