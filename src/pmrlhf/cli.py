@@ -65,7 +65,7 @@ def _root(
 
 
 def _prepare_process(cfg) -> None:
-    """Quiet the libraries' per-file bars, here and not at start (importing them cost every --help a second)."""
+    """Quiet the libraries' per-file bars, here and not at start (importing them slowed every --help)."""
     import datasets
     import transformers
 

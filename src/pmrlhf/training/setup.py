@@ -235,7 +235,7 @@ def threads_for(config):
     and give the process its own count back after.
 
     Two threads that share their cores with another process spin and wait for each other (a busy machine made
-    the demo 3-10 times slower), and a model of a few hundred thousand weights gains nothing from a second one.
+    the demo several times slower: docs/performance.md), and a model this small gains nothing from a second one.
     A real model (any ``name_or_path``) keeps torch's default, and a count the user set (``OMP_NUM_THREADS``,
     which ``torchrun`` sets too) is left as it is. The count is chosen from the config alone, never from the
     machine's load, so a run repeats whatever else the machine is doing (and a run resumes on the count it ran
