@@ -112,6 +112,13 @@ def test_quick_demo_shows_what_the_paper_says(quick_demo):
     dpo, pm_dpo = s["dpo"]["world"], s["dpo-pm"]["world"]
     assert dpo["tv_to_kl_target"] < dpo["tv_to_reward_model"]
     assert pm_dpo["tv_to_reward_model"] < dpo["tv_to_reward_model"] - 0.1
+    # The report says so of DPO under the reward it optimised: its labels' fit, not the reward model it never saw.
+    assert dpo["tv_to_own_target"] < dpo["tv_to_learnable"]
+    assert (
+        f"(dpo): its preferences over M(x) are at total variation {dpo['tv_to_own_target']:.3f} from its closed form "
+        f"ref·e^(r/β) (eq. 5.1) and {dpo['tv_to_learnable']:.3f} from e^r, with r the Bradley–Terry fit of its "
+        "comparisons' labels" in (run / "report" / "report.md").read_text()
+    )
 
 
 def test_sft_reference_is_near_0_or_1_on_many_pairs(quick_demo):

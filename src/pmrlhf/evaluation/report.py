@@ -109,13 +109,16 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
         if "world" not in kl:
             continue
         w = kl["world"]
-        biased = w["tv_to_kl_target"] < w["tv_to_reward_model"]
-        what = "KL RLHF" if method == "ppo" else "DPO"
+        if method == "ppo":
+            what, closed, unbiased = "KL RLHF", w["tv_to_kl_target"], w["tv_to_reward_model"]
+            reward = "r the reward model's score"
+        else:  # DPO never sees the reward model: its closed form is over the labels' own Bradley-Terry fit
+            what, closed, unbiased = "DPO", w["tv_to_own_target"], w["tv_to_learnable"]
+            reward = "r the Bradley–Terry fit of its comparisons' labels, as DPO never sees the reward model"
         out.append(
             f"**{what} follows the reference's bias** ({kl_name}): its preferences over M(x) are at total variation "
-            f"{w['tv_to_kl_target']:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and "
-            f"{w['tv_to_reward_model']:.3f} from the reward model's e^r. "
-            + ("Reproduced." if biased else "Not reproduced: it ended closer to e^r.")
+            f"{closed:.3f} from its closed form ref·e^(r/β) (eq. 5.1) and {unbiased:.3f} from e^r, with {reward}. "
+            + ("Reproduced." if closed < unbiased else "Not reproduced: it ended closer to e^r.")
         )
     for name, m in others.items():
         if _method(m) not in baselines:
@@ -172,8 +175,13 @@ def findings(summary: dict, probe: dict | None, reward_model: dict | None = None
         out.append(
             "A note on the sampled PM divergence: when a policy samples the same response twice the "
             "instance divergence is "
-            "0, so a collapsed policy scores well on it, as it does on the exact one over π⊗π pairs. The exact "
-            "divergence over uniform pairs of M(x) has no such blind spot; where they disagree, trust that one."
+            "0, so a collapsed policy scores well on it"
+            + (
+                ", as it does on the exact one over π⊗π pairs. The exact divergence over uniform pairs of M(x) has no "
+                "such blind spot; where they disagree, trust that one."
+                if any("world" in m for m in summary.values())
+                else ": read it beside the entropy, which such a policy lowers."
+            )
         )
     if probe is not None:
         by = probe["collapse_rate_by_length_difference"]
@@ -279,6 +287,19 @@ def figure_over_m(over_m: dict, truth_path: Path, path: Path, max_prompts: int =
     return save_figure(fig, path), caption
 
 
+EXACT_COLUMNS = (
+    ". In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities. Two "
+    "exact PM divergences: over *uniform pairs*, every pair of distinct responses in M(x) weighs the same, so it "
+    "asks whether the policy's preferences match the reward model's whatever it samples; over *π⊗π pairs*, pairs "
+    "are weighed by the policy's own probabilities within M(x), identical pairs included (they score 0), which is "
+    "Sec. 6.1's population value without sampling and without the pairs outside M(x). A policy collapsed onto "
+    "one answer scores near 0 on the second and high on the first. *TV to own optimum* is the total variation "
+    "over M(x) from the optimum of the objective the run optimised, with its own coefficient, clip and rule "
+    "(did training converge?); *TV to reward model* from the reward model's Plackett-Luce distribution (does "
+    "the method match preferences?); *mass outside M(x)* is the probability of unnatural text."
+)
+
+
 def write_report(
     run_dir: str | Path, eval_name: str = "eval", probe_name: str = "probe", out_name: str = "report"
 ) -> Path:
@@ -297,16 +318,8 @@ def write_report(
         "the thread count, which changes the order of floating-point sums); `pmrlhf sweep` trains several and gives "
         "each number an interval.",
         "## Comparison (layout of the paper's Table 3)",
-        "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy. "
-        "In the synthetic world the exact columns use every response in M(x) with teacher-forced probabilities. Two "
-        "exact PM divergences: over *uniform pairs*, every pair of distinct responses in M(x) weighs the same, so it "
-        "asks whether the policy's preferences match the reward model's whatever it samples; over *π⊗π pairs*, pairs "
-        "are weighed by the policy's own probabilities within M(x), identical pairs included (they score 0), which is "
-        "Sec. 6.1's population value without sampling and without the pairs outside M(x). A policy collapsed onto "
-        "one answer scores near 0 on the second and high on the first. *TV to own optimum* is the total variation "
-        "over M(x) from the optimum of the objective the run optimised, with its own coefficient, clip and rule "
-        "(did training converge?); *TV to reward model* from the reward model's Plackett-Luce distribution (does "
-        "the method match preferences?); *mass outside M(x)* is the probability of unnatural text.",
+        "PM divergence, length, perplexity, entropy and KL are the Sec. 6.1 metrics on pairs sampled from each policy"
+        + (EXACT_COLUMNS if any("world" in m for m in summary.values()) else ", against the reward model."),
         comparison_table(summary),
         "## Findings",
         "\n".join(f"- {f}" for f in findings(summary, probe, _load(run / eval_name / "reward_model.json"))),

@@ -205,10 +205,8 @@ def run(config: PipelineConfig, finished: Callable[[str], None] | None = None) -
 @on_the_main_process
 def _write_report(run_dir: Path, timings: dict[str, float], eval_name: str, probe_name: str) -> Path:
     atomic_write_json(run_dir / "timings.json", timings)
-    report = write_report(run_dir, eval_name, probe_name)
     console.rule("report")
-    console.print(f"report: {report}")
-    return report
+    return write_report(run_dir, eval_name, probe_name)
 
 
 def demo_config(quick: bool = False, run_dir: str | None = None) -> PipelineConfig:

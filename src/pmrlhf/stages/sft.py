@@ -70,12 +70,12 @@ def response_nll(model, examples: list[tuple[list[int], list[int]]], pad_id: int
     return -token_logprobs(model, ids, attn, keep=response).sum(), int(response.sum())
 
 
-def _kept_as_it_is(config: SFTConfig, model, tokenizer, out: Path, report) -> Path:
+def _kept_as_it_is(config: SFTConfig, model, tokenizer, out: Path) -> Path:
     """The starting model saved as the reference, untrained (``train: false``)."""
     if process_state().is_main_process:
         save_model(model, tokenizer, out / "model")
         write_objective(out, {"method": "sft", "loss": f"none: {config.model.name_or_path} as it is"})
-        atomic_write_json(out / "summary.json", {"steps": 0, "train_examples": 0, "data": report.summary()})
+        atomic_write_json(out / "summary.json", {"steps": 0, "train_examples": 0})
     done = finish_stage(out)
     console.print(f"[green]{config.model.name_or_path} kept as the reference at {done / 'model'}[/green]")
     process_state().wait_for_everyone()
@@ -88,11 +88,12 @@ def run(config: SFTConfig) -> Path:
     accelerator = optim_accelerator(config.model, config.optim)
     main = accelerator.is_main_process  # every process trains on its share of each batch; one writes
     out = stage_dir(config.run_dir, config.name, config, resumable=True)
-    records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
+    if config.train:  # the data is checked before any model is loaded; a reference kept as it is reads none
+        records, report = load_stage_records(config.data, "demonstration", config.run_dir, config.world)
     tokenizer = load_tokenizer(tokenizer_source(config.model.name_or_path, config.data, config.run_dir, config.world))
     trainable, _ = load_precisions(config.model, accelerator.mixed_precision)
     if not config.train:  # loaded without LoRA's layers, to be saved as it is
-        return _kept_as_it_is(config, load_causal_lm(trainable, tokenizer, trainable=False), tokenizer, out, report)
+        return _kept_as_it_is(config, load_causal_lm(trainable, tokenizer, trainable=False), tokenizer, out)
     model = load_causal_lm(trainable, tokenizer)
     encoder = stage_encoder(tokenizer, config.data, trainable)
     train_records, held_records = holdout(records, config.data.eval_fraction, config.data.split_seed)
