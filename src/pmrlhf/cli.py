@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import typer
@@ -64,18 +63,6 @@ def _root(
     """pmrlhf: SFT -> reward model -> PPO (KL, PM, conditional PM), the DPO family, and the paper's metrics."""
 
 
-def _prepare_process(cfg) -> None:
-    """Quiet the libraries' per-file bars, here and not at start (importing them slowed every --help)."""
-    import datasets
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # peft reads transformers' deprecated name on every LoRA model it builds: a warning per stage that says nothing
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-
-
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file with the stage's config.")
 SetOpt = typer.Option([], "--set", "-s", help="Override a config key: --set optim.lr=1e-4 (repeatable).")
 RunDirOpt = typer.Option(None, "--run-dir", help="Run folder (overrides run_dir in the config).")
@@ -111,10 +98,10 @@ def _run(stage_run, cfg, folder: Path | None = None, option: str = "--run-dir"):
 
     from pmrlhf.config import InputError
     from pmrlhf.io import no_space
-    from pmrlhf.training.setup import threads_for
+    from pmrlhf.training.setup import quiet_libraries, threads_for
 
     folder = Path(folder if folder is not None else getattr(cfg, "run_dir", getattr(cfg, "sweep_dir", ".")))
-    _prepare_process(cfg)
+    quiet_libraries()
     previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         with threads_for(cfg):  # one thread for tiny models (``training.setup.threads_for``)
@@ -298,11 +285,22 @@ def run_(
     overrides: list[str] = SetOpt,
     run_dir: Path | None = RunDirOpt,
     resume: bool = ResumeOpt,
+    stand_in: bool = typer.Option(
+        False,
+        "--stand-in",
+        help="Tiny models of the same families, rows of the data's format, a few steps each "
+        "(a recipe checked on a CPU in seconds); in <run_dir>-stand-in unless --run-dir is given.",
+    ),
 ) -> None:
     """Run the whole pipeline from one YAML file, reusing the stages already finished in its run folder."""
-    from pmrlhf.stages import pipeline
+    import dataclasses
+
+    from pmrlhf.stages import pipeline, standin
 
     cfg = _resumed(_config(pipeline.PipelineConfig, config, overrides, run_dir), resume)
+    if stand_in:
+        cfg = dataclasses.replace(cfg, run_dir=str(run_dir or f"{cfg.run_dir}-stand-in"))
+        cfg = _run(standin.stand_in, cfg)
     _print_report(_run(pipeline.run, cfg))
 
 

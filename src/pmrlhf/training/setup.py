@@ -263,3 +263,16 @@ def _named_models(settings):
     elif isinstance(settings, list):
         for value in settings:
             yield from _named_models(value)
+
+
+def quiet_libraries() -> None:
+    """Quiet the libraries' per-file bars for a command, then and not at start (importing them slowed every
+    --help)."""
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # peft reads transformers' deprecated name on every LoRA model it builds: a warning per stage that says nothing
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
