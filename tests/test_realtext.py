@@ -41,7 +41,8 @@ def test_the_fetched_model_is_smollm2_with_its_chat_template_and_plain_transform
 @pytest.fixture(scope="module")
 def chain(smollm2, tmp_path_factory):
     """Every stage on the real model, a step or two each: the world, the instruct model kept as the reference, a
-    LoRA reward model, one PPO iteration per penalty family, one DPO step, eval."""
+    LoRA reward model, one PPO iteration each for KL RLHF, the per-token rule and the truth's own reward, one
+    PM-DPO step, eval (PM RLHF and DPO on the same model: tests/test_own_data.py)."""
     from pmrlhf.stages import pipeline
 
     run = tmp_path_factory.mktemp("realtext")
@@ -65,9 +66,7 @@ def chain(smollm2, tmp_path_factory):
             "ppo": {"iterations": 1, "prompts_per_iteration": 2, "max_new_tokens": 8, "optim": {"batch_size": 2}},
             "variants": [
                 {"name": "ppo-kl", "penalty": "kl", "kl_ctl": 1.0},
-                {"name": "ppo-pm", "penalty": "pm", "ent_ctl": 1.0},
                 {"name": "ppo-cpm", "penalty": "cpm_token", "alpha_ctl": 0.3},
-                {"name": "ppo-maxent", "penalty": "maxent"},
                 {
                     "name": "ppo-oracle",
                     "penalty": "kl",
@@ -102,14 +101,14 @@ def test_the_world_is_the_models_answers_labelled_by_the_two_groups(chain):
 
 def test_every_stage_ran_on_the_real_model_and_every_number_is_finite(chain):
     summary = json.loads((chain / "eval" / "summary.json").read_text())
-    assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-pm", "ppo-cpm", "ppo-maxent", "ppo-oracle", "dpo-pm"}
+    assert set(summary) == {"reference (SFT)", "ppo-kl", "ppo-cpm", "ppo-oracle", "dpo-pm"}
     for name, m in summary.items():
         for key in ("pm_divergence", "pm_divergence_truth", "minority_share", "ref_perplexity", "words"):
             assert math.isfinite(m[key]), (name, key)
         assert 0 <= m["minority_share"] <= 1 and 0 < m["population_win_rate"] < 1
     assert summary["reference (SFT)"]["population_win_rate"] == pytest.approx(0.5)  # against its own answers
     samples = json.loads((chain / "eval" / "samples.json").read_text())
-    assert samples["ppo-pm"][0]["prompt"].endswith("assistant") and len(samples["ppo-pm"][0]["completions"]) == 2
+    assert samples["ppo-cpm"][0]["prompt"].endswith("assistant") and len(samples["ppo-cpm"][0]["completions"]) == 2
 
 
 def test_the_reward_function_scores_in_place_of_the_reward_model_and_its_samples_are_logged(chain):
