@@ -162,14 +162,20 @@ def test_launches_that_would_go_wrong_are_refused_before_any_work(env, message, 
         stage_accelerator(ModelConfig(), micro_batch_size=8, max_grad_norm=1.0)
 
 
-def test_the_quick_demo_runs_on_two_processes(tmp_path):
-    """Every stage in one launch: both processes build the world at once, each stage reads what the one before
-    wrote from the main process, and evaluation, probe and report run on the main process alone."""
+def test_every_stage_runs_in_one_launch_of_two_processes(tmp_path):
+    """The quick demo's world and settings with one PPO and one DPO run, in one launch: both processes build the
+    world at once, each stage reads what the one before wrote from the main process, and evaluation, probe and
+    report run on the main process alone."""
+    config = asdict(pipeline.demo_config(quick=True, run_dir=str(tmp_path / "run")))
+    config["ppo"]["iterations"] = 40
+    config["variants"] = [{"name": "ppo-pm", "penalty": "pm", "ent_ctl": 1.0}]
+    config["dpo_variants"] = [{"name": "dpo-pm", "loss": "pm", "beta": 1.0}]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
     run = tmp_path / "run"
-    result = torchrun("demo", "--quick", "--run-dir", str(run), env={"COLUMNS": "1000"})  # no line wrapped
+    result = torchrun("run", str(tmp_path / "run.yaml"), env={"COLUMNS": "1000"})  # no line wrapped
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("\nreport: ") == 1  # the summary, from one process
-    assert result.stderr.count("world/comparisons.jsonl: ") == 3  # reward, dpo, dpo-pm: each said once, not twice
+    assert result.stderr.count("world/comparisons.jsonl: ") == 2  # reward, dpo-pm: each said once, not twice
     assert (run / "report" / "report.md").is_file()
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no folder left half-written
     for metrics in run.glob("*/metrics.jsonl"):

@@ -234,16 +234,25 @@ def test_every_training_stage_resumes_after_sigkill_as_if_never_stopped(
     assert untimed(read_jsonl(runs["killed"] / name / "metrics.jsonl")) == straight and len(straight) > 10
 
 
-def test_the_demo_killed_in_a_stage_continues_that_stage_with_resume(tmp_path):
-    """`pmrlhf demo --resume` (and `pmrlhf run --resume`) reuses the finished stages and continues the one it was
-    killed in from its newest checkpoint."""
+def test_a_pipeline_killed_in_a_stage_continues_that_stage_with_resume(tmp_path):
+    """`pmrlhf run --resume` (and `pmrlhf demo --resume`) reuses the finished stages and continues the one it was
+    killed in from its newest checkpoint: the quick demo with one PPO run of 100 iterations."""
+    import dataclasses
     import signal
     import subprocess
     import sys
     import time
 
+    import yaml
+
+    from pmrlhf.stages import pipeline
+
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "pmrlhf", "demo", "--quick", "--run-dir", str(run)]
+    config = dataclasses.asdict(pipeline.demo_config(quick=True, run_dir=str(run)))
+    config["ppo"]["iterations"] = 100
+    config["variants"], config["dpo_variants"] = config["variants"][:1], []
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "pmrlhf", "run", str(tmp_path / "run.yaml")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
     while not any((run / "ppo-kl.partial" / "checkpoints").glob("iter-000050")):

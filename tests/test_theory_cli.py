@@ -1,11 +1,16 @@
+import pytest
 from typer.testing import CliRunner
 
 from pmrlhf.cli import app
-from pmrlhf.evaluation.theory import run_checks
+from pmrlhf.evaluation import theory
 
 
-def test_every_theory_check_comes_out_as_the_paper_or_the_correction_says():
-    checks = run_checks(seed=3)
+@pytest.fixture(scope="module")
+def checks():
+    return theory.run_checks(seed=3)
+
+
+def test_every_theory_check_comes_out_as_the_paper_or_the_correction_says(checks):
     assert {c.statement for c in checks} >= {
         "Thm. 1",
         "Thm. 2",
@@ -21,8 +26,13 @@ def test_every_theory_check_comes_out_as_the_paper_or_the_correction_says():
     assert not next(c for k, c in thm3.items() if "g = r," in k).expect_zero
 
 
-def test_theory_command_writes_figures_and_table(tmp_path):
-    result = CliRunner().invoke(app, ["theory", "--out", str(tmp_path)])
+def test_theory_command_writes_figures_and_table(tmp_path, checks, monkeypatch):
+    def computed_once(seed):  # the checks of the test above, at the seed the command is given
+        assert seed == 3
+        return checks
+
+    monkeypatch.setattr(theory, "run_checks", computed_once)
+    result = CliRunner().invoke(app, ["theory", "--out", str(tmp_path), "--seed", "3"])
     assert result.exit_code == 0, result.output
     for name in ("fig2.png", "fig9.png", "theory.md"):
         assert (tmp_path / name).stat().st_size > 1000
