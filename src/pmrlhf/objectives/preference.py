@@ -95,3 +95,51 @@ def btl_fit(
         r, value = new, new_value
     mean = torch.where(mask, r, 0.0).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1)
     return torch.where(mask, r - mean, 0.0)
+
+
+def mixture_btl_em(
+    prompt: torch.Tensor,
+    winner: torch.Tensor,
+    loser: torch.Tensor,
+    labeler: torch.Tensor,
+    mask: torch.Tensor,
+    groups: int = 2,
+    iters: int = 100,
+    restarts: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixture of ``groups`` Bradley-Terry models (eq. (2.1), one reward per group) fitted by EM to labelled
+    comparisons, each labeler in one latent group, as MaxMin-RLHF (Chakraborty et al., 2024) learns its groups.
+
+    Comparison ``c`` labels ``winner[c]`` over ``loser[c]`` (indices into M(x) of prompt ``prompt[c]``, whose
+    responses are ``mask[prompt[c]]``) and was made by ``labeler[c]``. E-step: each labeler's posterior over the
+    groups from the likelihood of all its labels; M-step: each group's reward the BTL fit (``btl_fit``) to the
+    labels weighted by that posterior, and the groups' prior the mean posterior. The best of ``restarts`` random
+    starts by likelihood. Returns the groups' shares of the comparisons ``[G]``, their rewards ``[G, P, k]``
+    (centred over ``mask``) and the labelers' posteriors ``[L, G]``; the mixture's distribution over M(x) is
+    ``sum_g share_g softmax(r_g)``. With every comparison its own labeler the group is latent per comparison: the
+    labels then determine only the population's pairwise preference, which several mixtures fit."""
+    n_labelers, (n_prompts, k) = int(labeler.max()) + 1, mask.shape
+    per_labeler = torch.zeros(n_labelers, dtype=torch.float64).index_add_(0, labeler, torch.ones(len(labeler)).double())
+    group = torch.arange(groups)[:, None].expand(groups, len(labeler))
+    best: tuple | None = None
+    for _ in range(restarts):
+        # a random start, Dirichlet(1) per labeler by normalised exponentials
+        e = -torch.log(torch.rand(n_labelers, groups, generator=generator, dtype=torch.float64))
+        posterior = e / e.sum(-1, keepdim=True)
+        for _ in range(iters):
+            counts = torch.zeros(groups, n_prompts, k, k, dtype=torch.float64)
+            counts.index_put_((group, prompt, winner, loser), posterior[labeler].T, accumulate=True)
+            seen = counts + counts.transpose(-1, -2)
+            rewards = btl_fit(torch.where(seen > 0, counts / seen.clamp(min=1e-300), 0.5), seen, mask)
+            prior = posterior.mean(0)
+            margin = rewards[:, prompt, winner] - rewards[:, prompt, loser]  # [G, C]
+            log_lik = torch.zeros(n_labelers, groups, dtype=torch.float64).index_add_(
+                0, labeler, F.logsigmoid(margin).T
+            )
+            joint = log_lik + torch.log(prior.clamp(min=1e-300))
+            posterior = torch.softmax(joint, -1)
+        total = torch.logsumexp(joint, -1).sum().item()
+        if best is None or total > best[0]:
+            best = (total, (posterior * per_labeler[:, None]).sum(0) / per_labeler.sum(), rewards, posterior)
+    return best[1], best[2], best[3]
