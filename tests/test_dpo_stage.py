@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pmrlhf.config import DataConfig, ModelConfig
-from pmrlhf.data.tokenize import Encoder
-from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+from pmrlhf.data.tokenize import Encoder, word_tokenizer
+from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.models import load_causal_lm
 from pmrlhf.objectives.dpo import DPO_LOSSES, Pairs
 from pmrlhf.stages import dpo as stage
@@ -22,7 +22,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def models():
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=12)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=12)).vocabulary())
     torch.manual_seed(0)
     policy = load_causal_lm(ModelConfig(), tok).eval()
     torch.manual_seed(1)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pmrlhf.config import ModelConfig
-from pmrlhf.data.tokenize import Encoder
-from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+from pmrlhf.data.tokenize import Encoder, word_tokenizer
+from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.models import (
     TINY_ARCHS,
     Critic,
@@ -22,7 +22,7 @@ from pmrlhf.models.scoring import join, reward_scores, sequence_logprobs, token_
 
 @pytest.fixture(scope="module")
 def tok():
-    return build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    return word_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

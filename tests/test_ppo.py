@@ -253,12 +253,13 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch, attention):
     """The KV-cached sampler over left-padded prompts against a plain forward pass over right-padded text; SDPA
     attends over views of the reserved cache, eager attention over the same views."""
     from pmrlhf.config import ModelConfig
-    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.data.tokenize import word_tokenizer
+    from pmrlhf.data.world import World, WorldConfig
     from pmrlhf.models import load_causal_lm
     from pmrlhf.models.sampling import generate
     from pmrlhf.models.scoring import join, token_logprobs
 
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
     torch.manual_seed(0)
     model = load_causal_lm(ModelConfig(tiny_arch=arch, attn_implementation=attention), tok).eval()
     prompts = [[5, 3], [7, 9, 10, 3], [6, 3]]  # different lengths: left padding matters
@@ -274,10 +275,11 @@ def test_sampled_logprobs_equal_teacher_forced_logprobs(arch, attention):
 def _counted_model():
     """(tokenizer, tiny GPT-2, list that grows by one at every forward pass of the model)."""
     from pmrlhf.config import ModelConfig
-    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.data.tokenize import word_tokenizer
+    from pmrlhf.data.world import World, WorldConfig
     from pmrlhf.models import load_causal_lm
 
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
     torch.manual_seed(0)
     model = load_causal_lm(ModelConfig(), tok).eval()
     calls = []

@@ -30,12 +30,12 @@ def test_losses_match_trls_sft_trainer_step_by_step(tmp_path):
     from trl import SFTTrainer
 
     from pmrlhf.config import DataConfig, LoggingConfig
-    from pmrlhf.data.tokenize import Encoder
-    from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+    from pmrlhf.data.tokenize import Encoder, word_tokenizer
+    from pmrlhf.data.world import World, WorldConfig
     from pmrlhf.io import read_jsonl
     from pmrlhf.models import load_causal_lm, load_tokenizer, save_model
 
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=12)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=12)).vocabulary())
     torch.manual_seed(0)
     init = save_model(load_causal_lm(ModelConfig(), tok), tok, tmp_path / "init")
     (tmp_path / "data.jsonl").write_text("".join(f'{{"prompt": "{p}", "response": "{r}"}}\n' for p, r in ROWS))

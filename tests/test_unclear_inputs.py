@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from helpers import copy_run, ppo_config
 from pmrlhf.cli import app
 from pmrlhf.config import ModelConfig
-from pmrlhf.data.world import World, WorldConfig, build_tokenizer
+from pmrlhf.data.tokenize import word_tokenizer
+from pmrlhf.data.world import World, WorldConfig
 from pmrlhf.models import load_causal_lm, save_model
 
 COMPARISON = {"prompt": "w1 w2", "chosen": "w3", "rejected": "w4"}
@@ -29,7 +30,7 @@ def write_jsonl(path: Path, rows: list) -> str:
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory) -> Path:
     """An untrained tiny language model with a world tokenizer: something to break."""
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary())
     return save_model(load_causal_lm(ModelConfig(), tok), tok, tmp_path_factory.mktemp("lm") / "model")
 
 
@@ -333,7 +334,7 @@ def test_data_the_tokenizer_does_not_know_is_refused(lm, tmp_path):
 def other_tokenizer_model(tmp: Path, vocab_words: int, reward: bool) -> Path:
     from pmrlhf.models import load_reward_model
 
-    tok = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=vocab_words)).vocabulary())
+    tok = word_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=vocab_words)).vocabulary())
     load = load_reward_model if reward else load_causal_lm
     return save_model(load(ModelConfig(), tok), tok, tmp / f"other-{vocab_words}")
 
@@ -356,11 +357,11 @@ def test_a_tokenizer_larger_than_the_models_embedding_is_refused(lm, tmp_path):
 
     folder = tmp_path / "grown"
     shutil.copytree(lm, folder)
-    bigger = build_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=90)).vocabulary())
+    bigger = word_tokenizer(World.generate(WorldConfig(n_prompts=4, vocab_words=90)).vocabulary())
     bigger.save_pretrained(folder)
     result = CliRunner().invoke(app, ["dpo", "--run-dir", str(tmp_path / "run"), "-s", f"model.name_or_path={folder}"])
     assert result.exit_code == 2, result.output
-    rows = len(build_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary()))
+    rows = len(word_tokenizer(World.generate(WorldConfig(n_prompts=4)).vocabulary()))
     message = f"{folder} (a language model) embeds {rows} tokens, but the tokenizer it is read with has {len(bigger)}"
     assert message in result.output.replace("\n", "")
 

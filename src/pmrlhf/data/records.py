@@ -48,6 +48,7 @@ class Comparison:
     prompt: str
     chosen: str
     rejected: str
+    labeler: str | None = None  # who labelled it, where the data says
 
 
 @dataclass(frozen=True)
@@ -265,7 +266,7 @@ def as_record(canon: dict[str, Any], kind: str) -> Record:
             raise RowError("chosen", "this format has no comparisons")
         if canon["chosen"].strip() == canon["rejected"].strip():
             raise RowError("rejected", "is identical to chosen")
-        return Comparison(canon["prompt"], canon["chosen"], canon["rejected"])
+        return Comparison(canon["prompt"], canon["chosen"], canon["rejected"], canon.get("labeler"))
     if kind == "ranking":
         if "ranking" in canon:
             return Ranking(canon["prompt"], canon["responses"], canon["ranking"])

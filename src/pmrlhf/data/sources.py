@@ -172,6 +172,11 @@ def split_indices(n: int, portion: str, seed: int = 0) -> list[int]:
     return sorted(order[int(lo * n) : int(hi * n)])
 
 
+def _labeler(row: dict[str, Any]) -> dict[str, str]:
+    """Who labelled a comparison, where the data names them (a ``labeler`` column, or ``data.columns.labeler``)."""
+    return {"labeler": str(row["labeler"])} if row.get("labeler") is not None else {}
+
+
 def load_records(config: DataConfig, kind: str, source: str | None = None) -> tuple[list[Record], LoadReport]:
     """Every record of ``kind`` from ``source`` (default ``config.source``), after the portion and ``limit``."""
     source = source or config.source
@@ -191,7 +196,7 @@ def load_records(config: DataConfig, kind: str, source: str | None = None) -> tu
             row = {rename.get(k, k): v for k, v in raw.items()}
             if converter is None:
                 converter = FORMATS[detect_format(row)]
-            records.append(as_record(converter(row), kind))
+            records.append(as_record(converter(row) | _labeler(row), kind))
         except RowError as e:
             if config.on_error == "raise":
                 raise DataError(source, i, e.field, e.message) from None

@@ -10,6 +10,8 @@ import torch
 from pmrlhf.config import DataConfig, InputError
 from pmrlhf.data.records import ChatPrompt, ChatReply
 
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"  # the synthetic world's special tokens
+
 
 @dataclass
 class Encoder:
@@ -164,3 +166,17 @@ def pad(seqs: list[list[int]], pad_id: int, side: str = "right") -> tuple[torch.
             ids[i, T - len(s) :] = torch.tensor(s)
             mask[i, T - len(s) :] = 1
     return ids, mask
+
+
+def word_tokenizer(vocabulary: list[str], pad: str = PAD, eos: str = EOS, unk: str = UNK):
+    """A word-level tokenizer over ``vocabulary`` (the synthetic world's) as a ``PreTrainedTokenizerFast``: words
+    split at white space, ``eos`` also the beginning of a sequence, padding on the left."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk, bos_token=eos)
+    fast.padding_side = "left"
+    return fast

@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 from pmrlhf.config import InputError, Seed, read_json, require
+from pmrlhf.data.tokenize import EOS, PAD, UNK, word_tokenizer
 from pmrlhf.io import atomic_dir
 
-PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 SEP = ":"
 PROFILES = ("even", "lopsided", "minority")
 KINDS = ("words", "text", "realtext")
@@ -69,6 +69,7 @@ class WorldConfig:
     segment_words: int = 8  # text: longest segment between branching points (the first: 1-2 times this)
     minority_share: float = 1 / 11  # text, realtext: share of labelers in the minority group
     minority_preference: float = 0.7  # text: the minority group's Plackett-Luce probability of its favourite
+    named_labelers: int = 0  # labelers named in each comparison's labeler field, dealt to the groups by share; 0: none
     text_model: str = "fetch:smollm2"  # realtext: the model that answers (responses_per_prompt answers a prompt)
     response_tokens: int = 48  # realtext: longest answer, in tokens
     seed: Seed = 0  # everything in the world follows from this
@@ -155,26 +156,35 @@ class World:
         return out
 
     def comparisons(self, n: int, g: torch.Generator) -> list[dict]:
-        out = []
+        out, names = [], torch.Generator().manual_seed(self.config.seed + 2)
         for p in self._prompt_draws(n, g):
             dist = self._pair_draw(p, torch.float32)
             while True:
                 a, b = torch.multinomial(dist, 2, replacement=True, generator=g).tolist()
                 if a != b:
                     break
-            reward = self._labeler(p, g)
+            group, reward = self._labeler(p, g)
             a_wins = torch.rand(1, generator=g).item() < 1 / (1 + math.exp(reward[b] - reward[a]))
             if torch.rand(1, generator=g).item() < self.config.label_noise:
                 a_wins = not a_wins
             win, lose = (a, b) if a_wins else (b, a)
             out.append({"prompt": p.prompt, "chosen": p.responses[win], "rejected": p.responses[lose]})
+            if self.config.named_labelers:
+                out[-1]["labeler"] = self._named(p, group, names)
         return out
+
+    def _named(self, p: PromptTruth, group: int, names: torch.Generator) -> str:
+        """One of ``named_labelers`` labelers, dealt to the groups by their shares (at least one each), drawn
+        uniformly within ``group`` from ``names``, a generator of its own, so that naming changes no label."""
+        sizes = [max(1, round(share * self.config.named_labelers)) for share, _ in p.groups or [(1.0, None)]]
+        first = sum(sizes[:group])
+        return f"labeler-{first + int(torch.randint(sizes[group], (1,), generator=names))}"
 
     def rankings(self, n: int, g: torch.Generator) -> list[dict]:
         out = []
         for p in self._prompt_draws(n, g):
             idx = torch.randperm(len(p.responses), generator=g)[: self.config.ranking_k]
-            r = torch.tensor(self._labeler(p, g))[idx]
+            r = torch.tensor(self._labeler(p, g)[1])[idx]
             # Plackett-Luce sampling: sorting r + Gumbel noise draws a ranking with probability (A.1).
             gumbel = -torch.log(-torch.log(torch.rand(len(idx), generator=g, dtype=torch.float64)))
             order = torch.argsort(r + gumbel, descending=True)
@@ -206,12 +216,14 @@ class World:
         return (1 - self.config.label_noise) * pref + self.config.label_noise * (1 - pref)
 
     @staticmethod
-    def _labeler(p: PromptTruth, g: torch.Generator) -> list[float]:
-        """The reward a labeler answers with: r*, or in a world of groups that of a group drawn by its share."""
+    def _labeler(p: PromptTruth, g: torch.Generator) -> tuple[int, list[float]]:
+        """The group of a labeler and the reward it answers with: r*, or in a world of groups that of a group drawn
+        by its share."""
         if not p.groups:
-            return p.reward
+            return 0, p.reward
         shares = torch.tensor([share for share, _ in p.groups], dtype=torch.float64)
-        return p.groups[int(torch.multinomial(shares, 1, generator=g))][1]
+        group = int(torch.multinomial(shares, 1, generator=g))
+        return group, p.groups[group][1]
 
     def _prompt_draws(self, n: int, g: torch.Generator) -> list[PromptTruth]:
         idx = torch.randint(len(self.prompts), (n,), generator=g).tolist()
@@ -240,7 +252,7 @@ class World:
             (tmp / "truth.json").write_text(
                 json.dumps({"config": asdict(c), "prompts": [asdict(p) for p in self.prompts]}, indent=1)
             )
-            build_tokenizer(self.vocabulary()).save_pretrained(tmp / "tokenizer")
+            word_tokenizer(self.vocabulary()).save_pretrained(tmp / "tokenizer")
 
         return atomic_dir(Path(path), fill, replace=replace)
 
@@ -384,16 +396,3 @@ def _text_prompt(i: int, config: WorldConfig, g: torch.Generator) -> PromptTruth
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def build_tokenizer(vocabulary: list[str]):
-    """A word-level tokenizer over ``vocabulary`` as a ``transformers.PreTrainedTokenizerFast``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocabulary)}, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins word tokens with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS)
-    fast.padding_side = "left"
-    return fast
