@@ -228,7 +228,7 @@ def test_the_reward_model_reads_its_score_at_the_end_of_sequence_token_in_traini
         torch.testing.assert_close(read, at_eos)
         before_eos = per_token[torch.arange(2), attn.sum(-1) - 2]
         torch.testing.assert_close(model(input_ids=ids, attention_mask=attn).logits[:, 0], before_eos)
-        trained_on, _ = score_batch(model, [(p, [r]) for p, r in zip(prompts, responses, strict=True)], pad)
+        trained_on, _ = score_batch(model, [(p, [r], None) for p, r in zip(prompts, responses, strict=True)], pad)
         torch.testing.assert_close(trained_on[:, 0], read)
         torch.testing.assert_close(reward_scores(model, prompts, responses, pad), read)
     assert type(model.score) is torch.nn.Linear  # the head is back

@@ -50,9 +50,9 @@ def _pairs(world: World, encoder: Encoder) -> tuple[list[list[int]], list[list[i
 def _scatter(
     values: torch.Tensor, where: list[tuple[int, int]], P: int, k: int, fill: float
 ) -> tuple[torch.Tensor, ...]:
-    out = torch.full((P, k), fill, dtype=torch.float64)
+    out = torch.full((P, k, *values.shape[1:]), fill, dtype=torch.float64)
     mask = torch.zeros((P, k), dtype=torch.bool)
-    for v, (i, j) in zip(values.tolist(), where, strict=True):
+    for v, (i, j) in zip(values.double(), where, strict=True):
         out[i, j] = v
         mask[i, j] = True
     return out, mask
@@ -109,7 +109,8 @@ def lengths_over_m(tokenizer, world: World) -> torch.Tensor:
 
 
 def rewards_over_m(reward_model, tokenizer, world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward model's scores of every response in M(x): ``(scores [P, k], mask [P, k])``."""
+    """The reward model's scores of every response in M(x): ``(scores [P, k], mask [P, k])``; a mixture's
+    ``[P, k, G]``."""
     encoder = Encoder(tokenizer, max_prompt_tokens=10_000, max_response_tokens=10_000)
     prompts, responses, where = _pairs(world, encoder)
     scores = reward_scores(reward_model, prompts, responses, tokenizer.pad_token_id)

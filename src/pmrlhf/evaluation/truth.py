@@ -53,6 +53,26 @@ def reward_model_gap(scores: torch.Tensor, mask: torch.Tensor, world: World) -> 
     }
 
 
+def minority_shares(reward_model, tokenizer, world_path, shares: list[float] | None = None) -> dict[str, float]:
+    """What a reward model keeps of the minority's answers in a world of groups: the share of M(x) that its
+    Plackett-Luce distribution (a mixture's, with ``shares``: ``sum_g share_g softmax(r_g)``) gives the answers a
+    minority prefers, beside the truth's and the learnable target's (one BTL model, unlimited labels)."""
+    from pmrlhf.evaluation.exact import rewards_over_m
+    from pmrlhf.evaluation.study import minority_share
+
+    world = World.load(world_path)
+    scores, mask = rewards_over_m(reward_model, tokenizer, world)
+    scores = scores if scores.dim() == 3 else scores[..., None]
+    weights = torch.tensor(shares or [1.0], dtype=torch.float64)
+    dist = (weights * torch.softmax(scores.masked_fill(~mask[..., None], float("-inf")), 1)).sum(-1)
+    truth = truth_over_m(world)
+    return {
+        "reward_model": minority_share(dist.tolist(), world),
+        "truth": minority_share(truth["truth"].tolist(), world),
+        "learnable": minority_share(truth["learnable"].tolist(), world),
+    }
+
+
 def labelled_comparisons(world: World, n: int, labelers: list[int], generator: torch.Generator) -> dict:
     """``n`` comparisons drawn as ``World.comparisons`` draws them, each made by a known labeler: ``labelers[g]``
     labelers in group ``g`` of the world's groups, one of them drawn uniformly once the comparison's group is drawn

@@ -1,8 +1,7 @@
 """The four roles (policy, reference, reward model, critic): built from config, loaded, saved, scored.
 
 Everything saved here loads back with plain ``transformers`` (``AutoModelForCausalLM``,
-``AutoModelForSequenceClassification``); a LoRA model is merged before it is saved.
-"""
+``AutoModelForSequenceClassification``); a LoRA model is merged before it is saved."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pmrlhf.config import InputError, ModelConfig
+from pmrlhf.config import InputError, ModelConfig, read_json
 from pmrlhf.data.sources import offline_unless_hub_answers
 from pmrlhf.io import atomic_dir
 from pmrlhf.models.fetch import resolve
@@ -254,23 +253,26 @@ def load_causal_lm(cfg: ModelConfig, tokenizer, path: str | Path | None = None, 
     return _finish(model, cfg, "CAUSAL_LM")
 
 
-def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True):
-    """A reward model: ``AutoModelForSequenceClassification`` with one label, scoring the last non-pad token.
-
-    Built from ``path`` or ``cfg.name_or_path`` or as a tiny model from config. A causal LM checkpoint such as
-    the SFT model gets a fresh score head when the model is to be trained (the reward stage); a frozen one
-    (``trainable=False``: scoring in PPO and evaluation) must have its head, or it would score at random.
-    """
+def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = None, trainable: bool = True, groups=1):
+    """A reward model, ``AutoModelForSequenceClassification`` of one label (of ``groups``: a mixture's), built from
+    ``path`` or ``cfg.name_or_path`` or as a tiny model from config. A causal LM checkpoint such as the SFT model
+    gets a fresh score head to train (the reward stage); a frozen one (``trainable=False``: scoring in PPO and
+    evaluation) must have its head, or it would score at random."""
     from transformers import AutoModelForSequenceClassification
 
     source = resolve(str(path or cfg.name_or_path))
     kw = dict(dtype=DTYPES[cfg.dtype], attn_implementation=attention_implementation(cfg))
+    saved = Path(source or "-") / "config.json"
+    held = read_json(saved, f"remove {saved}") if saved.is_file() else {}
+    labels = len(held.get("id2label", (0, 1)))  # transformers writes none for its default, two labels
+    if groups == 1 and "Classification" in str(held.get("architectures")) and labels > 1:
+        raise InputError(f"{source} gives {labels} scores (a mixture of labeler groups?), not the one reward needed")
     if source:
         model, info = _loaded(
             source,
             "a reward model",
             AutoModelForSequenceClassification.from_pretrained,
-            num_labels=1,
+            num_labels=groups,
             trust_remote_code=cfg.trust_remote_code,
             output_loading_info=True,
             **kw,
@@ -278,7 +280,7 @@ def load_reward_model(cfg: ModelConfig, tokenizer, path: str | Path | None = Non
         _check_loaded(source, info, "a reward model", allow_missing="score" if trainable else None)
     else:
         c = _tiny_from(cfg, tokenizer)
-        c.num_labels = 1
+        c.num_labels = groups
         model = AutoModelForSequenceClassification.from_config(c, **kw)
     fuse_activations(model)
     _fit_vocabulary(model, tokenizer, source, "a reward model")
@@ -324,11 +326,9 @@ def _check_loaded(
 
 
 class Critic(nn.Module):
-    """A per-token value model: a sequence-classification model whose score head is applied at every position.
-
-    Initialised from the reward model by default (InstructGPT, DeepSpeed-Chat), so it saves and loads as an
-    ordinary ``AutoModelForSequenceClassification``.
-    """
+    """A per-token value model: a sequence-classification model whose score head is applied at every position,
+    initialised from the reward model by default (InstructGPT, DeepSpeed-Chat), so it saves and loads as an
+    ordinary ``AutoModelForSequenceClassification``."""
 
     def __init__(self, model):
         super().__init__()

@@ -99,8 +99,9 @@ class _LogProbHead(torch.nn.Module):
 
 
 def sequence_scores(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """A reward model's score of each sequence ``[B]``, read at its last attended token: the end-of-sequence token
-    that closes a response, or the last token of one cut at its length limit.
+    """A reward model's score of each sequence ``[B]`` (``[B, G]`` for a mixture's G labeler groups), read at its
+    last attended token: the end-of-sequence token that closes a response, or the last token of one cut at its
+    length limit.
 
     transformers' sequence classifiers read the last token that is not the pad token, which is the token before
     the end of sequence wherever the two are one token (GPT-2, Llama-3 and every tokenizer without a pad token):
@@ -112,13 +113,17 @@ def sequence_scores(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tenso
     inner = _transformers_model(model)
     head = getattr(inner, "score", None)
     if not isinstance(head, torch.nn.Module):
-        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+        return _per_group(model(input_ids=ids, attention_mask=attn).logits)
     last = attn.shape[1] - 1 - attn.flip(-1).argmax(-1)
     inner.score = _AtToken(head, last)
     try:
-        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+        return _per_group(model(input_ids=ids, attention_mask=attn).logits)
     finally:
         inner.score = head
+
+
+def _per_group(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, 0] if logits.shape[1] == 1 else logits).float()
 
 
 class _AtToken(torch.nn.Module):
@@ -180,7 +185,7 @@ def sequence_logprobs(
 def reward_scores(
     model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, batch_size: int = 64
 ) -> torch.Tensor:
-    """The reward model's score of every (prompt, response) pair, ``[B]``."""
+    """The reward model's score of every (prompt, response) pair, ``[B]`` (``[B, G]`` for a mixture)."""
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(prompts), batch_size):

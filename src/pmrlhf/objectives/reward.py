@@ -49,4 +49,16 @@ def pair_accuracy(scores: torch.Tensor, mask: torch.Tensor | None = None) -> tup
     return ((diff > 0) & pairs).sum() / n, (diff * pairs).sum() / n
 
 
+def mixture_pairwise_loss(margins: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The M-step of EM for a mixture of Bradley-Terry models: each group's eq. (2.2) on every comparison, weighted
+    by the posterior probability that its labeler is in the group. ``margins [N, G]``: each group's score of the
+    chosen response minus the rejected one's; ``weights [N, G]``: the posteriors (rows sum to 1)."""
+    return -(weights * F.logsigmoid(margins)).sum(-1).mean()
+
+
+def mixture_preference(margins: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """``P(chosen beats rejected) = sum_g share_g sigmoid(margin_g)`` for a labeler not known: ``[N]``."""
+    return (shares * torch.sigmoid(margins)).sum(-1)
+
+
 REWARD_LOSSES = {"pairwise": kwise_loss, "listwise": listwise_loss}

@@ -66,6 +66,8 @@ class Fit:
     # (optimiser step, whether it ends an epoch, whether it is the last) -> whether to evaluate after it
     eval_due: Callable[[int, bool, bool], bool] = lambda step, end_of_epoch, last: last
     best: BestModel | None = None  # keep the best model by a held-out metric, and stop early
+    # state the stage's loss carries from batch to batch (``state() -> dict``, ``restore(dict)``), checkpointed
+    carried: Any = None
 
 
 @dataclass
@@ -92,6 +94,8 @@ def fit(accelerator, model, train: list, config, out: Path, spec: Fit) -> Fitted
         step, start_batch = checkpoints.resume_loop(state, rng, scheduler)
         if spec.best is not None:
             spec.best.restore(state, path, accelerator)
+        if spec.carried is not None:
+            spec.carried.restore(state["carried"])
         console.print(f"resumed {spec.name} at step {step} from {path}")
     with progress_bar(not main) as progress:
         task = progress.add_task(spec.name, total=total, completed=step)
@@ -128,7 +132,7 @@ def fit(accelerator, model, train: list, config, out: Path, spec: Fit) -> Fitted
                 if log is not None and (step % config.logging.log_every == 0 or evaluated or last):
                     log.log(step, row)
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and not last:
-                    _save(accelerator, out, config, step, epoch_rng, b + 1, scheduler, spec.best)
+                    _save(accelerator, out, config, step, epoch_rng, b + 1, scheduler, spec)
                 if last:
                     break
             start_batch = 0
@@ -138,8 +142,10 @@ def fit(accelerator, model, train: list, config, out: Path, spec: Fit) -> Fitted
     return Fitted(model, step, stopped)
 
 
-def _save(accelerator, out: Path, config, step: int, epoch_rng, batch: int, scheduler, best: BestModel | None):
-    extra, per_process = best.state() if best is not None else ({}, None)
+def _save(accelerator, out: Path, config, step: int, epoch_rng, batch: int, scheduler, spec: Fit):
+    extra, per_process = spec.best.state() if spec.best is not None else ({}, None)
+    if spec.carried is not None:
+        extra["carried"] = spec.carried.state()
     state = checkpoints.loop_state(config, step, epoch_rng, batch, scheduler, **extra)
     root = out / "checkpoints"
     checkpoints.save(accelerator, root, f"step-{step:06d}", state, config.keep_checkpoints, per_process)
