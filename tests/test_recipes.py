@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pmrlhf.config import InputError, from_dict
@@ -116,3 +117,12 @@ def test_a_prompt_cut_from_the_left_keeps_its_start_token(style):
     assert len(full) > 12 and len(ids) == 12
     assert ids[0] == tok.bos_token_id and ids[1:] == full[-11:]
     assert enc.counts == {"prompts truncated from the left": 1}
+
+
+def test_a_stand_in_model_is_the_same_on_every_run(tmp_path):
+    """Seeded, so that a stand-in run again reuses the stages it trained on the same weights."""
+    from helpers import model_weights
+
+    texts = [" ".join(r.values()) for r in standin.rows("comparison", 12)]
+    a, b = (model_weights(Path(standin.tiny_model(tmp_path / n, "llama", "llama3", texts))) for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

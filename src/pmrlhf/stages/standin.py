@@ -9,6 +9,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
+
 from pmrlhf.config import InputError, merge_sections, to_dict
 from pmrlhf.data.sources import iter_rows
 from pmrlhf.io import console
@@ -118,7 +120,7 @@ def recipe_tokenizer(style: str, texts: list[str]):
 
 
 def tiny_model(path: Path, arch: str, style: str, texts: list[str]) -> str:
-    """A tokenizer of ``style`` trained on ``texts`` and an untrained one-layer model of ``arch``, saved to
+    """A tokenizer of ``style`` trained on ``texts`` and an untrained one-layer model of ``arch`` (seeded), saved to
     ``path``; return the path."""
     from transformers import AutoModelForCausalLM
 
@@ -136,7 +138,10 @@ def tiny_model(path: Path, arch: str, style: str, texts: list[str]) -> str:
         eos_token_id=tok.eos_token_id,
         bos_token_id=tok.bos_token_id,
     )
-    save_model(AutoModelForCausalLM.from_config(cfg), tok, path)
+    with torch.random.fork_rng():  # the same weights on every run, so a stand-in run again reuses what it trained
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+    save_model(model, tok, path)
     return str(path)
 
 
