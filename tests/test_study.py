@@ -187,3 +187,26 @@ def test_t_quantiles_are_exact_beyond_the_old_table(df, quantile):
     """Known values of Student's t; beyond 30 degrees of freedom the table fell back to 1.96 (3.9 % too narrow
     at 31)."""
     assert study.t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-9)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_config_gives_a_valid_pipeline_for_each_seed(path):
+    cfg = load_config(SweepConfig, path)
+    cfg.validate()
+    for seed in cfg.seeds:
+        stages = cfg.seed_config(seed).stage_configs()
+        assert {v["name"] for v in cfg.variants()} <= set(stages)
+
+
+def test_the_alpha_figure_takes_one_rule_at_one_alpha_twice(tmp_path):
+    """Two runs of a rule at the same alpha (of other lengths, say) are two points, not a failed comparison."""
+    from pmrlhf.evaluation.study import Interval, plot_alpha
+
+    def row(mean: float, **objective) -> dict:
+        return {"objective": objective, "intervals": {"pm_divergence_uniform_pairs": Interval.of([mean, mean])}}
+
+    prefix = dict(method="ppo", penalty="cpm_prefix", alpha=0.01)
+    methods = {"ppo-kl": row(0.3, method="ppo", penalty="kl"), "a": row(0.2, **prefix), "b": row(0.1, **prefix)}
+    for name in ("a", "b"):
+        methods[name]["differences"] = {}
+    assert plot_alpha({"methods": methods}, tmp_path / "alpha.png").stat().st_size > 5_000

@@ -243,7 +243,7 @@ def plot_alpha(study: dict, path: Path) -> Path:
                 (row["objective"]["alpha"], row["intervals"]["pm_divergence_uniform_pairs"])
             )
     for c, (rule, points) in enumerate(sorted(rules.items())):
-        points.sort()
+        points.sort(key=lambda point: point[0])  # one alpha may come twice (runs of other lengths): no tie-break
         ax.errorbar(
             [a for a, _ in points],
             [i.mean for _, i in points],
