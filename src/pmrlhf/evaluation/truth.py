@@ -59,12 +59,12 @@ def minority_shares(reward_model, tokenizer, world_path, shares: list[float] | N
     minority prefers, beside the truth's and the learnable target's (one BTL model, unlimited labels)."""
     from pmrlhf.evaluation.exact import rewards_over_m
     from pmrlhf.evaluation.study import minority_share
+    from pmrlhf.objectives.preference import mixture_distribution
 
     world = World.load(world_path)
     scores, mask = rewards_over_m(reward_model, tokenizer, world)
-    scores = scores if scores.dim() == 3 else scores[..., None]
-    weights = torch.tensor(shares or [1.0], dtype=torch.float64)
-    dist = (weights * torch.softmax(scores.masked_fill(~mask[..., None], float("-inf")), 1)).sum(-1)
+    scores = scores.movedim(-1, 0) if scores.dim() == 3 else scores[None]  # [G, P, k]
+    dist = mixture_distribution(scores, torch.tensor(shares or [1.0], dtype=torch.float64), mask)
     truth = truth_over_m(world)
     return {
         "reward_model": minority_share(dist.tolist(), world),
@@ -106,11 +106,10 @@ def mixture_recovery(seeds=range(5), sizes=(3000, 30000), labelers=(20, 2)) -> s
     found. ``python -c "from pmrlhf.evaluation.truth import mixture_recovery as m; print(m())"``."""
     from pmrlhf.data.world import WorldConfig
     from pmrlhf.evaluation.study import Interval, minority_share
-    from pmrlhf.objectives.preference import btl_fit, mixture_btl_em
+    from pmrlhf.objectives.preference import btl_fit_of_counts, mixture_btl_em, mixture_distribution
 
     def share_of(rewards, shares, mask, world) -> float:
-        dist = (shares[:, None, None] * torch.softmax(rewards.masked_fill(~mask, float("-inf")), -1)).sum(0)
-        return minority_share(dist.tolist(), world)
+        return minority_share(mixture_distribution(rewards, shares, mask).tolist(), world)
 
     rows: dict[str, dict[int, list[float]]] = {}
     found: dict[int, list[str]] = {n: [] for n in sizes}
@@ -126,8 +125,7 @@ def mixture_recovery(seeds=range(5), sizes=(3000, 30000), labelers=(20, 2)) -> s
             unnamed, unnamed_rewards, _ = mixture_btl_em(labeler=torch.arange(n), **fit)
             counts = torch.zeros(*d["mask"].shape, d["mask"].shape[1], dtype=torch.float64)
             counts.index_put_((d["prompt"], d["winner"], d["loser"]), torch.ones(n).double(), accumulate=True)
-            seen = counts + counts.transpose(-1, -2)
-            single = btl_fit(torch.where(seen > 0, counts / seen.clamp(min=1e-300), 0.5), seen, d["mask"])
+            single = btl_fit_of_counts(counts, d["mask"])
             one = torch.ones(1, dtype=torch.float64)
             for name, share in (
                 ("mixture by EM, labelers named", share_of(rewards, shares, d["mask"], world)),

@@ -97,6 +97,17 @@ def btl_fit(
     return torch.where(mask, r - mean, 0.0)
 
 
+def btl_fit_of_counts(wins: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``btl_fit`` of observed labels: ``wins [..., k, k]`` counts (or weights) of ``i`` labelled over ``j``."""
+    seen = wins + wins.transpose(-1, -2)
+    return btl_fit(torch.where(seen > 0, wins / seen.clamp(min=1e-300), 0.5), seen, mask)
+
+
+def mixture_distribution(rewards: torch.Tensor, shares: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A mixture's distribution over M(x), ``sum_g share_g softmax(r_g)``: ``rewards [G, P, k]``, ``shares [G]``."""
+    return (shares[:, None, None] * torch.softmax(rewards.masked_fill(~mask, float("-inf")), -1)).sum(0)
+
+
 def mixture_btl_em(
     prompt: torch.Tensor,
     winner: torch.Tensor,
@@ -130,8 +141,7 @@ def mixture_btl_em(
         for _ in range(iters):
             counts = torch.zeros(groups, n_prompts, k, k, dtype=torch.float64)
             counts.index_put_((group, prompt, winner, loser), posterior[labeler].T, accumulate=True)
-            seen = counts + counts.transpose(-1, -2)
-            rewards = btl_fit(torch.where(seen > 0, counts / seen.clamp(min=1e-300), 0.5), seen, mask)
+            rewards = btl_fit_of_counts(counts, mask)
             prior = posterior.mean(0)
             margin = rewards[:, prompt, winner] - rewards[:, prompt, loser]  # [G, C]
             log_lik = torch.zeros(n_labelers, groups, dtype=torch.float64).index_add_(
