@@ -31,8 +31,9 @@ study: setup
 realtext: setup
 	$(BIN)/pmrlhf sweep configs/realtext.yaml
 
+# One worker per core (pytest-xdist), a test file per worker at a time, so that a module's shared fixture is built once.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 # On a machine with a CUDA GPU, no download needed: every stage of the recipes on models of their real shapes, peak
 # memory against `pmrlhf plan`, and a PPO iteration at 512 new tokens against TRL (benchmarks/gpu_check.py).

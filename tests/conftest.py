@@ -1,6 +1,17 @@
+import os
+
 import pytest
+import torch
 
 from pmrlhf.data.world import WorldConfig
+
+
+def pytest_configure(config):
+    """Every test process runs on one thread, and so does every process it starts: the numbers the suite pins
+    (the order of float sums follows the thread count) are the same on any machine, and the workers of ``make
+    test`` (pytest-xdist, one per core) do not spin against each other. A test that wants more sets them."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -15,11 +16,14 @@ from pmrlhf.io import read_jsonl
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_world_config):
-    """SFT then a reward model on a tiny world, through the command line with a YAML config, on two threads: the
-    command would take one for tiny models, and the thread count changes the order of sums and so the run (this
-    one's reward model agrees with at least 14 of the 18 true pairs on two threads, the bound below; 12 on one)."""
+    """SFT then a reward model on a tiny world, through the command line with a YAML config, on two threads (the
+    suite's processes run on one): the command would take one for tiny models, and the thread count changes the
+    order of sums and so the run (this one's reward model agrees with at least 14 of the 18 true pairs on two
+    threads, the bound below; 12 on one)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("OMP_NUM_THREADS", "2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     run_dir = tmp_path_factory.mktemp("run")
     cfg = run_dir / "stage.yaml"
     cfg.write_text(yaml.safe_dump({"world": asdict(tiny_world_config), "optim": {"epochs": 6, "batch_size": 32}}))
@@ -28,6 +32,7 @@ def pipeline(tmp_path_factory, tiny_world_config):
     assert sft.exit_code == 0, sft.output
     rm = runner.invoke(app, ["rm", "--config", str(cfg), "--run-dir", str(run_dir), "--set", "eval_every=20"])
     mp.undo()
+    torch.set_num_threads(threads)
     assert rm.exit_code == 0, rm.output
     return run_dir
 
