@@ -63,6 +63,10 @@ def test_grid_expands_one_swept_setting_per_entry():
         "runs/study/seed3",
         ["kl", "m-0.5", "m-0.75", "p-pm", "p-maxent"],
     )
+    # only: a grid entry's name keeps all its values, a swept name that one
+    cfg.only = ["m", "p-maxent"]
+    cfg.validate()
+    assert [v["name"] for v in cfg.seed_config(0).variants] == ["m-0.5", "m-0.75", "p-maxent"]
 
 
 @pytest.mark.parametrize(
@@ -73,6 +77,7 @@ def test_grid_expands_one_swept_setting_per_entry():
         ({"grid": [{"name": "a", "penalty": "kl", "beta": [1, 2], "kl_ctl": [1, 2]}]}, "one setting per entry"),
         ({"seeds": [1, 1]}, "distinct"),
         ({"pipeline": {"variants": []}}, "set by the sweep"),
+        ({"only": ["a-1"]}, "only names no method of the grid: \\['a-1'\\]"),
     ],
 )
 def test_sweep_config_refuses_what_it_cannot_run(change, message):
@@ -111,6 +116,8 @@ def test_study_intervals_and_differences_are_those_of_the_seeds_evaluations(word
             half = math.tan(0.475 * math.pi) * statistics.stdev(values) / math.sqrt(2)  # t(0.975, 1 df)
             assert row["intervals"][key]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
             assert row["intervals"][key]["half"] == pytest.approx(half, abs=1e-12)
+        sampled = [summaries[s][name]["pm_divergence"] for s in cfg.seeds]  # the paper's metric, beside the exact
+        assert row["intervals"]["pm_divergence_sampled"]["mean"] == pytest.approx(statistics.fmean(sampled))
     kl = [summaries[s]["ppo-kl"]["world"]["pm_divergence_uniform_pairs"] for s in cfg.seeds]
     cpm = [summaries[s]["ppo-cpm-prefix-0.01"]["world"]["pm_divergence_uniform_pairs"] for s in cfg.seeds]
     diff = data["methods"]["ppo-cpm-prefix-0.01"]["differences"]["pm_divergence_uniform_pairs"]
@@ -125,6 +132,7 @@ def test_study_intervals_and_differences_are_those_of_the_seeds_evaluations(word
     assert all(0 <= v <= 1 for v in own)  # eval estimated the rule's own optimum off M(x)
     text = (words_quick / "study" / "study.md").read_text()
     assert "| ppo-cpm-prefix-0.1 |" in text and "## Against the target" in text
+    assert "| sampled PM divergence |" in text and "| Δ sampled PM divergence vs baseline |" in text
     for figure in ("pm_divergence_vs_alpha", "tradeoff", "minority"):
         assert (words_quick / "study" / f"{figure}.png").stat().st_size > 10_000
 

@@ -33,6 +33,8 @@ class SweepConfig:
     pipeline: dict[str, Any] = field(default_factory=dict)  # pipeline settings every seed shares (pmrlhf run --help)
     # methods: a PPO variant (penalty, ...) or a DPO variant (loss, ...) with a name; a list value sweeps that key
     grid: list[dict[str, Any]] = field(default_factory=list)
+    # train and tabulate only these methods: a grid entry's name (all its values) or one swept name; empty: all
+    only: list[str] = field(default_factory=list)
     quick: dict[str, Any] = field(default_factory=dict)  # what --quick changes (seeds, pipeline, grid), for a test
     resume: bool = False  # continue an unfinished stage from its newest checkpoint instead of starting it afresh
 
@@ -43,8 +45,11 @@ class SweepConfig:
             swept = [k for k, v in entry.items() if isinstance(v, list)]
             require(bool(entry.get("name")), f"every grid entry needs a name, got {entry}")
             require(len(swept) <= 1, f"{entry['name']}: one setting per entry may be a list, got {swept}")
-        names = [v["name"] for v in self.variants()]
+        names = [v["name"] for _, v in self._expanded()]
         require(len(set(names)) == len(names), f"the grid names a method twice: {names}")
+        known = {e["name"] for e in self.grid} | set(names)
+        unknown = [n for n in self.only if n not in known]
+        require(not unknown, f"only names no method of the grid: {unknown}; the grid's: {sorted(known)}")
         for key in ("variants", "dpo_variants", "run_dir", "seed"):
             require(key not in self.pipeline, f"pipeline.{key} is set by the sweep (grid, sweep_dir, seeds)")
 
@@ -53,15 +58,21 @@ class SweepConfig:
         return from_dict(SweepConfig, merge_sections({**to_dict(self), "quick": {}}, self.quick))
 
     def variants(self) -> list[dict[str, Any]]:
-        """The grid's methods, one per value of a swept setting (named ``<name>-<value>``)."""
+        """The methods to run: the grid's, one per value of a swept setting (named ``<name>-<value>``), or those
+        ``only`` names."""
+        return [v for entry, v in self._expanded() if not self.only or {entry, v["name"]} & set(self.only)]
+
+    def _expanded(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every method of the grid, with the name of the grid entry it comes from."""
         out = []
         for entry in self.grid:
             swept = [k for k, v in entry.items() if isinstance(v, list)]
-            if not swept:
-                out.append(dict(entry))
-                continue
-            key = swept[0]
-            out += [{**entry, key: v, "name": f"{entry['name']}-{_label(v)}"} for v in entry[key]]
+            values = (
+                [dict(entry)]
+                if not swept
+                else [{**entry, swept[0]: v, "name": f"{entry['name']}-{_label(v)}"} for v in entry[swept[0]]]
+            )
+            out += [(entry["name"], v) for v in values]
         return out
 
     def seed_config(self, seed: int) -> pipeline.PipelineConfig:
@@ -134,7 +145,13 @@ def _markdown(result: dict, world: World, seeds: list[int], figures: list[Path])
         f"World: {world.config.kind}, {world.config.n_prompts} prompts, seed {world.config.seed}. Training seeds: "
         f"{seeds}. Every cell is the mean over the seeds ± the half-width of its 95 % t-interval; Δ columns are "
         "paired by seed against the family's baseline (KL-penalised PPO at coefficient 1, DPO at beta 1), * where "
-        "that interval excludes 0.",
+        "that interval excludes 0."
+        + (
+            ""
+            if world.config.kind == "realtext"
+            else " The exact PM divergence is over every pair of M(x), teacher-forced; the sampled one is the "
+            "paper's (Sec. 6.1), over pairs the policy sampled."
+        ),
         "",
         study.table(result),
         "",
