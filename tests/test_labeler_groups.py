@@ -32,8 +32,22 @@ def mixture(tmp_path_factory):
     return run
 
 
+def test_the_tabular_start_finds_the_groups_where_responses_recur_and_stands_aside_where_they_do_not():
+    rows = World.generate(NAMED).comparisons(1500, torch.Generator().manual_seed(0))
+    train = [(r["prompt"].split(), [r["chosen"].split(), r["rejected"].split()], r["labeler"]) for r in rows]
+    names = sorted({r["labeler"] for r in rows})
+    labeler = torch.tensor([names.index(r["labeler"]) for r in rows])
+    posterior = reward.tabular_start(train, labeler, 2, torch.Generator().manual_seed(0))
+    minority = int(posterior[names.index("labeler-20")].argmax())
+    for i, name in enumerate(names):
+        assert posterior[i, minority] > 0.99 if name in ("labeler-20", "labeler-21") else posterior[i, minority] < 0.01
+    once = [(p, [c + [str(i)], r], n) for i, (p, (c, r), n) in enumerate(train)]  # every chosen answer its own
+    assert reward.tabular_start(once, labeler, 2, torch.Generator().manual_seed(0)) is None
+
+
 def test_em_puts_every_labeler_in_its_group_and_gives_the_minority_its_share(mixture):
     found = json.loads((mixture / "reward" / "mixture.json").read_text())
+    assert found["start"] == "tabular"
     minority = min(range(2), key=lambda g: found["shares"][g])
     assert abs(found["shares"][minority] - 1 / 11) < 0.01
     for name, posterior in found["labelers"].items():

@@ -82,7 +82,9 @@ def btl_fit(
         if gradient.abs().max() < 1e-15:
             break
         c = W * s * (1 - s)
-        hessian = c.sum(-1)[..., :, None] * eye - c + gauge + absent  # minus the likelihood's Hessian, made regular
+        # minus the likelihood's Hessian, made regular; the ridge keeps a response no label compares (or a set of
+        # them compared only among themselves) where it is rather than failing: it moves a step, not the optimum
+        hessian = c.sum(-1)[..., :, None] * eye - c + gauge + absent + 1e-12 * eye
         step = torch.linalg.solve(hessian, gradient[..., None])[..., 0]
         scale = torch.ones_like(value)
         for _ in range(30):  # halve where a full step would lower the likelihood (it never does near the optimum)
