@@ -39,3 +39,13 @@ def trained(tmp_path_factory, tiny_world_config):
     sft.run(sft.SFTConfig(run_dir=str(run), world=tiny_world_config))
     reward.run(reward.RewardConfig(run_dir=str(run), world=tiny_world_config))
     return run
+
+
+# the modules that take longest, first: pytest-xdist hands out whole files in the order collected, and one of
+# these started last would keep a worker busy while the other waits
+SLOWEST = ("test_own_data", "test_realtext", "test_ppo", "test_guards", "test_optimal", "test_evaluation")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(SLOWEST)))
