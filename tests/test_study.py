@@ -167,6 +167,17 @@ def test_a_finished_method_whose_settings_changed_is_not_reused(words_quick):
     assert (Path(seed.run_dir) / "config.yaml").read_text() == run_config
 
 
+def test_a_setting_added_since_a_run_was_recorded_matches_at_its_default():
+    """A reward model trained before ``groups`` existed is reused where groups is asked at 1, not at 2."""
+    from pmrlhf.training.checkpoints import differences
+
+    saved = {"optim": {"lr": 1e-3}}
+    defaults = {"optim": {"lr": 1e-3}, "groups": 1}
+    assert differences(saved, {"optim": {"lr": 1e-3}, "groups": 1}, (), defaults) == []
+    assert differences(saved, {"optim": {"lr": 1e-3}, "groups": 2}, (), defaults) == ["groups = None there, 2 here"]
+    assert differences(saved, {"optim": {"lr": 1e-3}, "groups": 1}, ()) == ["groups = None there, 1 here"]
+
+
 def test_text_study_quick_form_runs_end_to_end(tmp_path):
     """The text-like world through SFT, reward model, PPO with the length-normalised rule, PM-DPO and eval."""
     out = tmp_path / "text"
@@ -197,7 +208,9 @@ def test_t_quantiles_are_exact_beyond_the_old_table(df, quantile):
     assert study.t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-9)
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [*sorted(CONFIGS.glob("*.yaml")), CONFIGS.parent / "realtext.yaml"], ids=lambda p: p.stem
+)
 def test_every_study_config_gives_a_valid_pipeline_for_each_seed(path):
     cfg = load_config(SweepConfig, path)
     cfg.validate()

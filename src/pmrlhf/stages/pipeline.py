@@ -147,11 +147,12 @@ def _done(run_dir: Path, name: str) -> bool:
 def _check_reusable(run_dir: Path, name: str, config) -> None:
     """Refuse to reuse a finished stage that recorded other settings than those asked for now (a sweep's changed
     coefficient was reported as the old run's): all must match but those a resumed run may change and the world,
-    which every stage that reads it checks against the run's."""
+    which every stage that reads it checks against the run's; a setting added since, asked at its default, matches."""
     recorded = run_dir / name / "config.yaml"
     if not recorded.is_file():
         return
-    differ = checkpoints.differences(read_yaml(recorded) or {}, to_dict(config), (*checkpoints.MAY_CHANGE, "world"))
+    may_change = (*checkpoints.MAY_CHANGE, "world")
+    differ = checkpoints.differences(read_yaml(recorded) or {}, to_dict(config), may_change, to_dict(type(config)()))
     if differ:
         raise InputError(
             f"{name}: {run_dir / name} was trained with other settings ({'; '.join(differ)}): set force: true (or "

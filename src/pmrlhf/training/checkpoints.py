@@ -144,14 +144,17 @@ def check_same_run(checkpoint: Path, saved: dict | None, config: dict, may_chang
         )
 
 
-def differences(saved: dict, config: dict, may_change: tuple[str, ...]) -> list[str]:
+def differences(saved: dict, config: dict, may_change: tuple[str, ...], defaults: dict | None = None) -> list[str]:
     """Every setting of ``config`` (but the sections ``may_change``) that ``saved`` records otherwise, as
-    ``key = saved there, asked here``."""
-    before = _flat(saved)
+    ``key = saved there, asked here``. With ``defaults``, a setting ``saved`` does not record (one added since it
+    was written) is the same where it is asked at its default, which keeps what the code did before."""
+    before, default = _flat(saved), _flat(defaults or {})
     return [
         f"{key} = {before.get(key)!r} there, {value!r} here"
         for key, value in _flat(config).items()
-        if key.split(".")[0] not in may_change and before.get(key) != value
+        if key.split(".")[0] not in may_change
+        and before.get(key) != value
+        and not (key not in before and key in default and default[key] == value)
     ]
 
 
