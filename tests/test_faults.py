@@ -97,14 +97,20 @@ def test_a_stopped_stage_says_where_its_state_is_and_resumes(trained, tmp_path, 
         *[a for s in settings for a in ("--set", s)],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_as_from_a_shell
+    )
     checkpoints = tmp_path / "reward.partial" / "checkpoints"
     deadline = time.monotonic() + 120
     while not list(checkpoints.glob("step-*")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    try:  # how the command takes signals, for the message below: SigIgn, SigBlk and SigCgt are bit masks
+        taken = [x for x in Path(f"/proc/{process.pid}/status").read_text().splitlines() if x.startswith("Sig")]
+    except OSError:
+        taken = ["finished before a checkpoint was seen"]
     process.send_signal(signum)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signum, err
+    assert process.returncode == 128 + signum, f"{taken}\n{err}"
     assert (
         f"stopped: the checkpoints written so far are kept under {tmp_path / 'reward.partial'}; the same command "
         "with --resume continues" in err.replace("\n", "")
@@ -113,6 +119,13 @@ def test_a_stopped_stage_says_where_its_state_is_and_resumes(trained, tmp_path, 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed reward at step" in resumed.stderr
+
+
+def _as_from_a_shell() -> None:
+    """SIGINT taken and unblocked, as a shell starts a command: a process that ignores it (as some libraries make a
+    process they start) passes the ignoring on to its children, and a pytest-xdist worker may have run one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _cli_settings(world, **extra) -> list[str]:
