@@ -122,8 +122,8 @@ def test_a_stopped_stage_says_where_its_state_is_and_resumes(trained, tmp_path, 
 
 
 def _as_from_a_shell() -> None:
-    """SIGINT taken and unblocked, as a shell starts a command: a process that ignores it (as some libraries make a
-    process they start) passes the ignoring on to its children, and a pytest-xdist worker may have run one."""
+    """SIGINT taken and unblocked, as a shell starts a command, whatever the test process inherited: an ignored
+    signal passes to a child, and under pytest-xdist the command once ran to its end through a SIGINT."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 

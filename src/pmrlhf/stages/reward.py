@@ -161,8 +161,8 @@ def tabular_start(train: list, labeler: torch.Tensor, groups: int, generator: to
     """Each labeler's posterior ``[L, G]`` under the tabular mixture (``preference.mixture_btl_em``, the best of
     its random starts) of the comparisons' distinct responses, where each response recurs in at least four
     comparisons on average, as a synthetic world's do; None where they do not (a table of one comparison per
-    response says nothing of its labeler). The network's EM from one random start found the groups in three of
-    five text worlds, the tabular fit in all five (docs/study.md, point 7)."""
+    response says nothing of its labeler). The network's EM from one random start can settle on a split that is
+    not the groups, where the tabular fit takes the best of several starts (docs/study.md, point 7)."""
     prompts: dict[tuple, int] = {}
     responses: list[dict[tuple, int]] = []
     prompt, winner, loser = [], [], []
